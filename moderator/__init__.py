@@ -1,0 +1,1 @@
+"""Moderator: moderates images against text policies with CLIP, over gRPC."""

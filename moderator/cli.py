@@ -1,0 +1,277 @@
+"""Command line: argv + MODERATOR_* environment -> Config -> run. The only place that reads env.
+
+moderator serve [--demo] [--policies DIR] [--model NAME] [--pretrained TAG|PATH|none] ...
+moderator check [--server HOST:PORT] [--json] FILE...
+moderator policies validate DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from moderator.config import (
+    DEFAULT_MODEL,
+    DEFAULT_PRETRAINED,
+    DEMO_POLICIES_DIR,
+    MIB,
+    BatchConfig,
+    Config,
+    ImageConfig,
+    ModelConfig,
+    ServerConfig,
+    default_cache_dir,
+    demo_model_config,
+)
+from moderator.errors import ConfigError, ModeratorError, PolicyError
+from moderator.policies import load_policy_dir
+
+log = logging.getLogger("moderator")
+
+ENV_PREFIX = "MODERATOR_"
+CHECK_BATCH_SIZE = 16
+TRUE_WORDS = ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    kind: Callable[[str], Any]
+    default: Any
+    help: str
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.flag.removeprefix("--").replace("-", "_").upper()
+
+
+SERVE_OPTIONS = (
+    Option(
+        "--policies",
+        Path,
+        None,
+        "policy directory (default: ./policies, or policies/demo with --demo)",
+    ),
+    Option("--model", str, DEFAULT_MODEL, "open_clip model name, or hf-hub:ORG/REPO"),
+    Option(
+        "--pretrained",
+        str,
+        DEFAULT_PRETRAINED,
+        "open_clip pretrained tag, checkpoint PATH, or none",
+    ),
+    Option("--device", str, "auto", "auto, cpu, cuda or cuda:N"),
+    Option("--host", str, ServerConfig.host, "address to listen on"),
+    Option("--port", int, ServerConfig.port, "gRPC port (0 picks a free one)"),
+    Option(
+        "--metrics-port", int, ServerConfig.metrics_port, "Prometheus port (0: free port, -1: off)"
+    ),
+    Option(
+        "--cache-dir", Path, None, "text-embedding cache directory (default: ~/.cache/moderator)"
+    ),
+    Option("--max-batch-size", int, BatchConfig.max_batch_size, "image views per forward pass"),
+    Option("--max-wait-ms", float, BatchConfig.max_wait_ms, "longest wait to fill a batch"),
+    Option(
+        "--max-queue-images",
+        int,
+        BatchConfig.max_queue_images,
+        "images in flight before RESOURCE_EXHAUSTED",
+    ),
+    Option("--decode-threads", int, BatchConfig.decode_threads, "image decoding threads"),
+    Option(
+        "--max-images-per-request", int, ServerConfig.max_images_per_request, "images per request"
+    ),
+    Option(
+        "--max-message-mb", int, ServerConfig.max_message_bytes // MIB, "largest gRPC message, MiB"
+    ),
+    Option("--max-image-mb", float, ImageConfig.max_bytes / MIB, "largest image, MiB"),
+    Option("--max-image-pixels", int, ImageConfig.max_pixels, "largest image, width x height"),
+    Option("--log-level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+)
+SERVE_SWITCHES = (
+    ("--demo", "serve the bundled demo model with policies/demo (no network needed)"),
+    ("--allow-random-weights", "allow --pretrained none (random weights; benchmarks only)"),
+)
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moderator", description="Image moderation with CLIP.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gRPC service")
+    for option in SERVE_OPTIONS:
+        default = option.kind(env[option.env]) if option.env in env else option.default
+        serve.add_argument(
+            option.flag, type=option.kind, default=default, help=f"{option.help} [{option.env}]"
+        )
+    for flag, text in SERVE_SWITCHES:
+        env_name = ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper()
+        default = env.get(env_name, "").lower() in TRUE_WORDS
+        serve.add_argument(flag, action="store_true", default=default, help=f"{text} [{env_name}]")
+
+    check = commands.add_parser("check", help="moderate image files with a running server")
+    check.add_argument("files", nargs="+", type=Path)
+    check.add_argument("--server", default=env.get(ENV_PREFIX + "SERVER", "localhost:50051"))
+    check.add_argument("--json", action="store_true", help="print one JSON object per image")
+    check.add_argument(
+        "--policy", action="append", default=[], help="only this policy id (repeatable)"
+    )
+    check.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+
+    policies = commands.add_parser("policies", help="work with policy files")
+    policy_commands = policies.add_subparsers(dest="policy_command", required=True)
+    validate = policy_commands.add_parser("validate", help="check every policy file in DIR")
+    validate.add_argument("directory", type=Path)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    if args.demo:
+        model = demo_model_config(args.device)
+        policies_dir = args.policies or DEMO_POLICIES_DIR
+    else:
+        pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
+        model = ModelConfig(
+            name=args.model,
+            pretrained=pretrained,
+            device=args.device,
+            allow_random_weights=args.allow_random_weights,
+        )
+        policies_dir = args.policies or Path("policies")
+    return Config(
+        policies_dir=policies_dir,
+        embedding_cache_dir=args.cache_dir or default_cache_dir(),
+        model=model,
+        images=ImageConfig(
+            max_bytes=int(args.max_image_mb * MIB), max_pixels=args.max_image_pixels
+        ),
+        batching=BatchConfig(
+            max_batch_size=args.max_batch_size,
+            max_wait_ms=args.max_wait_ms,
+            max_queue_images=args.max_queue_images,
+            decode_threads=args.decode_threads,
+        ),
+        server=ServerConfig(
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port,
+            max_message_bytes=args.max_message_mb * MIB,
+            max_images_per_request=args.max_images_per_request,
+        ),
+    )
+
+
+def validate_config(config: Config) -> None:
+    batching = config.batching
+    if batching.max_batch_size < 1 or batching.decode_threads < 1:
+        raise ConfigError("--max-batch-size and --decode-threads must be at least 1")
+    if batching.max_wait_ms < 0:
+        raise ConfigError("--max-wait-ms must not be negative")
+    if batching.max_queue_images < config.server.max_images_per_request:
+        raise ConfigError("--max-queue-images must be at least --max-images-per-request")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from moderator.server import serve
+
+    config = config_from_args(args)
+    validate_config(config)
+    asyncio.run(serve(config))
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    try:
+        policy_set = load_policy_dir(args.directory)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(problem)
+        print(f"{len(exc.problems)} problem(s) in {args.directory}")
+        return 1
+    disabled = f", {len(policy_set.disabled)} disabled" if policy_set.disabled else ""
+    print(
+        f"ok: {len(policy_set.policies)} active policies{disabled} in {args.directory} "
+        f"(version {policy_set.version})"
+    )
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from moderator.v1 import moderator_pb2 as pb
+    from moderator.v1 import moderator_pb2_grpc as pb_grpc
+
+    options = [
+        ("grpc.max_send_message_length", 256 * MIB),
+        ("grpc.max_receive_message_length", 256 * MIB),
+    ]
+    with grpc.insecure_channel(args.server, options=options) as channel:
+        stub = pb_grpc.ModeratorStub(channel)
+        for start in range(0, len(args.files), CHECK_BATCH_SIZE):
+            files: list[Path] = args.files[start : start + CHECK_BATCH_SIZE]
+            request = pb.ModerateRequest(
+                images=[pb.Image(id=str(path), data=path.read_bytes()) for path in files],
+                policy_ids=args.policy,
+            )
+            try:
+                response = stub.Moderate(request, timeout=args.timeout)
+            except grpc.RpcError as exc:
+                print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                return 1
+            for result in response.results:
+                print(format_json(result, response) if args.json else format_line(result))
+    return 0
+
+
+def format_line(result: Any) -> str:
+    from moderator.v1 import moderator_pb2 as pb
+
+    decision = pb.Decision.Name(result.decision).removeprefix("DECISION_")
+    if result.decision == pb.DECISION_ERROR:
+        code = pb.ImageErrorCode.Name(result.error.code).removeprefix("IMAGE_ERROR_CODE_")
+        return f"{result.id}\t{decision}\t{code}: {result.error.message}"
+    violations = [
+        f"{p.policy_id}{'(shadow)' if p.mode == pb.POLICY_MODE_SHADOW else ''}="
+        f"{p.score:.3f}>={p.threshold:.3f} ({p.matched_description})"
+        for p in result.policies
+        if p.violated
+    ]
+    return f"{result.id}\t{decision}\t{', '.join(violations) or '-'}"
+
+
+def format_json(result: Any, response: Any) -> str:
+    from google.protobuf.json_format import MessageToDict
+
+    record = MessageToDict(result, preserving_proto_field_name=True)
+    record["policy_version"] = response.policy_version
+    record["model"] = response.model
+    return json.dumps(record, sort_keys=True)
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    args = build_parser(os.environ if env is None else env).parse_args(argv)
+    level = getattr(args, "log_level", "INFO")
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    handlers = {"serve": run_serve, "check": run_check, "policies": run_validate}
+    try:
+        return handlers[args.command](args)
+    except PolicyError as exc:
+        print("error: invalid policies:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
+        return 2
+    except ModeratorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

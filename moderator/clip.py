@@ -1,0 +1,221 @@
+"""The open_clip model: loading, device and precision, image and text encoding.
+
+Everything here runs on the thread that owns the device (the model worker), except loading.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+from moderator.config import ModelConfig
+from moderator.errors import ConfigError, ModelLoadError
+from moderator.images import Preprocessing
+
+log = logging.getLogger(__name__)
+
+TEXT_BATCH_SIZE = 256
+_TRIMMABLE_TEXT_ATTRS = (
+    "token_embedding",
+    "positional_embedding",
+    "transformer",
+    "ln_final",
+    "text_projection",
+    "attn_mask",
+)
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"--device {requested!r} is not a device (use auto, cpu or cuda[:N])"
+        ) from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {requested} asked for CUDA but no CUDA device is available")
+    return device
+
+
+def resolve_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on GPU, fp32 on CPU."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def weights_key(config: ModelConfig) -> str | None:
+    """Identifies the weights for the text-embedding cache; None for random weights."""
+    if config.pretrained is None and not config.name.startswith(("hf-hub:", "local-dir:")):
+        return None
+    if config.pretrained is not None and Path(config.pretrained).is_file():
+        stat = Path(config.pretrained).stat()
+        return (
+            f"{config.name}|{Path(config.pretrained).resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        )
+    return f"{config.name}|{config.pretrained}"
+
+
+def describe_pretrained(config: ModelConfig) -> str:
+    if config.name.startswith(("hf-hub:", "local-dir:")):
+        return "bundled"
+    if config.pretrained is None:
+        return "random"
+    return Path(config.pretrained).name if Path(config.pretrained).is_file() else config.pretrained
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str  # "<name>/<pretrained>", carried in every response
+    name: str
+    pretrained: str
+    device: str
+    dtype: str
+    weights_key: str | None  # None: random weights, nothing worth caching
+
+
+class ClipModel:
+    """An open_clip model placed on its device, with the preprocessing it expects."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+        info: ModelInfo,
+    ) -> None:
+        self.model = model  # open_clip is untyped
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = dtype
+        self.info = info
+        cfg: dict[str, Any] = getattr(self.model.visual, "preprocess_cfg", {}) or {}
+        mean = tuple(cfg.get("mean") or OPENAI_DATASET_MEAN)
+        std = tuple(cfg.get("std") or OPENAI_DATASET_STD)
+        size = self.model.visual.image_size
+        self.preprocessing = Preprocessing(
+            size=int(size if isinstance(size, int) else size[0]),
+            fill=(round(255 * mean[0]), round(255 * mean[1]), round(255 * mean[2])),
+        )
+        # (x / 255 - mean) / std folded into one multiply-add, applied on the device.
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self._scale = (1.0 / (255.0 * std_t)).to(device)
+        self._shift = (-mean_t / std_t).to(device)
+        self.embed_dim = int(self.encode_texts(["a"]).shape[1])
+
+    @property
+    def pin_memory(self) -> bool:
+        return self.device.type == "cuda"
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, S, S] on the host -> L2-normalised float32 [B, E] on the device."""
+        batch = pixels.to(self.device, non_blocking=self.pin_memory)
+        batch = (batch.to(torch.float32) * self._scale + self._shift).to(self.dtype)
+        features = self.model.encode_image(batch)
+        return F.normalize(features.float(), dim=-1)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """Texts -> L2-normalised float32 embeddings [N, E] on the device."""
+        chunks = [
+            self._encode_text_batch(self.tokenizer(texts[i : i + TEXT_BATCH_SIZE]))
+            for i in range(0, len(texts), TEXT_BATCH_SIZE)
+        ]
+        return F.normalize(torch.cat(chunks).float(), dim=-1)
+
+    def _encode_text_batch(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.device)
+        tower = self.model.text if hasattr(self.model, "text") else self.model
+        if not _can_trim_context(tower):
+            return self.model.encode_text(tokens)  # type: ignore[no-any-return]
+        return encode_text_trimmed(tower, tokens)
+
+
+def _can_trim_context(tower: Any) -> bool:
+    pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", None))
+    return (
+        all(getattr(tower, attr, None) is not None for attr in _TRIMMABLE_TEXT_ATTRS)
+        and pool == "argmax"
+        and getattr(tower, "cls_emb", None) is None
+    )
+
+
+def encode_text_trimmed(tower: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """CLIP's text encoder, cut to the longest prompt in the batch.
+
+    The text transformer is causal and pools at the end-of-text token (the largest id), so the
+    padding after the longest prompt cannot change any embedding; dropping it saves most of the
+    work for short policy descriptions.
+    """
+    eot = tokens.argmax(dim=-1)
+    length = int(eot.max()) + 1
+    tokens = tokens[:, :length]
+    cast_dtype = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(tokens).to(cast_dtype)
+    x = x + tower.positional_embedding[:length].to(cast_dtype)
+    x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
+    x = tower.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), eot]
+    projection = tower.text_projection
+    return projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection  # type: ignore[no-any-return]
+
+
+def load_clip(config: ModelConfig) -> ClipModel:
+    """Create the model on its device. Raises ModelLoadError with a message a person can act on."""
+    if config.pretrained is None and not config.allow_random_weights:
+        raise ConfigError(
+            "--pretrained none gives random weights, which moderate nothing; "
+            "add --allow-random-weights if you really want that (benchmarks only)"
+        )
+    if config.config_path is not None:
+        open_clip.add_model_config(config.config_path)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(device)
+    pretrained = describe_pretrained(config)
+    if config.pretrained is None:
+        log.warning(
+            "!!! RANDOM WEIGHTS: model %s has no pretrained weights; its decisions are "
+            "meaningless. Use this for benchmarks only. !!!",
+            config.name,
+        )
+    try:
+        model = open_clip.create_model(
+            config.name,
+            pretrained=config.pretrained,
+            device=device,
+            precision="fp16" if dtype == torch.float16 else "fp32",
+        )
+        tokenizer = open_clip.get_tokenizer(config.name)
+    except Exception as exc:  # open_clip raises many types for missing weights or names
+        raise ModelLoadError(_load_failure_message(config, exc)) from exc
+    model.eval()
+    info = ModelInfo(
+        model_id=f"{config.name}/{pretrained}",
+        name=config.name,
+        pretrained=pretrained,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        weights_key=weights_key(config),
+    )
+    log.info("loaded model %s on %s (%s)", info.model_id, info.device, info.dtype)
+    return ClipModel(model, tokenizer, device, dtype, info)
+
+
+def _load_failure_message(config: ModelConfig, exc: Exception) -> str:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return (
+        f"cannot load model {config.name!r} with pretrained={config.pretrained!r}: {reason}\n"
+        "If this machine is offline, download the weights elsewhere and pass "
+        "--pretrained PATH (a local open_clip checkpoint), or run the bundled demo model "
+        "with --demo."
+    )

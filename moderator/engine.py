@@ -1,0 +1,330 @@
+"""ModerationEngine: images in, decisions out. Knows nothing of gRPC.
+
+Each image is decoded on the decode pool, then queued for the batcher as soon as it is ready,
+so decoding overlaps the forward passes of earlier images. A request snapshots the policy index
+when it starts and is scored against that set to the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from moderator.batching import Batcher
+from moderator.clip import ClipModel, load_clip
+from moderator.config import Config, ModelConfig
+from moderator.embeddings import EmbeddingCache, PolicyIndex, build_policy_index
+from moderator.errors import InvalidImage, InvalidRequest, NotReady, Overloaded
+from moderator.images import decode_views
+from moderator.metrics import Metrics
+from moderator.policies import Mode, Policy, PolicySet, load_policy_dir
+from moderator.scoring import Decision, ViewScores, decide, reduce_views
+
+log = logging.getLogger(__name__)
+
+WARMUP_TIMEOUT_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    id: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class PolicyOutcome:
+    policy: Policy
+    score: float
+    violated: bool
+    matched_description: str
+
+
+@dataclass(frozen=True)
+class ImageOutcome:
+    id: str
+    decision: Decision
+    policies: tuple[PolicyOutcome, ...] = ()
+    error: InvalidImage | None = None
+    embedding: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModerationResult:
+    results: tuple[ImageOutcome, ...]
+    policy_version: str
+    model_id: str
+
+
+@dataclass(frozen=True)
+class ReloadStatus:
+    ok: bool
+    message: str
+    unix_time: float
+
+
+class ModerationEngine:
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics,
+        load_model: Callable[[ModelConfig], ClipModel] = load_clip,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self._load_model = load_model
+        self._clip: ClipModel | None = None
+        self._index: PolicyIndex | None = None
+        self._batcher: Batcher | None = None
+        self._decode_pool: ThreadPoolExecutor | None = None
+        self._admission = threading.Lock()
+        self._admitted_images = 0
+        self._ready = False
+        self.cache: EmbeddingCache | None = None
+        self.last_reload = ReloadStatus(ok=False, message="not loaded yet", unix_time=0.0)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the model and policies, embed the policies, start the worker, warm up.
+
+        Blocking; raises ModelLoadError, PolicyError or ConfigError with a clear message.
+        """
+        clip = self._load_model(self.config.model)
+        self._clip = clip
+        self.metrics.model_info.labels(
+            model=clip.info.name, pretrained=clip.info.pretrained, device=clip.info.device
+        ).set(1)
+        self.cache = EmbeddingCache(
+            self.config.embedding_cache_dir if clip.info.weights_key else None,
+            f"{clip.info.weights_key}|{clip.info.dtype}",
+        )
+        self._install_policies(load_policy_dir(self.config.policies_dir))
+        self._decode_pool = ThreadPoolExecutor(
+            max_workers=self.config.batching.decode_threads, thread_name_prefix="decode"
+        )
+        self._batcher = Batcher(clip.encode_images, self.config.batching, self.metrics)
+        self._batcher.start()
+        self._warm_up()
+        self._ready = True
+        log.info("engine ready: %d policies, model %s", len(self.policies.policies), self.model_id)
+
+    def stop(self) -> None:
+        self._ready = False
+        if self._batcher is not None:
+            self._batcher.stop()
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def clip(self) -> ClipModel:
+        if self._clip is None:
+            raise NotReady("the model is not loaded yet")
+        return self._clip
+
+    @property
+    def index(self) -> PolicyIndex:
+        if self._index is None:
+            raise NotReady("the policies are not loaded yet")
+        return self._index
+
+    @property
+    def policies(self) -> PolicySet:
+        return self.index.policy_set
+
+    @property
+    def model_id(self) -> str:
+        return self.clip.info.model_id
+
+    def _install_policies(self, policy_set: PolicySet) -> None:
+        assert self.cache is not None
+        clip = self.clip
+        encoded_before = self.cache.encoded_total
+        self._index = build_policy_index(policy_set, clip.encode_texts, self.cache, clip.device)
+        encoded = self.cache.encoded_total - encoded_before
+        self.metrics.text_embeddings_encoded.inc(encoded)
+        now = time.time()
+        message = (
+            f"loaded {len(policy_set.policies)} policies (version {policy_set.version}) "
+            f"from {self.config.policies_dir}; encoded {encoded} new prompts"
+        )
+        self.last_reload = ReloadStatus(ok=True, message=message, unix_time=now)
+        self.metrics.policy_reloads.labels(result="success").inc()
+        self.metrics.policy_last_reload.set(now)
+        for mode in (Mode.ENFORCE, Mode.SHADOW):
+            count = sum(p.mode is mode for p in policy_set.policies)
+            self.metrics.policies_loaded.labels(mode=mode.value).set(count)
+        log.info(message)
+
+    def _warm_up(self) -> None:
+        assert self._batcher is not None
+        size = self.clip.preprocessing.size
+        blank = torch.zeros(1, 3, size, size, dtype=torch.uint8)
+        self._batcher.submit(blank, self.index, deadline=None).result(WARMUP_TIMEOUT_SECONDS)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def moderate(
+        self,
+        images: Sequence[ImageInput],
+        policy_ids: Sequence[str] = (),
+        include_embeddings: bool = False,
+        deadline: float | None = None,
+    ) -> ModerationResult:
+        """Moderate `images` in order. `deadline` is in time.monotonic() seconds."""
+        if not self._ready:
+            raise NotReady("the service is still loading its model and policies")
+        index = self.index
+        selected = self._selected_policies(index.policy_set, policy_ids)
+        self._check_request_size(len(images))
+        self._admit(len(images))
+        try:
+            views = await self._embed_all(images, index, deadline)
+        finally:
+            self._release(len(images))
+        results = self._outcomes(images, views, index, selected, include_embeddings)
+        self._count(results)
+        return ModerationResult(
+            results=results, policy_version=index.policy_set.version, model_id=self.model_id
+        )
+
+    def _check_request_size(self, count: int) -> None:
+        limit = self.config.server.max_images_per_request
+        if count > limit:
+            raise InvalidRequest(f"request has {count} images; at most {limit} are allowed")
+
+    @staticmethod
+    def _selected_policies(policy_set: PolicySet, policy_ids: Sequence[str]) -> torch.Tensor:
+        if not policy_ids:
+            return torch.ones(len(policy_set.policies), dtype=torch.bool)
+        known = set(policy_set.ids)
+        unknown = sorted(set(policy_ids) - known)
+        if unknown:
+            raise InvalidRequest(
+                f"unknown policy id(s): {', '.join(unknown)}; active policies: "
+                f"{', '.join(policy_set.ids) or '(none)'}"
+            )
+        wanted = set(policy_ids)
+        return torch.tensor([pid in wanted for pid in policy_set.ids], dtype=torch.bool)
+
+    def _admit(self, count: int) -> None:
+        limit = self.config.batching.max_queue_images
+        with self._admission:
+            if self._admitted_images + count > limit:
+                self.metrics.rejected_requests.labels(reason="overload").inc()
+                raise Overloaded(
+                    f"{self._admitted_images} images in flight; {count} more would pass the "
+                    f"limit of {limit}: retry with backoff"
+                )
+            self._admitted_images += count
+
+    def _release(self, count: int) -> None:
+        with self._admission:
+            self._admitted_images -= count
+
+    async def _embed_all(
+        self, images: Sequence[ImageInput], index: PolicyIndex, deadline: float | None
+    ) -> list[ViewScores | InvalidImage]:
+        tasks = [asyncio.ensure_future(self._embed_one(image, index, deadline)) for image in images]
+        try:
+            return await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+
+    async def _embed_one(
+        self, image: ImageInput, index: PolicyIndex, deadline: float | None
+    ) -> ViewScores | InvalidImage:
+        assert self._decode_pool is not None
+        assert self._batcher is not None
+        loop = asyncio.get_running_loop()
+        try:
+            pixels = await loop.run_in_executor(
+                self._decode_pool,
+                decode_views,
+                image.data,
+                self.config.images,
+                self.clip.preprocessing,
+            )
+        except InvalidImage as exc:
+            return exc
+        return await asyncio.wrap_future(self._batcher.submit(pixels, index, deadline))
+
+    def _outcomes(
+        self,
+        images: Sequence[ImageInput],
+        views: list[ViewScores | InvalidImage],
+        index: PolicyIndex,
+        selected: torch.Tensor,
+        include_embeddings: bool,
+    ) -> tuple[ImageOutcome, ...]:
+        scored = [(i, v) for i, v in enumerate(views) if isinstance(v, ViewScores)]
+        outcomes: list[ImageOutcome | None] = [
+            ImageOutcome(id=images[i].id, decision=Decision.ERROR, error=v)
+            if isinstance(v, InvalidImage)
+            else None
+            for i, v in enumerate(views)
+        ]
+        if scored:
+            reduced = [reduce_views(v) for _, v in scored]
+            embeddings = torch.stack([r[0] for r in reduced])
+            scores = torch.stack([r[1] for r in reduced])
+            matched = torch.stack([r[2] for r in reduced])
+            violated = scores >= index.thresholds
+            decisions = decide(violated, index, selected)
+            policies = index.policy_set.policies
+            chosen = [p for p, keep in enumerate(selected.tolist()) if keep]
+            for row, (i, _) in enumerate(scored):
+                outcomes[i] = ImageOutcome(
+                    id=images[i].id,
+                    decision=Decision(int(decisions[row])),
+                    policies=_policy_outcomes(
+                        policies,
+                        chosen,
+                        scores[row].tolist(),
+                        violated[row].tolist(),
+                        matched[row].tolist(),
+                    ),
+                    embedding=tuple(embeddings[row].tolist()) if include_embeddings else (),
+                )
+        return tuple(o for o in outcomes if o is not None)
+
+    def _count(self, results: tuple[ImageOutcome, ...]) -> None:
+        for outcome in results:
+            self.metrics.images.labels(decision=outcome.decision.name.lower()).inc()
+            if outcome.error is not None:
+                self.metrics.image_errors.labels(code=outcome.error.code.value).inc()
+            for p in outcome.policies:
+                if p.violated:
+                    self.metrics.policy_violations.labels(
+                        policy=p.policy.id, mode=p.policy.mode.value
+                    ).inc()
+
+
+def _policy_outcomes(
+    policies: tuple[Policy, ...],
+    chosen: list[int],
+    scores: list[float],
+    violated: list[bool],
+    matched: list[int],
+) -> tuple[PolicyOutcome, ...]:
+    return tuple(
+        PolicyOutcome(
+            policy=policies[p],
+            score=scores[p],
+            violated=violated[p],
+            matched_description=policies[p].descriptions[matched[p]],
+        )
+        for p in chosen
+    )

@@ -1,0 +1,213 @@
+"""Bytes to model-ready pixels: limits, formats, EXIF, colour modes, frames, tiles.
+
+Every image becomes one or more square *views* of `size` x `size` uint8 RGB pixels:
+the whole picture letterboxed (never a centre crop), plus square tiles along the long side
+when the aspect ratio is extreme, for each sampled frame of an animation. The model scores
+every view and a policy's score for the image is its maximum over the views.
+
+Normalisation (mean/std) and the cast to the model's dtype happen on the model's device, on the
+whole batch at once (see clip.py), so the host moves 1 byte per channel instead of 4.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from moderator.config import ImageConfig
+from moderator.errors import ImageErrorCode, InvalidImage
+
+# Our own pixel limit is checked from the header before any decoding; Pillow's bomb check
+# stays as a second line of defence at twice our limit.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+_EXIF_ORIENTATION = 0x0112
+_ORIENTATION_TRANSPOSE: dict[int, tuple[Image.Transpose, ...]] = {
+    2: (Image.Transpose.FLIP_LEFT_RIGHT,),
+    3: (Image.Transpose.ROTATE_180,),
+    4: (Image.Transpose.FLIP_TOP_BOTTOM,),
+    5: (Image.Transpose.TRANSPOSE,),
+    6: (Image.Transpose.ROTATE_270,),
+    7: (Image.Transpose.TRANSVERSE,),
+    8: (Image.Transpose.ROTATE_90,),
+}
+# Transparent pixels are shown over white, as most viewers show them.
+_ALPHA_BACKGROUND = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the model needs from the image pipeline: input size and letterbox fill colour."""
+
+    size: int
+    fill: tuple[int, int, int]
+
+
+Box = tuple[int, int, int, int]
+
+
+def decode_views(data: bytes, limits: ImageConfig, prep: Preprocessing) -> torch.Tensor:
+    """Decode one image into its views, a uint8 tensor [V, 3, size, size].
+
+    Raises InvalidImage with a specific code; never anything else for bad bytes.
+    """
+    check_byte_size(data, limits)
+    image = open_image(data, limits)
+    try:
+        views = [to_chw_tensor(view) for view in iter_views(image, limits, prep)]
+    except InvalidImage:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise InvalidImage(ImageErrorCode.CORRUPT, f"cannot decode {image.format}: {exc}") from exc
+    return torch.stack(views)
+
+
+def check_byte_size(data: bytes, limits: ImageConfig) -> None:
+    if not data:
+        raise InvalidImage(ImageErrorCode.EMPTY, "image has no bytes")
+    if len(data) > limits.max_bytes:
+        raise InvalidImage(
+            ImageErrorCode.TOO_MANY_BYTES,
+            f"image has {len(data)} bytes, the limit is {limits.max_bytes}",
+        )
+
+
+def open_image(data: bytes, limits: ImageConfig) -> Image.Image:
+    """Identify the format and read the header only: nothing is decoded yet."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise InvalidImage(ImageErrorCode.TOO_MANY_PIXELS, str(exc)) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InvalidImage(
+            ImageErrorCode.UNSUPPORTED_FORMAT, "not an image in a supported format"
+        ) from exc
+    if image.format not in limits.formats:
+        raise InvalidImage(
+            ImageErrorCode.UNSUPPORTED_FORMAT,
+            f"format {image.format} is not accepted "
+            f"(accepted: {', '.join(sorted(limits.formats))})",
+        )
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise InvalidImage(ImageErrorCode.CORRUPT, f"image header says {width}x{height}")
+    if width * height > limits.max_pixels:
+        raise InvalidImage(
+            ImageErrorCode.TOO_MANY_PIXELS,
+            f"image is {width}x{height} = {width * height} pixels, "
+            f"the limit is {limits.max_pixels}",
+        )
+    return image
+
+
+def iter_views(
+    image: Image.Image, limits: ImageConfig, prep: Preprocessing
+) -> Iterator[Image.Image]:
+    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    if image.format == "JPEG":
+        request_draft(image, limits, prep.size)
+    for frame in iter_frames(image, limits.max_frames):
+        rgb = apply_orientation(to_rgb(frame), orientation)
+        for box in view_boxes(rgb.width, rgb.height, limits):
+            yield fit_to_square(rgb.crop(box) if box != (0, 0, *rgb.size) else rgb, prep)
+
+
+def request_draft(image: Image.Image, limits: ImageConfig, size: int) -> None:
+    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the views still get enough pixels."""
+    width, height = image.size
+    long_side, short_side = max(width, height), min(width, height)
+    needs_tiles = long_side / short_side > limits.tile_aspect_ratio
+    scale = size / (short_side if needs_tiles else long_side)
+    if scale < 1:
+        image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
+
+
+def iter_frames(image: Image.Image, max_frames: int) -> Iterator[Image.Image]:
+    """The first frame of a still image; up to `max_frames` spread over an animation."""
+    n_frames = getattr(image, "n_frames", 1)
+    if n_frames <= 1 or max_frames <= 1:
+        yield image
+        return
+    count = min(max_frames, n_frames)
+    for index in sorted({round(i * (n_frames - 1) / (count - 1)) for i in range(count)}):
+        image.seek(index)
+        yield image.copy()
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB: 16-bit and float scaled, alpha composited on white."""
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return _high_depth_to_rgb(image)
+    if mode in ("LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, _ALPHA_BACKGROUND)
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    if image.mode != "RGB":
+        return image.convert("RGB")
+    image.load()
+    return image
+
+
+def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
+    pixels = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        scaled = pixels / 65535.0
+    else:
+        low, high = float(pixels.min()), float(pixels.max())
+        scaled = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
+    gray = np.clip(scaled * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, mode="L").convert("RGB")
+
+
+def apply_orientation(image: Image.Image, orientation: int) -> Image.Image:
+    for method in _ORIENTATION_TRANSPOSE.get(orientation, ()):
+        image = image.transpose(method)
+    return image
+
+
+def view_boxes(width: int, height: int, limits: ImageConfig) -> list[Box]:
+    """The whole image, plus overlapping square tiles along the long side if it is extreme."""
+    boxes: list[Box] = [(0, 0, width, height)]
+    long_side, short_side = max(width, height), min(width, height)
+    if long_side / short_side <= limits.tile_aspect_ratio or limits.max_tiles < 2:
+        return boxes
+    count = min(limits.max_tiles, math.ceil(long_side / short_side))
+    step = (long_side - short_side) / (count - 1)
+    for i in range(count):
+        start = round(i * step)
+        if width >= height:
+            boxes.append((start, 0, start + short_side, height))
+        else:
+            boxes.append((0, start, width, start + short_side))
+    return boxes
+
+
+def fit_to_square(image: Image.Image, prep: Preprocessing) -> Image.Image:
+    """Resize the longer side to `size` and pad the shorter one: the whole image stays."""
+    size = prep.size
+    width, height = image.size
+    scale = size / max(width, height)
+    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if new_size != image.size:
+        image = image.resize(new_size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if new_size == (size, size):
+        return image
+    canvas = Image.new("RGB", (size, size), prep.fill)
+    canvas.paste(image, ((size - new_size[0]) // 2, (size - new_size[1]) // 2))
+    return canvas
+
+
+def to_chw_tensor(image: Image.Image) -> torch.Tensor:
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)

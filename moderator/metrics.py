@@ -1,0 +1,144 @@
+"""Every Prometheus metric of the service, registered on an injected registry.
+
+Label values are bounded: methods and codes come from the API, decisions and error codes
+from enums, policy ids from the loaded configuration. Nothing per request.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+NAMESPACE = "moderator"
+# Model batches take milliseconds to seconds: finer than the web defaults at the low end,
+# and up to 30 s for big batches on a CPU.
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.035,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.4,
+    0.6,
+    1.0,
+    1.5,
+    2.5,
+    4.0,
+    7.0,
+    12.0,
+    30.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "requests",
+            "RPCs by method and gRPC status code.",
+            ["method", "code"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "request_duration_seconds",
+            "RPC wall time.",
+            ["method"],
+            namespace=NAMESPACE,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.images = Counter(
+            "images",
+            "Images moderated, by decision (allow, review, block, error).",
+            ["decision"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.image_errors = Counter(
+            "image_errors",
+            "Images that could not be moderated, by error code.",
+            ["code"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.policy_violations = Counter(
+            "policy_violations",
+            "Policy violations, shadow ones included.",
+            ["policy", "mode"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.batch_images = Histogram(
+            "batch_images",
+            "Image views per forward pass.",
+            namespace=NAMESPACE,
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.queue_images = Gauge(
+            "queue_images",
+            "Images waiting for the model.",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "queue_wait_seconds",
+            "Time from an image entering the queue to its forward pass.",
+            namespace=NAMESPACE,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inference_duration = Histogram(
+            "inference_duration_seconds",
+            "Forward pass plus scoring time per batch.",
+            namespace=NAMESPACE,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.rejected_requests = Counter(
+            "rejected_requests",
+            "Requests refused or dropped before the model: overload, deadline, cancelled.",
+            ["reason"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.policies_loaded = Gauge(
+            "policies_loaded",
+            "Active policies by mode.",
+            ["mode"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.policy_reloads = Counter(
+            "policy_reloads",
+            "Policy (re)loads by result (success or error).",
+            ["result"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.policy_last_reload = Gauge(
+            "policy_last_reload_timestamp_seconds",
+            "Unix time of the last successful policy (re)load.",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.model_info = Gauge(
+            "model_info",
+            "The model being served (always 1).",
+            ["model", "pretrained", "device"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.text_embeddings_encoded = Counter(
+            "text_embeddings_encoded",
+            "Policy prompts run through the text encoder (cache misses).",
+            namespace=NAMESPACE,
+            registry=registry,
+        )

@@ -1,0 +1,69 @@
+"""Scores and decisions: pure torch, no I/O, no Python loop over policies or images."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moderator.embeddings import PolicyIndex
+
+
+class Decision(enum.IntEnum):
+    ALLOW = 1
+    REVIEW = 2
+    BLOCK = 3
+    ERROR = 4
+
+
+@dataclass(frozen=True)
+class ViewScores:
+    """Per-view results of one forward pass, on the CPU."""
+
+    embeddings: torch.Tensor  # [V, E] float32, L2-normalised
+    scores: torch.Tensor  # [V, P] float32
+    matched: torch.Tensor  # [V, P] long: index of the best description within its policy
+
+
+def score_views(
+    image_embeddings: torch.Tensor, index: PolicyIndex
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings [B, E] -> (scores [B, P], matched description [B, P]).
+
+    One matrix product against every description and benign text of every policy; then each
+    policy's best description match, minus its best benign match when it has benign texts.
+    """
+    similarities = image_embeddings @ index.text_matrix.T  # [B, D]
+    padded = F.pad(similarities, (0, 1), value=float("-inf"))  # column D is the padding row
+    best, matched = padded[:, index.violating_rows].max(dim=2)  # [B, P]
+    best_benign = padded[:, index.benign_rows].amax(dim=2)
+    scores = best - torch.where(index.has_benign, best_benign, torch.zeros_like(best_benign))
+    return scores, matched
+
+
+def reduce_views(views: ViewScores) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An image's views -> its (embedding [E], scores [P], matched [P]): max over views.
+
+    The embedding returned is the first view's: the whole image, letterboxed.
+    """
+    scores, best_view = views.scores.max(dim=0)
+    matched = views.matched.gather(0, best_view.unsqueeze(0)).squeeze(0)
+    return views.embeddings[0], scores, matched
+
+
+def decide(violated: torch.Tensor, index: PolicyIndex, selected: torch.Tensor) -> torch.Tensor:
+    """violated [N, P] bool -> decisions [N] (Decision values).
+
+    BLOCK if a selected enforced block policy is violated, else REVIEW if a selected enforced
+    review policy is, else ALLOW. Shadow policies never decide.
+    """
+    enforced = violated & index.enforced & selected
+    block = (enforced & index.blocks).any(dim=1)
+    review = (enforced & ~index.blocks).any(dim=1)
+    return torch.where(
+        block,
+        int(Decision.BLOCK),
+        torch.where(review, int(Decision.REVIEW), int(Decision.ALLOW)),
+    )

@@ -1,0 +1,138 @@
+"""The grpc.aio server: Moderator service, health, reflection, metrics, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from moderator.config import Config, ServerConfig
+from moderator.engine import ModerationEngine
+from moderator.metrics import Metrics
+from moderator.servicer import ModeratorServicer
+from moderator.v1 import moderator_pb2 as pb
+from moderator.v1 import moderator_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Moderator"].full_name
+HEALTH_SERVICES = ("", SERVICE_NAME)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def create_server(
+    config: ServerConfig,
+    engine: ModerationEngine,
+    metrics: Metrics,
+    health_servicer: HealthServicer,
+) -> tuple[grpc.aio.Server, int]:
+    """Build the server and bind its port (0 picks a free one). Returns (server, port)."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ]
+    )
+    pb_grpc.add_ModeratorServicer_to_server(ModeratorServicer(engine, metrics), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {config.host}:{config.port}")
+    return server, port
+
+
+async def set_health(health_servicer: HealthServicer, status: int) -> None:
+    for name in HEALTH_SERVICES:
+        await health_servicer.set(name, status)
+
+
+class Service:
+    """The whole running service: metrics endpoint, gRPC server, engine."""
+
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.engine = ModerationEngine(config, self.metrics)
+        self.health = HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._metrics_server: object | None = None
+
+    async def start(self) -> None:
+        """Serve NOT_SERVING at once, load the engine off the loop, then serve SERVING."""
+        self._start_metrics_endpoint()
+        await set_health(self.health, NOT_SERVING)
+        self.server, self.port = create_server(
+            self.config.server, self.engine, self.metrics, self.health
+        )
+        await self.server.start()
+        log.info(
+            "gRPC listening on %s:%d (NOT_SERVING until loaded)", self.config.server.host, self.port
+        )
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.start)
+        except BaseException:
+            await self.server.stop(grace=None)
+            self._stop_metrics_endpoint()
+            raise
+        await set_health(self.health, SERVING)
+        log.info("SERVING on port %d; metrics on port %d", self.port, self.metrics_port)
+
+    async def stop(self) -> None:
+        """NOT_SERVING first, let in-flight requests finish, then stop the worker."""
+        await set_health(self.health, NOT_SERVING)
+        if self.server is not None:
+            await self.server.stop(grace=self.config.server.shutdown_grace_seconds)
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
+        self._stop_metrics_endpoint()
+        log.info("stopped")
+
+    def _start_metrics_endpoint(self) -> None:
+        port = self.config.server.metrics_port
+        if port < 0:
+            return
+        host = "::" if self.config.server.host in ("[::]", "::") else self.config.server.host
+        httpd, _thread = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
+        self._metrics_server = httpd
+        self.metrics_port = int(httpd.server_port)
+
+    def _stop_metrics_endpoint(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()  # type: ignore[attr-defined]
+            self._metrics_server.server_close()  # type: ignore[attr-defined]
+            self._metrics_server = None
+
+
+async def run_until_signal(
+    service: Service, install_signals: Callable[[Callable[[], None]], None] | None = None
+) -> None:
+    """Start, serve until SIGTERM or SIGINT, then shut down gracefully."""
+    stop = asyncio.Event()
+    (install_signals or _install_signal_handlers)(stop.set)
+    await service.start()
+    await stop.wait()
+    log.info("signal received: draining")
+    await service.stop()
+
+
+def _install_signal_handlers(callback: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, callback)
+
+
+async def serve(config: Config) -> None:
+    await run_until_signal(Service(config))
