@@ -70,6 +70,7 @@ SERVE_OPTIONS = (
         "open_clip pretrained tag, checkpoint PATH, or none",
     ),
     Option("--device", str, "auto", "auto, cpu, cuda or cuda:N"),
+    Option("--precision", str, "auto", "auto, fp32, bf16 or fp16 (auto: bf16 where fast)"),
     Option("--host", str, ServerConfig.host, "address to listen on"),
     Option("--port", int, ServerConfig.port, "gRPC port (0 picks a free one)"),
     Option(
@@ -136,7 +137,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     if args.demo:
-        model = demo_model_config(args.device)
+        model = demo_model_config(args.device, args.precision)
         policies_dir = args.policies or DEMO_POLICIES_DIR
     else:
         pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
@@ -144,6 +145,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             name=args.model,
             pretrained=pretrained,
             device=args.device,
+            precision=args.precision,
             allow_random_weights=args.allow_random_weights,
         )
         policies_dir = args.policies or Path("policies")

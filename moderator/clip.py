@@ -6,6 +6,7 @@ Everything here runs on the thread that owns the device (the model worker), exce
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,44 @@ def resolve_device(requested: str) -> torch.device:
     return device
 
 
-def resolve_dtype(device: torch.device) -> torch.dtype:
-    """fp16 on GPU, fp32 on CPU."""
-    return torch.float16 if device.type == "cuda" else torch.float32
+# open_clip's "fp16"/"bf16" cast the weights of linear, conv and attention layers (as OpenAI's
+# CLIP does); inputs are cast to the same dtype. Autocast was slower on CPU.
+_OPEN_CLIP_PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PrecisionProbes:
+    """What the hardware supports; injectable so the choice can be tested anywhere."""
+
+    cpu_bf16: Callable[[], bool]
+    cuda_bf16: Callable[[], bool]
+
+
+def _cpu_has_fast_bf16() -> bool:
+    # oneDNN runs bf16 natively with AVX-512 BF16 or AMX; elsewhere it emulates it, slower than
+    # fp32 (torch.ops.mkldnn._is_mkldnn_bf16_supported() is true there too, so it is not used).
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def _cuda_has_bf16() -> bool:
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+DEFAULT_PROBES = PrecisionProbes(cpu_bf16=_cpu_has_fast_bf16, cuda_bf16=_cuda_has_bf16)
+
+
+def resolve_precision(
+    requested: str, device: torch.device, probes: PrecisionProbes = DEFAULT_PROBES
+) -> torch.dtype:
+    """auto: bf16 on CPUs with native bf16, else fp32; bf16 on GPUs that have it, else fp16."""
+    if requested != "auto":
+        if requested not in PRECISIONS:
+            raise ConfigError(f"--precision {requested!r}: use auto, fp32, bf16 or fp16")
+        return PRECISIONS[requested]
+    if device.type == "cuda":
+        return torch.bfloat16 if probes.cuda_bf16() else torch.float16
+    return torch.bfloat16 if probes.cpu_bf16() else torch.float32
 
 
 def weights_key(config: ModelConfig) -> str | None:
@@ -77,7 +113,7 @@ class ModelInfo:
     name: str
     pretrained: str
     device: str
-    dtype: str
+    precision: str  # fp32 | bf16 | fp16
     weights_key: str | None  # None: random weights, nothing worth caching
 
 
@@ -108,8 +144,8 @@ class ClipModel:
         # (x / 255 - mean) / std folded into one multiply-add, applied on the device.
         std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self._scale = (1.0 / (255.0 * std_t)).to(device)
-        self._shift = (-mean_t / std_t).to(device)
+        self._scale = (1.0 / (255.0 * std_t)).to(device, dtype)
+        self._shift = (-mean_t / std_t).to(device, dtype)
         self.embed_dim = int(self.encode_texts(["a"]).shape[1])
 
     @property
@@ -119,9 +155,8 @@ class ClipModel:
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, S, S] on the host -> L2-normalised float32 [B, E] on the device."""
-        batch = pixels.to(self.device, non_blocking=self.pin_memory)
-        batch = (batch.to(torch.float32) * self._scale + self._shift).to(self.dtype)
-        features = self.model.encode_image(batch)
+        batch = pixels.to(self.device, non_blocking=self.pin_memory).to(self.dtype)
+        features = self.model.encode_image(batch.mul_(self._scale).add_(self._shift))
         return F.normalize(features.float(), dim=-1)
 
     @torch.inference_mode()
@@ -180,7 +215,7 @@ def load_clip(config: ModelConfig) -> ClipModel:
     if config.config_path is not None:
         open_clip.add_model_config(config.config_path)
     device = resolve_device(config.device)
-    dtype = resolve_dtype(device)
+    dtype = resolve_precision(config.precision, device)
     pretrained = describe_pretrained(config)
     if config.pretrained is None:
         log.warning(
@@ -193,7 +228,7 @@ def load_clip(config: ModelConfig) -> ClipModel:
             config.name,
             pretrained=config.pretrained,
             device=device,
-            precision="fp16" if dtype == torch.float16 else "fp32",
+            precision=_OPEN_CLIP_PRECISION[dtype],
         )
         tokenizer = open_clip.get_tokenizer(config.name)
     except Exception as exc:  # open_clip raises many types for missing weights or names
@@ -204,10 +239,10 @@ def load_clip(config: ModelConfig) -> ClipModel:
         name=config.name,
         pretrained=pretrained,
         device=str(device),
-        dtype=str(dtype).removeprefix("torch."),
+        precision=_OPEN_CLIP_PRECISION[dtype],
         weights_key=weights_key(config),
     )
-    log.info("loaded model %s on %s (%s)", info.model_id, info.device, info.dtype)
+    log.info("loaded model %s on %s in %s", info.model_id, info.device, info.precision)
     return ClipModel(model, tokenizer, device, dtype, info)
 
 

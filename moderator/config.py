@@ -30,6 +30,8 @@ class ModelConfig:
     # An open_clip pretrained tag, a local checkpoint path, or None for random weights.
     pretrained: str | None = DEFAULT_PRETRAINED
     device: str = "auto"
+    # auto | fp32 | bf16 | fp16 (see clip.resolve_precision)
+    precision: str = "auto"
     allow_random_weights: bool = False
     # Extra open_clip model-config JSON to register before creating the model (demo model).
     config_path: Path | None = None
@@ -75,10 +77,11 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
 
 
-def demo_model_config(device: str = "auto") -> ModelConfig:
+def demo_model_config(device: str = "auto", precision: str = "auto") -> ModelConfig:
     return ModelConfig(
         name=DEMO_MODEL_NAME,
         pretrained=str(DEMO_CHECKPOINT_PATH),
         device=device,
+        precision=precision,
         config_path=DEMO_CONFIG_PATH,
     )

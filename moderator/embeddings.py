@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,7 +124,7 @@ def build_policy_index(
 
 
 def embed_texts(
-    texts: list[tuple[str, tuple[str, ...]]], encode: Encoder, cache: EmbeddingCache
+    texts: Sequence[tuple[str, tuple[str, ...]]], encode: Encoder, cache: EmbeddingCache
 ) -> torch.Tensor:
     """(text, templates) pairs -> normalised template-ensembled embeddings [T, E]."""
     prompts = [template.format(text) for text, templates in texts for template in templates]

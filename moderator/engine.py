@@ -99,11 +99,14 @@ class ModerationEngine:
         clip = self._load_model(self.config.model)
         self._clip = clip
         self.metrics.model_info.labels(
-            model=clip.info.name, pretrained=clip.info.pretrained, device=clip.info.device
+            model=clip.info.name,
+            pretrained=clip.info.pretrained,
+            device=clip.info.device,
+            precision=clip.info.precision,
         ).set(1)
         self.cache = EmbeddingCache(
             self.config.embedding_cache_dir if clip.info.weights_key else None,
-            f"{clip.info.weights_key}|{clip.info.dtype}",
+            f"{clip.info.weights_key}|{clip.info.precision}",
         )
         self._install_policies(load_policy_dir(self.config.policies_dir))
         self._decode_pool = ThreadPoolExecutor(

@@ -39,6 +39,15 @@ _ORIENTATION_TRANSPOSE: dict[int, tuple[Image.Transpose, ...]] = {
     7: (Image.Transpose.TRANSVERSE,),
     8: (Image.Transpose.ROTATE_90,),
 }
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
 # Transparent pixels are shown over white, as most viewers show them.
 _ALPHA_BACKGROUND = (255, 255, 255)
 
@@ -85,8 +94,14 @@ def open_image(data: bytes, limits: ImageConfig) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise InvalidImage(ImageErrorCode.TOO_MANY_PIXELS, str(exc)) from exc
+        raise InvalidImage(
+            ImageErrorCode.TOO_MANY_PIXELS,
+            f"image has more pixels than Pillow's safety limit; the limit is {limits.max_pixels}",
+        ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        known = sniff_format(data)
+        if known:
+            raise InvalidImage(ImageErrorCode.CORRUPT, f"broken {known} header: {exc}") from exc
         raise InvalidImage(
             ImageErrorCode.UNSUPPORTED_FORMAT, "not an image in a supported format"
         ) from exc
@@ -106,6 +121,16 @@ def open_image(data: bytes, limits: ImageConfig) -> Image.Image:
             f"the limit is {limits.max_pixels}",
         )
     return image
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format promised by the first bytes, whether or not the rest is intact."""
+    for signature, name in _SIGNATURES:
+        if data.startswith(signature):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
 
 
 def iter_views(

@@ -132,7 +132,7 @@ class Metrics:
         self.model_info = Gauge(
             "model_info",
             "The model being served (always 1).",
-            ["model", "pretrained", "device"],
+            ["model", "pretrained", "device", "precision"],
             namespace=NAMESPACE,
             registry=registry,
         )

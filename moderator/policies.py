@@ -89,6 +89,8 @@ def load_policy_dir(directory: Path) -> PolicySet:
     files = sorted(
         p for p in directory.iterdir() if p.suffix in POLICY_SUFFIXES and not p.name.startswith(".")
     )
+    if not files:
+        raise PolicyError([f"{directory}: no policy files (*.yaml or *.yml)"])
     problems: list[str] = []
     policies: dict[str, Policy] = {}
     sources: dict[str, Path] = {}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import threading
 from collections.abc import Callable
 
 import grpc
@@ -13,7 +15,8 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from moderator.config import Config, ServerConfig
+from moderator.clip import ClipModel, load_clip
+from moderator.config import Config, ModelConfig, ServerConfig
 from moderator.engine import ModerationEngine
 from moderator.metrics import Metrics
 from moderator.servicer import ModeratorServicer
@@ -60,11 +63,16 @@ async def set_health(health_servicer: HealthServicer, status: int) -> None:
 class Service:
     """The whole running service: metrics endpoint, gRPC server, engine."""
 
-    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        registry: CollectorRegistry | None = None,
+        load_model: Callable[[ModelConfig], ClipModel] = load_clip,
+    ) -> None:
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
-        self.engine = ModerationEngine(config, self.metrics)
+        self.engine = ModerationEngine(config, self.metrics, load_model)
         self.health = HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
@@ -83,7 +91,7 @@ class Service:
             "gRPC listening on %s:%d (NOT_SERVING until loaded)", self.config.server.host, self.port
         )
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self.engine.start)
+            await run_in_daemon_thread(self.engine.start)
         except BaseException:
             await self.server.stop(grace=None)
             self._stop_metrics_endpoint()
@@ -122,10 +130,46 @@ async def run_until_signal(
     """Start, serve until SIGTERM or SIGINT, then shut down gracefully."""
     stop = asyncio.Event()
     (install_signals or _install_signal_handlers)(stop.set)
-    await service.start()
-    await stop.wait()
+    starting = asyncio.ensure_future(service.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log.info("signal received while loading: exiting without serving")
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return
+    starting.result()  # start-up errors propagate to the CLI
+    await stopping
     log.info("signal received: draining")
     await service.stop()
+
+
+def run_in_daemon_thread(fn: Callable[[], None]) -> asyncio.Future[None]:
+    """Run blocking `fn` on a daemon thread, so a signal during a long model load can still
+    end the process (an executor thread would be joined at exit)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            fn()
+        except BaseException as exc:
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop may be closed by now
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name="engine-start", daemon=True).start()
+    return future
 
 
 def _install_signal_handlers(callback: Callable[[], None]) -> None:

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from moderator.embeddings import EmbeddingCache, PolicyIndex, build_policy_index
+from moderator.policies import build_policy_set, parse_policy
+from moderator.scoring import Decision, ViewScores, decide, reduce_views, score_views
+from tests.test_embeddings import CountingEncoder, vector
+
+
+def make_index(*policies: tuple[str, str]) -> PolicyIndex:
+    parsed = [parse_policy(pid, text, pid) for pid, text in policies]
+    return build_policy_index(
+        build_policy_set(parsed), CountingEncoder(), EmbeddingCache(None, "m"), torch.device("cpu")
+    )
+
+
+def yaml(action: str, descriptions: list[str], benign: Sequence[str] = (), mode: str = "enforce",
+         threshold: float = 0.5) -> str:  # fmt: skip
+    text = (
+        f"title: T\naction: {action}\nmode: {mode}\nthreshold: {threshold}\ntemplates: ['{{}}']\n"
+    )
+    text += "descriptions:\n" + "".join(f"  - {d}\n" for d in descriptions)
+    if benign:
+        text += "benign:\n" + "".join(f"  - {b}\n" for b in benign)
+    return text
+
+
+def reference_scores(
+    images: torch.Tensor, index: PolicyIndex
+) -> tuple[list[list[float]], list[list[int]]]:
+    """The obvious per-image, per-policy loops that the vectorised scorer must equal."""
+    scores, matched = [], []
+    for image in images:
+        row_scores, row_matched = [], []
+        for policy in index.policy_set.policies:
+            sims = [float(image @ vector(d)) for d in policy.descriptions]
+            best = max(sims)
+            benign = max((float(image @ vector(b)) for b in policy.benign), default=None)
+            row_scores.append(best - benign if benign is not None else best)
+            row_matched.append(sims.index(best))
+        scores.append(row_scores)
+        matched.append(row_matched)
+    return scores, matched
+
+
+def test_scores_equal_the_per_policy_reference() -> None:
+    index = make_index(
+        ("a", yaml("block", ["knife", "gun", "sword"], ["spoon", "fork"])),
+        ("b", yaml("review", ["pill"])),
+        ("c", yaml("review", ["flag", "tattoo"], ["temple"])),
+    )
+    images = torch.nn.functional.normalize(
+        torch.randn(5, 8, generator=torch.Generator().manual_seed(1)), dim=-1
+    )
+    scores, matched = score_views(images, index)
+    expected_scores, expected_matched = reference_scores(images, index)
+    assert torch.allclose(scores, torch.tensor(expected_scores), atol=1e-5)
+    assert matched.tolist() == expected_matched
+
+
+def test_an_image_equal_to_a_description_matches_it() -> None:
+    index = make_index(("a", yaml("block", ["knife", "gun"])))
+    scores, matched = score_views(vector("gun").unsqueeze(0), index)
+    assert abs(float(scores[0, 0]) - 1.0) < 1e-5
+    assert matched.tolist() == [[1]]
+
+
+def test_benign_match_lowers_the_score() -> None:
+    plain = make_index(("a", yaml("block", ["knife"])))
+    with_benign = make_index(("a", yaml("block", ["knife"], ["spoon"])))
+    image = vector("spoon").unsqueeze(0)
+    assert float(score_views(image, with_benign)[0][0, 0]) < float(
+        score_views(image, plain)[0][0, 0]
+    )
+
+
+def test_decisions_block_beats_review_and_shadow_never_decides() -> None:
+    index = make_index(
+        ("block", yaml("block", ["x"])),
+        ("review", yaml("review", ["x"])),
+        ("shadow", yaml("block", ["x"], mode="shadow")),
+    )
+    # policy order is by id: block, review, shadow
+    violated = torch.tensor(
+        [
+            [False, False, False],
+            [False, True, False],
+            [True, True, False],
+            [False, False, True],
+            [True, False, True],
+        ]
+    )
+    everything = torch.ones(3, dtype=torch.bool)
+    assert decide(violated, index, everything).tolist() == [
+        Decision.ALLOW,
+        Decision.REVIEW,
+        Decision.BLOCK,
+        Decision.ALLOW,
+        Decision.BLOCK,
+    ]
+    only_review = torch.tensor([False, True, False])
+    assert decide(violated, index, only_review).tolist()[2] == Decision.REVIEW
+
+
+def test_reduce_views_takes_each_policy_max_over_views() -> None:
+    views = ViewScores(
+        embeddings=torch.eye(3),
+        scores=torch.tensor([[0.1, 0.9], [0.7, 0.2], [0.3, 0.4]]),
+        matched=torch.tensor([[0, 5], [2, 6], [1, 7]]),
+    )
+    embedding, scores, matched = reduce_views(views)
+    assert scores.tolist() == pytest.approx([0.7, 0.9])
+    assert matched.tolist() == [2, 5]
+    assert embedding.tolist() == [1.0, 0.0, 0.0]
