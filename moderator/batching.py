@@ -2,7 +2,8 @@
 
 Callers submit one image (its views) at a time and get a concurrent Future back. The worker
 takes the first waiting image, then keeps collecting until the batch holds `max_batch_size`
-views or `max_wait_ms` has passed since that first image arrived, and runs one forward pass
+views, or `max_wait_ms` has passed since that first image arrived, or no other image is on its
+way (so an idle server adds no wait to a lone request), and runs one forward pass
 and one scoring matmul for all of them. Images whose deadline passed or whose caller gave up
 are dropped before the forward pass.
 """
@@ -51,9 +52,13 @@ class Batcher:
         encode_images: EncodeImages,
         config: BatchConfig,
         metrics: Metrics,
+        expected: Callable[[], int] = lambda: 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`expected` counts images on their way to the queue (being decoded): a batch waits
+        for more only while some are; a lone request on an idle server runs at once."""
         self._encode_images = encode_images
+        self._expected = expected
         self._config = config
         self._metrics = metrics
         self._clock = clock
@@ -93,6 +98,11 @@ class Batcher:
             self._cond.notify()
         return item.future
 
+    def notify(self) -> None:
+        """Wake the worker to re-check `expected` (an image left the pipeline without a submit)."""
+        with self._cond:
+            self._cond.notify_all()
+
     def queued_images(self) -> int:
         with self._cond:
             return len(self._queue)
@@ -114,7 +124,7 @@ class Batcher:
                 self._cond.wait()
             first_arrival = self._queue[0].enqueued
             close_at = first_arrival + self._config.max_wait_ms / 1000.0
-            while self._running and self._queued_views < max_views:
+            while self._running and self._queued_views < max_views and self._expected() > 0:
                 remaining = close_at - self._clock()
                 if remaining <= 0:
                     break

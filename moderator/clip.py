@@ -146,6 +146,7 @@ class ClipModel:
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self._scale = (1.0 / (255.0 * std_t)).to(device, dtype)
         self._shift = (-mean_t / std_t).to(device, dtype)
+        self._staging: torch.Tensor | None = None
         self.embed_dim = int(self.encode_texts(["a"]).shape[1])
 
     @property
@@ -155,9 +156,30 @@ class ClipModel:
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, S, S] on the host -> L2-normalised float32 [B, E] on the device."""
+        if self.pin_memory:
+            pixels = self._pinned_copy(pixels)
         batch = pixels.to(self.device, non_blocking=self.pin_memory).to(self.dtype)
         features = self.model.encode_image(batch.mul_(self._scale).add_(self._shift))
         return F.normalize(features.float(), dim=-1)
+
+    def _pinned_copy(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Stage a batch in page-locked memory so the host-to-device copy is asynchronous.
+
+        The buffer is reused: safe because results are read back (a sync) before the worker
+        stages the next batch.
+        """
+        count = pixels.shape[0]
+        if (
+            self._staging is None
+            or self._staging.shape[0] < count
+            or self._staging.shape[1:] != pixels.shape[1:]
+        ):
+            self._staging = torch.empty(
+                (max(count, 32), *pixels.shape[1:]), dtype=pixels.dtype, pin_memory=True
+            )
+        staged = self._staging[:count]
+        staged.copy_(pixels)
+        return staged
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:

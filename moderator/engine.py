@@ -85,6 +85,7 @@ class ModerationEngine:
         self._decode_pool: ThreadPoolExecutor | None = None
         self._admission = threading.Lock()
         self._admitted_images = 0
+        self._decoding_images = 0  # touched on the event loop thread only
         self._ready = False
         self.cache: EmbeddingCache | None = None
         self.last_reload = ReloadStatus(ok=False, message="not loaded yet", unix_time=0.0)
@@ -112,7 +113,12 @@ class ModerationEngine:
         self._decode_pool = ThreadPoolExecutor(
             max_workers=self.config.batching.decode_threads, thread_name_prefix="decode"
         )
-        self._batcher = Batcher(clip.encode_images, self.config.batching, self.metrics)
+        self._batcher = Batcher(
+            clip.encode_images,
+            self.config.batching,
+            self.metrics,
+            expected=lambda: self._decoding_images,
+        )
         self._batcher.start()
         self._warm_up()
         self._ready = True
@@ -252,6 +258,7 @@ class ModerationEngine:
         assert self._decode_pool is not None
         assert self._batcher is not None
         loop = asyncio.get_running_loop()
+        self._decoding_images += 1
         try:
             pixels = await loop.run_in_executor(
                 self._decode_pool,
@@ -260,9 +267,16 @@ class ModerationEngine:
                 self.config.images,
                 self.clip.preprocessing,
             )
+            future = self._batcher.submit(pixels, index, deadline)
         except InvalidImage as exc:
             return exc
-        return await asyncio.wrap_future(self._batcher.submit(pixels, index, deadline))
+        finally:
+            # Counted down only once queued, so the worker never closes a batch just before
+            # an image it was waiting for arrives.
+            self._decoding_images -= 1
+            if self._decoding_images == 0:
+                self._batcher.notify()
+        return await asyncio.wrap_future(future)
 
     def _outcomes(
         self,

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -62,8 +62,13 @@ def encoder() -> GatedEncoder:
     return GatedEncoder()
 
 
-def running(encoder: GatedEncoder, metrics: Metrics, **config: float) -> Iterator[Batcher]:
-    batcher = Batcher(encoder, BatchConfig(**config), metrics)  # type: ignore[arg-type]
+def running(
+    encoder: GatedEncoder,
+    metrics: Metrics,
+    expected: Callable[[], int] = lambda: 1,
+    **config: float,
+) -> Iterator[Batcher]:
+    batcher = Batcher(encoder, BatchConfig(**config), metrics, expected)  # type: ignore[arg-type]
     batcher.start()
     yield batcher
     encoder.release()
@@ -96,6 +101,34 @@ def test_a_lone_image_runs_once_max_wait_has_passed(
         result = batcher.submit(views(7), index, deadline=None).result(WAIT)
         assert int(result.embeddings[0, 0]) == 7
         assert encoder.batches == [[7]]
+
+
+def test_a_lone_image_runs_at_once_when_nothing_else_is_on_its_way(
+    encoder: GatedEncoder, metrics: Metrics, index: PolicyIndex
+) -> None:
+    nothing = lambda: 0  # noqa: E731
+    for batcher in running(encoder, metrics, nothing, max_batch_size=32, max_wait_ms=600_000):
+        # with a ten-minute max_wait, only "nothing expected" can close this batch in time
+        assert (
+            int(batcher.submit(views(3), index, deadline=None).result(WAIT).embeddings[0, 0]) == 3
+        )
+
+
+def test_a_batch_waits_for_images_still_being_decoded(
+    encoder: GatedEncoder, metrics: Metrics, index: PolicyIndex
+) -> None:
+    decoding = [1]
+    for batcher in running(
+        encoder, metrics, lambda: decoding[0], max_batch_size=32, max_wait_ms=600_000
+    ):
+        first = batcher.submit(views(1), index, deadline=None)
+        second = batcher.submit(views(2), index, deadline=None)
+        assert not first.done()
+        decoding[0] = 0
+        batcher.notify()
+        assert int(first.result(WAIT).embeddings[0, 0]) == 1
+        assert int(second.result(WAIT).embeddings[0, 0]) == 2
+        assert encoder.batches == [[1, 2]]
 
 
 def test_queued_images_are_split_into_batches_in_arrival_order(

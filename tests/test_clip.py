@@ -154,3 +154,18 @@ def test_bf16_embeddings_stay_close_to_fp32(demo_clip: ClipModel) -> None:
     assert float(image_cosine.min()) > 0.995
     text_cosine = (bf16.encode_texts(PROMPTS) * demo_clip.encode_texts(PROMPTS)).sum(-1)
     assert float(text_cosine.min()) > 0.995
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_gpu_batches_are_staged_in_reused_pinned_memory() -> None:
+    clip = load_clip(demo_model_config("cuda"))
+    assert clip.dtype in (torch.float16, torch.bfloat16)
+    size = clip.preprocessing.size
+    first = clip._pinned_copy(torch.zeros(4, 3, size, size, dtype=torch.uint8))
+    second = clip._pinned_copy(torch.ones(8, 3, size, size, dtype=torch.uint8))
+    assert first.is_pinned()
+    assert second.data_ptr() == first.data_ptr()  # the buffer is reused
+    pixels = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8)
+    cpu = load_clip(demo_model_config("cpu", "fp32"))
+    cosine = (clip.encode_images(pixels).cpu() * cpu.encode_images(pixels)).sum(-1)
+    assert float(cosine.min()) > 0.99

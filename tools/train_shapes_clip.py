@@ -34,13 +34,21 @@ from typing import Any
 
 import open_clip
 import torch
-import torch.nn.functional as F
-import yaml
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from moderator.config import DEMO_CONFIG_PATH, DEMO_DIR, DEMO_MODEL_NAME, DEMO_POLICIES_DIR
+from moderator.clip import ClipModel, load_clip
+from moderator.config import (
+    DEMO_CONFIG_PATH,
+    DEMO_DIR,
+    DEMO_MODEL_NAME,
+    DEMO_POLICIES_DIR,
+    ModelConfig,
+)
 from moderator.demo.shapes import COLOURS, SHAPES, random_shape_image, render_shape
+from moderator.embeddings import EmbeddingCache, build_policy_index
 from moderator.images import Preprocessing, fit_to_square, to_chw_tensor
+from moderator.policies import Policy, PolicySet, load_policy_dir
+from moderator.scoring import score_views
 
 CLASSES: list[tuple[str, str]] = [(colour, shape) for colour in COLOURS for shape in SHAPES]
 # {phrase} is "a red circle" / "an orange star". The first three are the policy templates.
@@ -298,60 +306,21 @@ def run_training(args: argparse.Namespace) -> int:
 # --- calibration of the demo policies ------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PolicySpec:
-    name: str
-    threshold: float
-    descriptions: list[str]
-    benign: list[str]
-    templates: list[str]
-
-    def positives(self) -> set[int]:
-        phrases = {class_phrase(c, s): i for i, (c, s) in enumerate(CLASSES)}
-        unknown = [d for d in self.descriptions if d not in phrases]
-        if unknown:
-            raise SystemExit(f"{self.name}: not a demo class phrase: {unknown}")
-        return {phrases[d] for d in self.descriptions}
+def positive_classes(policy: Policy) -> set[int]:
+    """The demo classes a policy's descriptions name."""
+    phrases = {class_phrase(c, s): i for i, (c, s) in enumerate(CLASSES)}
+    unknown = [d for d in policy.descriptions if d not in phrases]
+    if unknown:
+        raise SystemExit(f"{policy.id}: not a demo class phrase: {unknown}")
+    return {phrases[d] for d in policy.descriptions}
 
 
-def load_policies(directory: Path) -> list[PolicySpec]:
-    policies = []
-    for path in sorted(directory.glob("*.yaml")):
-        data = yaml.safe_load(path.read_text())
-        templates = data.get("templates", "default")
-        if not isinstance(templates, list):
-            raise SystemExit(f"{path}: calibration needs an explicit list of templates")
-        policies.append(
-            PolicySpec(
-                path.stem,
-                float(data["threshold"]),
-                list(data["descriptions"]),
-                list(data.get("benign") or []),
-                templates,
-            )
-        )
-    return policies
-
-
-@torch.no_grad()
-def description_embeddings(
-    model: Any, tokenizer: Any, descriptions: Sequence[str], templates: Sequence[str]
-) -> torch.Tensor:
-    """Each description through every template, normalised, averaged, normalised again."""
-    prompts = [t.format(d) for d in descriptions for t in templates]
-    features = encode_texts(model, tokenizer, prompts).view(len(descriptions), len(templates), -1)
-    return F.normalize(features.mean(dim=1), dim=-1)
-
-
-def policy_scores(
-    model: Any, tokenizer: Any, policy: PolicySpec, images: torch.Tensor
-) -> torch.Tensor:
-    """The service's score: best description match, minus best benign match if any."""
-    described = description_embeddings(model, tokenizer, policy.descriptions, policy.templates)
-    scores = (images @ described.T).max(dim=1).values
-    if policy.benign:
-        benign = description_embeddings(model, tokenizer, policy.benign, policy.templates)
-        scores = scores - (images @ benign.T).max(dim=1).values
+def service_scores(clip: ClipModel, policy_set: PolicySet, pixels: torch.Tensor) -> torch.Tensor:
+    """Scores [N, P] exactly as the service computes them."""
+    index = build_policy_index(
+        policy_set, clip.encode_texts, EmbeddingCache(None, "calibration"), clip.device
+    )
+    scores, _ = score_views(clip.encode_images(pixels), index)
     return scores
 
 
@@ -359,12 +328,13 @@ def quantile(values: torch.Tensor, q: float) -> float:
     return torch.quantile(values, q).item() if len(values) else float("nan")
 
 
-def calibrate_policy(policy: PolicySpec, scores: torch.Tensor, labels: torch.Tensor) -> None:
-    is_positive = torch.tensor([int(label) in policy.positives() for label in labels])
+def calibrate_policy(policy: Policy, scores: torch.Tensor, labels: torch.Tensor) -> None:
+    positives = positive_classes(policy)
+    is_positive = torch.tensor([int(label) in positives for label in labels])
     positive, negative = scores[is_positive], scores[~is_positive]
     low, high = quantile(positive, 0.01), quantile(negative, 0.99)
     correct = ((scores >= policy.threshold) == is_positive).float().mean().item()
-    print(f"{policy.name}: threshold {policy.threshold}  accuracy {correct:.4f}")
+    print(f"{policy.id}: threshold {policy.threshold}  accuracy {correct:.4f}")
     print(
         f"  positives ({len(positive)}): min {positive.min():.3f}  p1 {low:.3f}  "
         f"median {positive.median():.3f}  max {positive.max():.3f}"
@@ -376,18 +346,17 @@ def calibrate_policy(policy: PolicySpec, scores: torch.Tensor, labels: torch.Ten
     print(f"  suggested threshold (midway p1 positives / p99 negatives): {(low + high) / 2:.3f}")
 
 
-def check_default_images(
-    model: Any, tokenizer: Any, policies: list[PolicySpec], prep: Preprocessing
-) -> bool:
+def check_default_images(clip: ClipModel, policy_set: PolicySet) -> bool:
     """Every default render_shape image must be on the right side of every threshold."""
+    prep = clip.preprocessing
     pixels = torch.stack(
         [to_chw_tensor(fit_to_square(render_shape(c, s), prep)) for c, s in CLASSES]
     )
-    images = encode_images(model, pixels)
+    all_scores = service_scores(clip, policy_set, pixels)
     all_ok = True
-    for policy in policies:
-        scores = policy_scores(model, tokenizer, policy, images)
-        positives = policy.positives()
+    for column, policy in enumerate(policy_set.policies):
+        scores = all_scores[:, column]
+        positives = positive_classes(policy)
         margins = [
             (score - policy.threshold) * (1 if i in positives else -1)
             for i, score in enumerate(scores.tolist())
@@ -396,7 +365,7 @@ def check_default_images(
         ok = margins[worst] > 0
         all_ok = all_ok and ok
         print(
-            f"{policy.name}: default render_shape images {'OK' if ok else 'WRONG'}; smallest "
+            f"{policy.id}: default render_shape images {'OK' if ok else 'WRONG'}; smallest "
             f"margin {margins[worst]:+.3f} ({class_phrase(*CLASSES[worst])}, score "
             f"{scores[worst]:.3f}); median margin {statistics.median(margins):+.3f}"
         )
@@ -405,17 +374,22 @@ def check_default_images(
 
 def run_calibration(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
-    config = args.out_dir / DEMO_CONFIG_PATH.name
-    model = load_model(config, args.out_dir / f"{DEMO_MODEL_NAME}.pt").float().eval()
-    tokenizer = open_clip.get_tokenizer(DEMO_MODEL_NAME)
-    prep = preprocessing(image_size_of(config))
-    policies = load_policies(args.policies_dir)
-    data = make_dataset(args.seed * 10 + CALIBRATION_STREAM, CALIBRATION_IMAGES, prep)
-    images = encode_images(model, data.pixels)
-    print(f"{len(policies)} policies, {CALIBRATION_IMAGES} held-out random images")
-    for policy in policies:
-        calibrate_policy(policy, policy_scores(model, tokenizer, policy, images), data.labels)
-    return 0 if check_default_images(model, tokenizer, policies, prep) else 1
+    clip = load_clip(
+        ModelConfig(
+            name=DEMO_MODEL_NAME,
+            pretrained=str(args.out_dir / f"{DEMO_MODEL_NAME}.pt"),
+            device="cpu",
+            precision="fp32",
+            config_path=args.out_dir / DEMO_CONFIG_PATH.name,
+        )
+    )
+    policy_set = load_policy_dir(args.policies_dir)
+    data = make_dataset(args.seed * 10 + CALIBRATION_STREAM, CALIBRATION_IMAGES, clip.preprocessing)
+    scores = service_scores(clip, policy_set, data.pixels)
+    print(f"{len(policy_set.policies)} policies, {CALIBRATION_IMAGES} held-out random images")
+    for column, policy in enumerate(policy_set.policies):
+        calibrate_policy(policy, scores[:, column], data.labels)
+    return 0 if check_default_images(clip, policy_set) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
