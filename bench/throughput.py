@@ -250,7 +250,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--precision", default="auto", help="auto, fp32 or bf16")
     parser.add_argument("--seconds", type=float, default=15.0, help="per load phase")
-    parser.add_argument("--batch", type=int, default=32, help="--max-batch-size of the service")
+    parser.add_argument("--batch", type=int, default=16, help="--max-batch-size of the service")
     parser.add_argument("--clients", type=int, default=32, help="concurrent single-image clients")
     args = parser.parse_args()
 

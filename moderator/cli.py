@@ -62,6 +62,7 @@ SERVE_OPTIONS = (
         None,
         "policy directory (default: ./policies, or policies/demo with --demo)",
     ),
+    Option("--policy-poll-seconds", float, 5.0, "check the policy directory this often (0: off)"),
     Option("--model", str, DEFAULT_MODEL, "open_clip model name, or hf-hub:ORG/REPO"),
     Option(
         "--pretrained",
@@ -151,6 +152,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         policies_dir = args.policies or Path("policies")
     return Config(
         policies_dir=policies_dir,
+        policy_poll_seconds=args.policy_poll_seconds,
         embedding_cache_dir=args.cache_dir or default_cache_dir(),
         model=model,
         images=ImageConfig(
@@ -176,6 +178,8 @@ def validate_config(config: Config) -> None:
     batching = config.batching
     if batching.max_batch_size < 1 or batching.decode_threads < 1:
         raise ConfigError("--max-batch-size and --decode-threads must be at least 1")
+    if config.policy_poll_seconds < 0:
+        raise ConfigError("--policy-poll-seconds must not be negative (0 turns watching off)")
     if batching.max_wait_ms < 0:
         raise ConfigError("--max-wait-ms must not be negative")
     if batching.max_queue_images < config.server.max_images_per_request:

@@ -51,7 +51,7 @@ class ImageConfig:
 
 @dataclass(frozen=True)
 class BatchConfig:
-    max_batch_size: int = 32
+    max_batch_size: int = 16
     max_wait_ms: float = 5.0
     max_queue_images: int = 512
     decode_threads: int = 2
@@ -70,6 +70,8 @@ class ServerConfig:
 @dataclass(frozen=True)
 class Config:
     policies_dir: Path = REPO_ROOT / "policies"
+    # Seconds between checks of the policy directory for changes; 0 turns watching off.
+    policy_poll_seconds: float = 5.0
     embedding_cache_dir: Path = field(default_factory=default_cache_dir)
     model: ModelConfig = field(default_factory=ModelConfig)
     images: ImageConfig = field(default_factory=ImageConfig)

@@ -21,7 +21,7 @@ from moderator.batching import Batcher
 from moderator.clip import ClipModel, load_clip
 from moderator.config import Config, ModelConfig
 from moderator.embeddings import EmbeddingCache, PolicyIndex, build_policy_index
-from moderator.errors import InvalidImage, InvalidRequest, NotReady, Overloaded
+from moderator.errors import InvalidImage, InvalidRequest, NotReady, Overloaded, PolicyError
 from moderator.images import decode_views
 from moderator.metrics import Metrics
 from moderator.policies import Mode, Policy, PolicySet, load_policy_dir
@@ -86,6 +86,7 @@ class ModerationEngine:
         self._admission = threading.Lock()
         self._admitted_images = 0
         self._decoding_images = 0  # touched on the event loop thread only
+        self._reload_lock = threading.Lock()
         self._ready = False
         self.cache: EmbeddingCache | None = None
         self.last_reload = ReloadStatus(ok=False, message="not loaded yet", unix_time=0.0)
@@ -155,11 +156,46 @@ class ModerationEngine:
     def model_id(self) -> str:
         return self.clip.info.model_id
 
+    def reload_policies(self) -> ReloadStatus:
+        """Validate the policy directory, embed what is new, then swap the set atomically.
+
+        Blocking (text encoding); call it off the event loop. Requests in flight finish on the
+        set they started with. A directory that fails validation leaves the running set in
+        place; the failure is returned, kept in `last_reload`, logged and counted.
+        """
+        with self._reload_lock:
+            if self._index is None:
+                raise NotReady("the engine is not started")
+            try:
+                policy_set = load_policy_dir(self.config.policies_dir)
+            except PolicyError as exc:
+                return self._reload_failed(exc)
+            if policy_set.version == self.policies.version:
+                self.last_reload = ReloadStatus(
+                    ok=True,
+                    message=f"policies unchanged (version {policy_set.version})",
+                    unix_time=time.time(),
+                )
+                return self.last_reload
+            self._install_policies(policy_set)
+            return self.last_reload
+
+    def _reload_failed(self, error: PolicyError) -> ReloadStatus:
+        message = f"reload failed, still serving version {self.policies.version}: " + "; ".join(
+            error.problems
+        )
+        log.error(message)
+        self.metrics.policy_reloads.labels(result="error").inc()
+        self.last_reload = ReloadStatus(ok=False, message=message, unix_time=time.time())
+        return self.last_reload
+
     def _install_policies(self, policy_set: PolicySet) -> None:
         assert self.cache is not None
         clip = self.clip
         encoded_before = self.cache.encoded_total
-        self._index = build_policy_index(policy_set, clip.encode_texts, self.cache, clip.device)
+        index = build_policy_index(policy_set, clip.encode_texts, self.cache, clip.device)
+        previous = self._index
+        self._index = index  # the swap: one reference assignment
         encoded = self.cache.encoded_total - encoded_before
         self.metrics.text_embeddings_encoded.inc(encoded)
         now = time.time()
@@ -168,12 +204,20 @@ class ModerationEngine:
             f"from {self.config.policies_dir}; encoded {encoded} new prompts"
         )
         self.last_reload = ReloadStatus(ok=True, message=message, unix_time=now)
+        self._export_policy_metrics(policy_set, previous, now)
+        log.info(message)
+
+    def _export_policy_metrics(
+        self, policy_set: PolicySet, previous: PolicyIndex | None, now: float
+    ) -> None:
         self.metrics.policy_reloads.labels(result="success").inc()
         self.metrics.policy_last_reload.set(now)
+        if previous is not None:
+            self.metrics.policy_set_info.remove(previous.policy_set.version)
+        self.metrics.policy_set_info.labels(version=policy_set.version).set(1)
         for mode in (Mode.ENFORCE, Mode.SHADOW):
             count = sum(p.mode is mode for p in policy_set.policies)
             self.metrics.policies_loaded.labels(mode=mode.value).set(count)
-        log.info(message)
 
     def _warm_up(self) -> None:
         assert self._batcher is not None

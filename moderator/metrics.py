@@ -129,6 +129,13 @@ class Metrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        self.policy_set_info = Gauge(
+            "policy_set_info",
+            "The active policy-set version (always 1; one series at a time).",
+            ["version"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
         self.model_info = Gauge(
             "model_info",
             "The model being served (always 1).",

@@ -17,11 +17,12 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from moderator.clip import ClipModel, load_clip
 from moderator.config import Config, ModelConfig, ServerConfig
-from moderator.engine import ModerationEngine
+from moderator.engine import ModerationEngine, ReloadStatus
 from moderator.metrics import Metrics
 from moderator.servicer import ModeratorServicer
 from moderator.v1 import moderator_pb2 as pb
 from moderator.v1 import moderator_pb2_grpc as pb_grpc
+from moderator.watcher import PolicyWatcher
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,11 @@ class Service:
         self.port = 0
         self.metrics_port = 0
         self._metrics_server: object | None = None
+        self._watcher_task: asyncio.Task[None] | None = None
+
+    async def reload(self) -> ReloadStatus:
+        """Reload the policy directory (SIGHUP, the watcher); never blocks the event loop."""
+        return await asyncio.to_thread(self.engine.reload_policies)
 
     async def start(self) -> None:
         """Serve NOT_SERVING at once, load the engine off the loop, then serve SERVING."""
@@ -90,18 +96,28 @@ class Service:
         log.info(
             "gRPC listening on %s:%d (NOT_SERVING until loaded)", self.config.server.host, self.port
         )
+        # Fingerprint before loading, so an edit made during start-up is picked up.
+        watcher = PolicyWatcher(
+            self.config.policies_dir, self.config.policy_poll_seconds, self.reload
+        )
         try:
             await run_in_daemon_thread(self.engine.start)
         except BaseException:
             await self.server.stop(grace=None)
             self._stop_metrics_endpoint()
             raise
+        if self.config.policy_poll_seconds > 0:
+            self._watcher_task = asyncio.ensure_future(watcher.run())
         await set_health(self.health, SERVING)
         log.info("SERVING on port %d; metrics on port %d", self.port, self.metrics_port)
 
     async def stop(self) -> None:
         """NOT_SERVING first, let in-flight requests finish, then stop the worker."""
         await set_health(self.health, NOT_SERVING)
+        if self._watcher_task is not None:
+            self._watcher_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher_task
         if self.server is not None:
             await self.server.stop(grace=self.config.server.shutdown_grace_seconds)
         await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
@@ -124,12 +140,13 @@ class Service:
             self._metrics_server = None
 
 
-async def run_until_signal(
-    service: Service, install_signals: Callable[[Callable[[], None]], None] | None = None
-) -> None:
-    """Start, serve until SIGTERM or SIGINT, then shut down gracefully."""
+async def run_until_signal(service: Service) -> None:
+    """Start, serve until SIGTERM or SIGINT (SIGHUP reloads the policies), then drain."""
     stop = asyncio.Event()
-    (install_signals or _install_signal_handlers)(stop.set)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload_on_signal(service))
     starting = asyncio.ensure_future(service.start())
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -172,10 +189,17 @@ def run_in_daemon_thread(fn: Callable[[], None]) -> asyncio.Future[None]:
     return future
 
 
-def _install_signal_handlers(callback: Callable[[], None]) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, callback)
+def _reload_on_signal(service: Service) -> None:
+    if not service.engine.ready:
+        log.warning("SIGHUP ignored: still loading")
+        return
+    log.info("SIGHUP: reloading policies")
+    task = asyncio.ensure_future(service.reload())
+    _background.add(task)  # keep a reference until it is done
+    task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Task[ReloadStatus]] = set()
 
 
 async def serve(config: Config) -> None:

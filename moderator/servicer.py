@@ -17,6 +17,7 @@ from moderator.engine import (
     ModerationEngine,
     ModerationResult,
     PolicyOutcome,
+    ReloadStatus,
 )
 from moderator.errors import (
     DeadlineExceeded,
@@ -118,16 +119,27 @@ class ModeratorServicer(pb_grpc.ModeratorServicer):
         except BaseException as exc:
             await self._fail("ListPolicies", started, exc, context)
             raise
-        status = self._engine.last_reload
         response = pb.ListPoliciesResponse(
             policies=[policy_info(p) for p in policy_set.policies],
             policy_version=policy_set.version,
-            last_reload=pb.ReloadStatus(
-                ok=status.ok, message=status.message, unix_time=int(status.unix_time)
-            ),
+            last_reload=reload_status(self._engine.last_reload),
         )
         self._observe("ListPolicies", started, grpc.StatusCode.OK)
         return response
+
+    async def ReloadPolicies(  # noqa: N802
+        self, request: pb.ReloadPoliciesRequest, context: Context
+    ) -> pb.ReloadPoliciesResponse:
+        started = time.perf_counter()
+        try:
+            status = await asyncio.to_thread(self._engine.reload_policies)
+        except BaseException as exc:
+            await self._fail("ReloadPolicies", started, exc, context)
+            raise
+        self._observe("ReloadPolicies", started, grpc.StatusCode.OK)
+        return pb.ReloadPoliciesResponse(
+            status=reload_status(status), policy_version=self._engine.policies.version
+        )
 
     async def _moderate(self, request: pb.ModerateRequest, context: Context) -> pb.ModerateResponse:
         remaining = context.time_remaining()
@@ -196,6 +208,10 @@ def policy_result(outcome: PolicyOutcome) -> pb.PolicyResult:
         matched_description=outcome.matched_description,
         policy_version=policy.version,
     )
+
+
+def reload_status(status: ReloadStatus) -> pb.ReloadStatus:
+    return pb.ReloadStatus(ok=status.ok, message=status.message, unix_time=int(status.unix_time))
 
 
 def policy_info(policy: Policy) -> pb.PolicyInfo:

@@ -6,16 +6,30 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from moderator.cli import build_parser, config_from_args, main
 from moderator.config import DEMO_CHECKPOINT_PATH, DEMO_POLICIES_DIR
+from moderator.v1 import moderator_pb2 as pb
+from moderator.v1 import moderator_pb2_grpc as pb_grpc
 from tests.conftest import shape_png
+from tests.test_engine import edit
+from tests.test_watcher import copy_demo_policies
 
 SERVE_TIMEOUT = 120
+
+
+@dataclass
+class DemoServer:
+    process: subprocess.Popen[str]
+    port: int
+    policies: Path
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -87,8 +101,9 @@ def test_missing_weights_fail_with_one_clear_message(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def demo_server(
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[subprocess.Popen[str], int]]:
+) -> Iterator[DemoServer]:
     cache = tmp_path_factory.mktemp("cli-cache")
+    policies = copy_demo_policies(tmp_path_factory.mktemp("cli") / "policies")
     process = subprocess.Popen(
         [
             sys.executable,
@@ -104,6 +119,10 @@ def demo_server(
             "-1",
             "--cache-dir",
             str(cache),
+            "--policies",
+            str(policies),
+            "--policy-poll-seconds",
+            "0",
         ],
         stderr=subprocess.PIPE,
         text=True,
@@ -117,16 +136,14 @@ def demo_server(
             port = int(match.group(1))
             break
     assert port, "the server never reported SERVING"
-    yield process, port
+    yield DemoServer(process, port, policies)
     if process.poll() is None:
         process.kill()
         process.wait()
 
 
-def test_check_prints_one_line_per_image(
-    demo_server: tuple[subprocess.Popen[str], int], tmp_path: Path
-) -> None:
-    _, port = demo_server
+def test_check_prints_one_line_per_image(demo_server: DemoServer, tmp_path: Path) -> None:
+    port = demo_server.port
     red = tmp_path / "red.png"
     red.write_bytes(shape_png("red", "circle"))
     blue = tmp_path / "blue.png"
@@ -145,7 +162,23 @@ def test_check_prints_one_line_per_image(
     assert {p["policy_id"] for p in record["policies"]} == {"red", "stars", "green_squares"}
 
 
-def test_sigterm_drains_and_exits_zero(demo_server: tuple[subprocess.Popen[str], int]) -> None:
-    process, _ = demo_server
+def test_sighup_reloads_the_policies(demo_server: DemoServer) -> None:
+    process, port = demo_server.process, demo_server.port
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.ModeratorStub(channel)
+        listed = stub.ListPolicies(pb.ListPoliciesRequest(), timeout=10)
+        edit(demo_server.policies / "stars.yaml", "threshold: 0.74", "threshold: 0.79")
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while stub.ListPolicies(pb.ListPoliciesRequest(), timeout=10).policy_version == (
+            listed.policy_version
+        ):
+            assert time.monotonic() < deadline, "SIGHUP did not reload"
+            time.sleep(0.05)
+        assert process.poll() is None
+
+
+def test_sigterm_drains_and_exits_zero(demo_server: DemoServer) -> None:
+    process = demo_server.process
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0

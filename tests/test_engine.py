@@ -17,6 +17,7 @@ from moderator.errors import InvalidRequest, NotReady, Overloaded
 from moderator.metrics import Metrics
 from moderator.scoring import Decision
 from tests.conftest import demo_config, shape_png
+from tests.test_watcher import copy_demo_policies
 
 # Measured on the demo model: the largest |bf16 - fp32| score difference over the 24 shape images
 BF16_SCORE_TOLERANCE = 0.02
@@ -164,3 +165,76 @@ def test_bf16_and_fp32_make_the_same_decisions(demo_clip: ClipModel, tmp_path: P
                 fp32.id,
                 a.policy.id,
             )
+
+
+@pytest.fixture
+def reloadable(demo_clip: ClipModel, tmp_path: Path) -> Iterator[ModerationEngine]:
+    policies = copy_demo_policies(tmp_path / "policies")
+    engine = started_engine(replace(demo_config(tmp_path), policies_dir=policies), demo_clip)
+    yield engine
+    engine.stop()
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+def test_reload_swaps_in_a_changed_policy_and_encodes_only_new_text(
+    reloadable: ModerationEngine,
+) -> None:
+    engine = reloadable
+    before = engine.policies.version
+    encoded = engine.metrics.text_embeddings_encoded._value.get()
+    stars = engine.config.policies_dir / "stars.yaml"
+    edit(stars, "  - an orange star\n", "  - an orange star\n  - a blue circle\n")
+    status = engine.reload_policies()
+    assert status.ok, status.message
+    assert engine.policies.version != before
+    assert engine.policies.policies[engine.policies.index_of("stars")].descriptions[-1] == (
+        "a blue circle"
+    )
+    templates = 3
+    assert engine.metrics.text_embeddings_encoded._value.get() == encoded + templates
+    result = asyncio.run(engine.moderate([ImageInput("b", shape_png("blue", "circle"))]))
+    assert result.results[0].decision is Decision.REVIEW
+    assert result.policy_version == engine.policies.version
+    assert engine.metrics.policy_reloads.labels(result="success")._value.get() == 2
+    assert engine.metrics.policy_set_info.labels(version=engine.policies.version)._value.get() == 1
+
+
+def test_a_broken_reload_keeps_the_running_set(reloadable: ModerationEngine) -> None:
+    engine = reloadable
+    before = engine.policies.version
+    edit(engine.config.policies_dir / "red.yaml", "action: block", "action: obliterate")
+    status = engine.reload_policies()
+    assert not status.ok
+    assert "red.yaml:3: key 'action'" in status.message
+    assert before in status.message
+    assert engine.last_reload == status
+    assert engine.policies.version == before
+    result = asyncio.run(engine.moderate([ImageInput("r", shape_png("red", "circle"))]))
+    assert result.results[0].decision is Decision.BLOCK
+    assert engine.metrics.policy_reloads.labels(result="error")._value.get() == 1
+
+
+def test_a_reload_without_changes_changes_nothing(reloadable: ModerationEngine) -> None:
+    before = reloadable.policies
+    status = reloadable.reload_policies()
+    assert status.ok
+    assert "unchanged" in status.message
+    assert reloadable.policies is before
+
+
+def test_mode_switch_is_a_reload(reloadable: ModerationEngine) -> None:
+    engine = reloadable
+    image = [ImageInput("g", shape_png("green", "square"))]
+    assert asyncio.run(engine.moderate(image)).results[0].decision is Decision.ALLOW
+    edit(engine.config.policies_dir / "green_squares.yaml", "mode: shadow", "mode: enforce")
+    assert engine.reload_policies().ok
+    assert asyncio.run(engine.moderate(image)).results[0].decision is Decision.BLOCK
+    edit(engine.config.policies_dir / "green_squares.yaml", "mode: enforce", "mode: disabled")
+    assert engine.reload_policies().ok
+    assert "green_squares" not in engine.policies.ids
+    assert engine.policies.disabled == ("green_squares",)

@@ -157,6 +157,18 @@ class PolicyInfo(_message.Message):
     benign_count: int
     def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., mode: _Optional[_Union[PolicyMode, str]] = ..., threshold: _Optional[float] = ..., description_count: _Optional[int] = ..., version: _Optional[str] = ..., benign_count: _Optional[int] = ...) -> None: ...
 
+class ReloadPoliciesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReloadPoliciesResponse(_message.Message):
+    __slots__ = ("status", "policy_version")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    status: ReloadStatus
+    policy_version: str
+    def __init__(self, status: _Optional[_Union[ReloadStatus, _Mapping]] = ..., policy_version: _Optional[str] = ...) -> None: ...
+
 class ReloadStatus(_message.Message):
     __slots__ = ("ok", "message", "unix_time")
     OK_FIELD_NUMBER: _ClassVar[int]

@@ -49,6 +49,11 @@ class ModeratorStub:
                 request_serializer=moderator_dot_v1_dot_moderator__pb2.ListPoliciesRequest.SerializeToString,
                 response_deserializer=moderator_dot_v1_dot_moderator__pb2.ListPoliciesResponse.FromString,
                 _registered_method=True)
+        self.ReloadPolicies = channel.unary_unary(
+                '/moderator.v1.Moderator/ReloadPolicies',
+                request_serializer=moderator_dot_v1_dot_moderator__pb2.ReloadPoliciesRequest.SerializeToString,
+                response_deserializer=moderator_dot_v1_dot_moderator__pb2.ReloadPoliciesResponse.FromString,
+                _registered_method=True)
 
 
 class ModeratorServicer:
@@ -76,6 +81,14 @@ class ModeratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadPolicies(self, request, context):
+        """Admin: re-read the policy directory now. A directory that fails validation leaves the
+        running set in place; the response says why (file, key, reason).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModeratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +106,11 @@ def add_ModeratorServicer_to_server(servicer, server):
                     servicer.ListPolicies,
                     request_deserializer=moderator_dot_v1_dot_moderator__pb2.ListPoliciesRequest.FromString,
                     response_serializer=moderator_dot_v1_dot_moderator__pb2.ListPoliciesResponse.SerializeToString,
+            ),
+            'ReloadPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadPolicies,
+                    request_deserializer=moderator_dot_v1_dot_moderator__pb2.ReloadPoliciesRequest.FromString,
+                    response_serializer=moderator_dot_v1_dot_moderator__pb2.ReloadPoliciesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +194,33 @@ class Moderator:
             '/moderator.v1.Moderator/ListPolicies',
             moderator_dot_v1_dot_moderator__pb2.ListPoliciesRequest.SerializeToString,
             moderator_dot_v1_dot_moderator__pb2.ListPoliciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moderator.v1.Moderator/ReloadPolicies',
+            moderator_dot_v1_dot_moderator__pb2.ReloadPoliciesRequest.SerializeToString,
+            moderator_dot_v1_dot_moderator__pb2.ReloadPoliciesResponse.FromString,
             options,
             channel_credentials,
             insecure,
