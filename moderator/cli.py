@@ -55,14 +55,7 @@ class Option:
         return ENV_PREFIX + self.flag.removeprefix("--").replace("-", "_").upper()
 
 
-SERVE_OPTIONS = (
-    Option(
-        "--policies",
-        Path,
-        None,
-        "policy directory (default: ./policies, or policies/demo with --demo)",
-    ),
-    Option("--policy-poll-seconds", float, 5.0, "check the policy directory this often (0: off)"),
+MODEL_OPTIONS = (
     Option("--model", str, DEFAULT_MODEL, "open_clip model name, or hf-hub:ORG/REPO"),
     Option(
         "--pretrained",
@@ -72,13 +65,22 @@ SERVE_OPTIONS = (
     ),
     Option("--device", str, "auto", "auto, cpu, cuda or cuda:N"),
     Option("--precision", str, "auto", "auto, fp32, bf16 or fp16 (auto: bf16 where fast)"),
+    Option(
+        "--cache-dir", Path, None, "text-embedding cache directory (default: ~/.cache/moderator)"
+    ),
+)
+SERVE_OPTIONS = (
+    Option(
+        "--policies",
+        Path,
+        None,
+        "policy directory (default: ./policies, or policies/demo with --demo)",
+    ),
+    Option("--policy-poll-seconds", float, 5.0, "check the policy directory this often (0: off)"),
     Option("--host", str, ServerConfig.host, "address to listen on"),
     Option("--port", int, ServerConfig.port, "gRPC port (0 picks a free one)"),
     Option(
         "--metrics-port", int, ServerConfig.metrics_port, "Prometheus port (0: free port, -1: off)"
-    ),
-    Option(
-        "--cache-dir", Path, None, "text-embedding cache directory (default: ~/.cache/moderator)"
     ),
     Option("--max-batch-size", int, BatchConfig.max_batch_size, "image views per forward pass"),
     Option("--max-wait-ms", float, BatchConfig.max_wait_ms, "longest wait to fill a batch"),
@@ -99,8 +101,8 @@ SERVE_OPTIONS = (
     Option("--max-image-pixels", int, ImageConfig.max_pixels, "largest image, width x height"),
     Option("--log-level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
 )
-SERVE_SWITCHES = (
-    ("--demo", "serve the bundled demo model with policies/demo (no network needed)"),
+MODEL_SWITCHES = (
+    ("--demo", "use the bundled demo model (and policies/demo when serving); no network needed"),
     ("--allow-random-weights", "allow --pretrained none (random weights; benchmarks only)"),
 )
 
@@ -110,15 +112,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the gRPC service")
-    for option in SERVE_OPTIONS:
-        default = option.kind(env[option.env]) if option.env in env else option.default
-        serve.add_argument(
-            option.flag, type=option.kind, default=default, help=f"{option.help} [{option.env}]"
-        )
-    for flag, text in SERVE_SWITCHES:
-        env_name = ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper()
-        default = env.get(env_name, "").lower() in TRUE_WORDS
-        serve.add_argument(flag, action="store_true", default=default, help=f"{text} [{env_name}]")
+    add_options(serve, (*MODEL_OPTIONS, *SERVE_OPTIONS), env)
 
     check = commands.add_parser("check", help="moderate image files with a running server")
     check.add_argument("files", nargs="+", type=Path)
@@ -133,28 +127,49 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     policy_commands = policies.add_subparsers(dest="policy_command", required=True)
     validate = policy_commands.add_parser("validate", help="check every policy file in DIR")
     validate.add_argument("directory", type=Path)
+    test = policy_commands.add_parser(
+        "test", help="check regression examples: EXAMPLES_DIR/<policy>/{violating,benign}/*"
+    )
+    test.add_argument("policies_dir", type=Path, metavar="POLICY_DIR")
+    test.add_argument("examples_dir", type=Path, metavar="EXAMPLES_DIR")
+    add_options(test, MODEL_OPTIONS, env)
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    if args.demo:
-        model = demo_model_config(args.device, args.precision)
-        policies_dir = args.policies or DEMO_POLICIES_DIR
-    else:
-        pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
-        model = ModelConfig(
-            name=args.model,
-            pretrained=pretrained,
-            device=args.device,
-            precision=args.precision,
-            allow_random_weights=args.allow_random_weights,
+def add_options(
+    parser: argparse.ArgumentParser, options: Sequence[Option], env: Mapping[str, str]
+) -> None:
+    """Flags with defaults from MODERATOR_* variables, plus the model switches."""
+    for option in options:
+        default = option.kind(env[option.env]) if option.env in env else option.default
+        parser.add_argument(
+            option.flag, type=option.kind, default=default, help=f"{option.help} [{option.env}]"
         )
-        policies_dir = args.policies or Path("policies")
+    for flag, text in MODEL_SWITCHES:
+        env_name = ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper()
+        default = env.get(env_name, "").lower() in TRUE_WORDS
+        parser.add_argument(flag, action="store_true", default=default, help=f"{text} [{env_name}]")
+
+
+def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
+    if args.demo:
+        return demo_model_config(args.device, args.precision)
+    return ModelConfig(
+        name=args.model,
+        pretrained=None if str(args.pretrained).lower() == "none" else args.pretrained,
+        device=args.device,
+        precision=args.precision,
+        allow_random_weights=args.allow_random_weights,
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    default_policies = DEMO_POLICIES_DIR if args.demo else Path("policies")
     return Config(
-        policies_dir=policies_dir,
+        policies_dir=args.policies or default_policies,
         policy_poll_seconds=args.policy_poll_seconds,
         embedding_cache_dir=args.cache_dir or default_cache_dir(),
-        model=model,
+        model=model_config_from_args(args),
         images=ImageConfig(
             max_bytes=int(args.max_image_mb * MIB), max_pixels=args.max_image_pixels
         ),
@@ -195,6 +210,10 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_policies(args: argparse.Namespace) -> int:
+    return run_policy_tests(args) if args.policy_command == "test" else run_validate(args)
+
+
 def run_validate(args: argparse.Namespace) -> int:
     try:
         policy_set = load_policy_dir(args.directory)
@@ -209,6 +228,25 @@ def run_validate(args: argparse.Namespace) -> int:
         f"(version {policy_set.version})"
     )
     return 0
+
+
+def run_policy_tests(args: argparse.Namespace) -> int:
+    from moderator.clip import load_clip
+    from moderator.embeddings import EmbeddingCache
+    from moderator.offline import OfflineScorer
+    from moderator.regression import discover_examples, format_table, run_examples
+
+    policy_set = load_policy_dir(args.policies_dir)
+    examples, skipped = discover_examples(args.examples_dir, policy_set)
+    clip = load_clip(model_config_from_args(args))
+    cache = EmbeddingCache.for_model(
+        args.cache_dir or default_cache_dir(), clip.info.weights_key, clip.info.precision
+    )
+    results = run_examples(OfflineScorer(clip, policy_set, cache), examples)
+    print(format_table(results, args.examples_dir))
+    if skipped:
+        print(f"skipped examples of disabled policies: {', '.join(skipped)}")
+    return 0 if all(r.passed for r in results) else 1
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -268,7 +306,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    handlers = {"serve": run_serve, "check": run_check, "policies": run_validate}
+    handlers = {"serve": run_serve, "check": run_check, "policies": run_policies}
     try:
         return handlers[args.command](args)
     except PolicyError as exc:

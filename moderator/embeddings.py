@@ -35,6 +35,13 @@ class EmbeddingCache:
         self._embeddings: dict[str, torch.Tensor] = self._load()
         self.encoded_total = 0
 
+    @classmethod
+    def for_model(
+        cls, directory: Path | None, weights_key: str | None, precision: str
+    ) -> EmbeddingCache:
+        """The cache for one model's weights and precision; in memory only for random weights."""
+        return cls(directory if weights_key else None, f"{weights_key}|{precision}")
+
     def __len__(self) -> int:
         return len(self._embeddings)
 

@@ -106,9 +106,8 @@ class ModerationEngine:
             device=clip.info.device,
             precision=clip.info.precision,
         ).set(1)
-        self.cache = EmbeddingCache(
-            self.config.embedding_cache_dir if clip.info.weights_key else None,
-            f"{clip.info.weights_key}|{clip.info.precision}",
+        self.cache = EmbeddingCache.for_model(
+            self.config.embedding_cache_dir, clip.info.weights_key, clip.info.precision
         )
         self._install_policies(load_policy_dir(self.config.policies_dir))
         self._decode_pool = ThreadPoolExecutor(
