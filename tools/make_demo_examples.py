@@ -1,7 +1,7 @@
 """Write the regression examples of the demo policies to policies/demo/examples/.
 
-    python tools/make_demo_examples.py
-    moderator policies test policies/demo policies/demo/examples --demo
+python tools/make_demo_examples.py
+moderator policies test policies/demo policies/demo/examples --demo
 """
 
 from __future__ import annotations
