@@ -41,6 +41,7 @@ log = logging.getLogger("moderator")
 ENV_PREFIX = "MODERATOR_"
 CHECK_BATCH_SIZE = 16
 TRUE_WORDS = ("1", "true", "yes", "on")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ SERVE_OPTIONS = (
     ),
     Option("--max-image-mb", float, ImageConfig.max_bytes / MIB, "largest image, MiB"),
     Option("--max-image-pixels", int, ImageConfig.max_pixels, "largest image, width x height"),
-    Option("--log-level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    Option("--log-level", str.upper, "INFO", "DEBUG, INFO, WARNING or ERROR"),
 )
 MODEL_SWITCHES = (
     ("--demo", "use the bundled demo model (and policies/demo when serving); no network needed"),
@@ -141,7 +142,8 @@ def add_options(
 ) -> None:
     """Flags with defaults from MODERATOR_* variables, plus the model switches."""
     for option in options:
-        default = option.kind(env[option.env]) if option.env in env else option.default
+        # argparse converts a string default with `type`, so a bad value gets a clean usage error
+        default = env.get(option.env, option.default)
         parser.add_argument(
             option.flag, type=option.kind, default=default, help=f"{option.help} [{option.env}]"
         )
@@ -193,6 +195,14 @@ def validate_config(config: Config) -> None:
     batching = config.batching
     if batching.max_batch_size < 1 or batching.decode_threads < 1:
         raise ConfigError("--max-batch-size and --decode-threads must be at least 1")
+    for flag, value in (
+        ("--max-images-per-request", config.server.max_images_per_request),
+        ("--max-image-pixels", config.images.max_pixels),
+        ("--max-message-mb", config.server.max_message_bytes),
+        ("--max-image-mb", config.images.max_bytes),
+    ):
+        if value < 1:
+            raise ConfigError(f"{flag} must be positive")
     if config.policy_poll_seconds < 0:
         raise ConfigError("--policy-poll-seconds must not be negative (0 turns watching off)")
     if batching.max_wait_ms < 0:
@@ -303,6 +313,9 @@ def format_json(result: Any, response: Any) -> str:
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     args = build_parser(os.environ if env is None else env).parse_args(argv)
     level = getattr(args, "log_level", "INFO")
+    if level not in LOG_LEVELS:
+        print(f"error: --log-level {level}: use one of {', '.join(LOG_LEVELS)}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -7,6 +7,7 @@ mean of its prompts' embeddings (CLIP prompt ensembling).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -76,16 +77,22 @@ class EmbeddingCache:
             "prompts": prompts,
             "embeddings": torch.stack([self._embeddings[p] for p in prompts]),
         }
+        tmp: str | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 torch.save(payload, f)
             os.replace(tmp, self.path)
-        except OSError as exc:
+            tmp = None
+        except Exception as exc:  # a cache that cannot be written only costs re-encoding later
             log.warning(
                 "cannot write embedding cache %s: %s (continuing in memory)", self.path, exc
             )
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity

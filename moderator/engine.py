@@ -176,7 +176,11 @@ class ModerationEngine:
                     unix_time=time.time(),
                 )
                 return self.last_reload
-            self._install_policies(policy_set)
+            try:
+                self._install_policies(policy_set)
+            except Exception as exc:  # encoding failed (out of memory, ...): keep serving
+                log.exception("embedding the new policy set failed")
+                return self._reload_failed(PolicyError([f"embedding the policies failed: {exc}"]))
             return self.last_reload
 
     def _reload_failed(self, error: PolicyError) -> ReloadStatus:

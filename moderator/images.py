@@ -24,8 +24,8 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from moderator.config import ImageConfig
 from moderator.errors import ImageErrorCode, InvalidImage
 
-# Our own pixel limit is checked from the header before any decoding; Pillow's bomb check
-# stays as a second line of defence at twice our limit.
+# Our own pixel limit is checked from each frame's header before it is decoded; Pillow's bomb
+# check (at its default limit) stays as a second line of defence.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -48,6 +48,9 @@ _SIGNATURES = (
     (b"II*\x00", "TIFF"),
     (b"MM\x00*", "TIFF"),
 )
+# Formats whose extra frames are content (animations, pages). MPO's extra frames are depth or
+# gain maps and stereo pairs, so MPO is scored on its first frame like a JPEG.
+_MULTI_FRAME_FORMATS = frozenset({"GIF", "WEBP", "PNG", "TIFF"})
 # Transparent pixels are shown over white, as most viewers show them.
 _ALPHA_BACKGROUND = (255, 255, 255)
 
@@ -74,7 +77,9 @@ def decode_views(data: bytes, limits: ImageConfig, prep: Preprocessing) -> torch
         views = [to_chw_tensor(view) for view in iter_views(image, limits, prep)]
     except InvalidImage:
         raise
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise InvalidImage(ImageErrorCode.TOO_MANY_PIXELS, str(exc)) from exc
+    except Exception as exc:  # Pillow's decoders raise many types; one image must not fail a batch
         raise InvalidImage(ImageErrorCode.CORRUPT, f"cannot decode {image.format}: {exc}") from exc
     return torch.stack(views)
 
@@ -111,7 +116,12 @@ def open_image(data: bytes, limits: ImageConfig) -> Image.Image:
             f"format {image.format} is not accepted "
             f"(accepted: {', '.join(sorted(limits.formats))})",
         )
-    width, height = image.size
+    check_pixels(image.size, limits)
+    return image
+
+
+def check_pixels(size: tuple[int, int], limits: ImageConfig) -> None:
+    width, height = size
     if width <= 0 or height <= 0:
         raise InvalidImage(ImageErrorCode.CORRUPT, f"image header says {width}x{height}")
     if width * height > limits.max_pixels:
@@ -120,7 +130,6 @@ def open_image(data: bytes, limits: ImageConfig) -> Image.Image:
             f"image is {width}x{height} = {width * height} pixels, "
             f"the limit is {limits.max_pixels}",
         )
-    return image
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -137,9 +146,10 @@ def iter_views(
     image: Image.Image, limits: ImageConfig, prep: Preprocessing
 ) -> Iterator[Image.Image]:
     orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    if image.format == "JPEG":
+    if image.format in ("JPEG", "MPO"):
         request_draft(image, limits, prep.size)
-    for frame in iter_frames(image, limits.max_frames):
+    max_frames = limits.max_frames if image.format in _MULTI_FRAME_FORMATS else 1
+    for frame in iter_frames(image, max_frames, limits):
         rgb = apply_orientation(to_rgb(frame), orientation)
         for box in view_boxes(rgb.width, rgb.height, limits):
             yield fit_to_square(rgb.crop(box) if box != (0, 0, *rgb.size) else rgb, prep)
@@ -155,8 +165,11 @@ def request_draft(image: Image.Image, limits: ImageConfig, size: int) -> None:
         image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
 
 
-def iter_frames(image: Image.Image, max_frames: int) -> Iterator[Image.Image]:
-    """The first frame of a still image; up to `max_frames` spread over an animation."""
+def iter_frames(image: Image.Image, max_frames: int, limits: ImageConfig) -> Iterator[Image.Image]:
+    """The first frame of a still image; up to `max_frames` spread over an animation or pages.
+
+    Each frame's size is checked before it is decoded: frames need not share the first's size.
+    """
     n_frames = getattr(image, "n_frames", 1)
     if n_frames <= 1 or max_frames <= 1:
         yield image
@@ -164,6 +177,7 @@ def iter_frames(image: Image.Image, max_frames: int) -> Iterator[Image.Image]:
     count = min(max_frames, n_frames)
     for index in sorted({round(i * (n_frames - 1) / (count - 1)) for i in range(count)}):
         image.seek(index)
+        check_pixels(image.size, limits)
         yield image.copy()
 
 
@@ -172,7 +186,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         return _high_depth_to_rgb(image)
-    if mode in ("LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info):
+    if mode in ("LA", "PA", "La", "RGBa") or "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode == "RGBA":
         background = Image.new("RGB", image.size, _ALPHA_BACKGROUND)

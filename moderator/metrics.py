@@ -104,7 +104,8 @@ class Metrics:
         )
         self.rejected_requests = Counter(
             "rejected_requests",
-            "Requests refused or dropped before the model: overload, deadline, cancelled.",
+            "Work kept from the model: requests refused for overload; queued images dropped "
+            "because their deadline passed or their caller cancelled.",
             ["reason"],
             namespace=NAMESPACE,
             registry=registry,

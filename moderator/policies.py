@@ -109,7 +109,10 @@ def load_policy_dir(directory: Path) -> PolicySet:
         sources[policy.id] = path
     if problems:
         raise PolicyError(problems)
-    return build_policy_set(policies.values())
+    policy_set = build_policy_set(policies.values())
+    if not policy_set.policies:
+        raise PolicyError([f"{directory}: no active policies (every policy is disabled)"])
+    return policy_set
 
 
 def build_policy_set(policies: Iterable[Policy]) -> PolicySet:

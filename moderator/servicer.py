@@ -161,10 +161,7 @@ class ModeratorServicer(pb_grpc.ModeratorServicer):
         code = status_for(exc)
         self._observe(method, started, code)
         if code is grpc.StatusCode.CANCELLED:
-            self._metrics.rejected_requests.labels(reason="cancelled").inc()
             return
-        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-            self._metrics.rejected_requests.labels(reason="deadline").inc()
         if code is grpc.StatusCode.INTERNAL:
             log.exception("%s failed", method, exc_info=exc)
             await context.abort(code, "internal error; see the server log")

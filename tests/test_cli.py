@@ -51,6 +51,14 @@ def test_flags_mirror_environment_variables() -> None:
     assert build_parser(env).parse_args(["serve", "--port", "7000"]).port == 7000
 
 
+def test_bad_environment_values_get_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser({"MODERATOR_PORT": "fifty"}).parse_args(["serve"])
+    assert info.value.code == 2
+    assert "--port" in capsys.readouterr().err
+    assert main(["serve", "--log-level", "loud"]) == 2
+
+
 def test_demo_flag_selects_the_bundled_model_and_policies() -> None:
     config = config_from_args(build_parser({}).parse_args(["serve", "--demo"]))
     assert config.model.pretrained == str(DEMO_CHECKPOINT_PATH)

@@ -187,3 +187,19 @@ def test_animated_images_are_checked_beyond_the_first_frame() -> None:
     assert views.shape[0] == LIMITS.max_frames
     assert close_to(pixel(views, 0, 32, 32), (0, 0, 200), tolerance=20)
     assert close_to(pixel(views, views.shape[0] - 1, 32, 32), RED, tolerance=20)
+
+
+def test_every_page_of_a_multi_page_image_is_size_checked() -> None:
+    buffer = io.BytesIO()
+    small, huge = Image.new("RGB", (8, 8), RED), Image.new("L", (2000, 2000))
+    small.save(buffer, "TIFF", save_all=True, append_images=[huge])
+    assert error_code(buffer.getvalue(), ImageConfig(max_pixels=1_000_000)) is (
+        ImageErrorCode.TOO_MANY_PIXELS
+    )
+    assert decode_views(buffer.getvalue(), LIMITS, PREP).shape[0] == 2  # both pages scored
+
+
+def test_transparent_colour_of_an_rgb_png_is_shown_as_white() -> None:
+    image = Image.new("RGB", (32, 32), RED)
+    views = decode_views(encode(image, transparency=RED), LIMITS, PREP)
+    assert close_to(pixel(views, 0, 32, 32), WHITE)

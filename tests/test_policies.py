@@ -164,3 +164,9 @@ def test_default_policy_set_covers_the_required_harms() -> None:
     for policy in policy_set.policies:
         assert len(policy.descriptions) >= 3, policy.id
         assert len(policy.benign) >= 2, policy.id
+
+
+def test_a_set_with_every_policy_disabled_is_refused(tmp_path: Path) -> None:
+    write(tmp_path, "drugs.yaml", VALID.replace("mode: enforce", "mode: disabled"))
+    with pytest.raises(PolicyError, match="no active policies"):
+        load_policy_dir(tmp_path)
