@@ -6,8 +6,8 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any, TypeAlias
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 
@@ -36,6 +36,7 @@ from moderator.v1 import moderator_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+_Response = TypeVar("_Response")
 
 # Requests of one stream moderated concurrently; responses still come back in order.
 STREAM_WINDOW = 4
@@ -80,14 +81,7 @@ class ModeratorServicer(pb_grpc.ModeratorServicer):
     async def Moderate(  # noqa: N802 (gRPC method name)
         self, request: pb.ModerateRequest, context: Context
     ) -> pb.ModerateResponse:
-        started = time.perf_counter()
-        try:
-            response = await self._moderate(request, context)
-        except BaseException as exc:
-            await self._fail("Moderate", started, exc, context)
-            raise
-        self._observe("Moderate", started, grpc.StatusCode.OK)
-        return response
+        return await self._unary("Moderate", context, lambda: self._moderate(request, context))
 
     async def ModerateStream(  # noqa: N802
         self,
@@ -113,30 +107,36 @@ class ModeratorServicer(pb_grpc.ModeratorServicer):
     async def ListPolicies(  # noqa: N802
         self, request: pb.ListPoliciesRequest, context: Context
     ) -> pb.ListPoliciesResponse:
-        started = time.perf_counter()
-        try:
-            policy_set = self._engine.policies
-        except BaseException as exc:
-            await self._fail("ListPolicies", started, exc, context)
-            raise
-        response = pb.ListPoliciesResponse(
-            policies=[policy_info(p) for p in policy_set.policies],
-            policy_version=policy_set.version,
-            last_reload=reload_status(self._engine.last_reload),
-        )
-        self._observe("ListPolicies", started, grpc.StatusCode.OK)
-        return response
+        return await self._unary("ListPolicies", context, self._list_policies)
 
     async def ReloadPolicies(  # noqa: N802
         self, request: pb.ReloadPoliciesRequest, context: Context
     ) -> pb.ReloadPoliciesResponse:
+        return await self._unary("ReloadPolicies", context, self._reload_policies)
+
+    async def _unary(
+        self, method: str, context: Context, handle: Callable[[], Awaitable[_Response]]
+    ) -> _Response:
+        """Time and count one unary RPC; map a domain error to its status."""
         started = time.perf_counter()
         try:
-            status = await asyncio.to_thread(self._engine.reload_policies)
+            response = await handle()
         except BaseException as exc:
-            await self._fail("ReloadPolicies", started, exc, context)
+            await self._fail(method, started, exc, context)
             raise
-        self._observe("ReloadPolicies", started, grpc.StatusCode.OK)
+        self._observe(method, started, grpc.StatusCode.OK)
+        return response
+
+    async def _list_policies(self) -> pb.ListPoliciesResponse:
+        policy_set = self._engine.policies
+        return pb.ListPoliciesResponse(
+            policies=[policy_info(p) for p in policy_set.policies],
+            policy_version=policy_set.version,
+            last_reload=reload_status(self._engine.last_reload),
+        )
+
+    async def _reload_policies(self) -> pb.ReloadPoliciesResponse:
+        status = await asyncio.to_thread(self._engine.reload_policies)
         return pb.ReloadPoliciesResponse(
             status=reload_status(status), policy_version=self._engine.policies.version
         )
