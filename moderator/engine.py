@@ -183,6 +183,10 @@ class ModerationEngine:
                 return self._reload_failed(PolicyError([f"embedding the policies failed: {exc}"]))
             return self.last_reload
 
+    async def reload(self) -> ReloadStatus:
+        """reload_policies off the event loop: text encoding never blocks requests."""
+        return await asyncio.to_thread(self.reload_policies)
+
     def _reload_failed(self, error: PolicyError) -> ReloadStatus:
         message = f"reload failed, still serving version {self.policies.version}: " + "; ".join(
             error.problems

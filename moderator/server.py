@@ -81,10 +81,6 @@ class Service:
         self._metrics_server: object | None = None
         self._watcher_task: asyncio.Task[None] | None = None
 
-    async def reload(self) -> ReloadStatus:
-        """Reload the policy directory (SIGHUP, the watcher); never blocks the event loop."""
-        return await asyncio.to_thread(self.engine.reload_policies)
-
     async def start(self) -> None:
         """Serve NOT_SERVING at once, load the engine off the loop, then serve SERVING."""
         self._start_metrics_endpoint()
@@ -98,7 +94,7 @@ class Service:
         )
         # Fingerprint before loading, so an edit made during start-up is picked up.
         watcher = PolicyWatcher(
-            self.config.policies_dir, self.config.policy_poll_seconds, self.reload
+            self.config.policies_dir, self.config.policy_poll_seconds, self.engine.reload
         )
         try:
             await run_in_daemon_thread(self.engine.start)
@@ -194,7 +190,7 @@ def _reload_on_signal(service: Service) -> None:
         log.warning("SIGHUP ignored: still loading")
         return
     log.info("SIGHUP: reloading policies")
-    task = asyncio.ensure_future(service.reload())
+    task = asyncio.ensure_future(service.engine.reload())
     _background.add(task)  # keep a reference until it is done
     task.add_done_callback(_background.discard)
 

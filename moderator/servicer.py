@@ -136,7 +136,7 @@ class ModeratorServicer(pb_grpc.ModeratorServicer):
         )
 
     async def _reload_policies(self) -> pb.ReloadPoliciesResponse:
-        status = await asyncio.to_thread(self._engine.reload_policies)
+        status = await self._engine.reload()
         return pb.ReloadPoliciesResponse(
             status=reload_status(status), policy_version=self._engine.policies.version
         )
