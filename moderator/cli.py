@@ -44,6 +44,11 @@ TRUE_WORDS = ("1", "true", "yes", "on")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+def env_name(flag: str) -> str:
+    """--max-wait-ms -> MODERATOR_MAX_WAIT_MS"""
+    return ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper()
+
+
 @dataclass(frozen=True)
 class Option:
     flag: str
@@ -53,7 +58,7 @@ class Option:
 
     @property
     def env(self) -> str:
-        return ENV_PREFIX + self.flag.removeprefix("--").replace("-", "_").upper()
+        return env_name(self.flag)
 
 
 MODEL_OPTIONS = (
@@ -117,7 +122,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="moderate image files with a running server")
     check.add_argument("files", nargs="+", type=Path)
-    check.add_argument("--server", default=env.get(ENV_PREFIX + "SERVER", "localhost:50051"))
+    check.add_argument("--server", default=env.get(env_name("--server"), "localhost:50051"))
     check.add_argument("--json", action="store_true", help="print one JSON object per image")
     check.add_argument(
         "--policy", action="append", default=[], help="only this policy id (repeatable)"
@@ -148,9 +153,9 @@ def add_options(
             option.flag, type=option.kind, default=default, help=f"{option.help} [{option.env}]"
         )
     for flag, text in MODEL_SWITCHES:
-        env_name = ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper()
-        default = env.get(env_name, "").lower() in TRUE_WORDS
-        parser.add_argument(flag, action="store_true", default=default, help=f"{text} [{env_name}]")
+        variable = env_name(flag)
+        default = env.get(variable, "").lower() in TRUE_WORDS
+        parser.add_argument(flag, action="store_true", default=default, help=f"{text} [{variable}]")
 
 
 def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
