@@ -64,6 +64,7 @@ class ServerConfig:
     metrics_port: int = 9090
     max_message_bytes: int = 128 * MIB
     max_images_per_request: int = 256
+    max_embeddings_per_request: int = 4096
     shutdown_grace_seconds: float = 30.0
 
 

@@ -8,6 +8,8 @@ mean of its prompts' embeddings (CLIP prompt ensembling).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -116,6 +118,20 @@ class PolicyIndex:
     @property
     def pad_row(self) -> int:
         return int(self.text_matrix.shape[0])
+
+    @functools.cached_property
+    def on_cpu(self) -> PolicyIndex:
+        """This index with every tensor on the CPU: stored embeddings are rescored there, so
+        rescoring never takes the model device from live traffic."""
+        if self.text_matrix.device.type == "cpu":
+            return self
+        return dataclasses.replace(
+            self,
+            text_matrix=self.text_matrix.cpu(),
+            violating_rows=self.violating_rows.cpu(),
+            benign_rows=self.benign_rows.cpu(),
+            has_benign=self.has_benign.cpu(),
+        )
 
 
 def build_policy_index(

@@ -24,8 +24,15 @@ from moderator.embeddings import EmbeddingCache, PolicyIndex, build_policy_index
 from moderator.errors import InvalidImage, InvalidRequest, NotReady, Overloaded, PolicyError
 from moderator.images import decode_views
 from moderator.metrics import Metrics
-from moderator.policies import Mode, Policy, PolicySet, load_policy_dir
-from moderator.scoring import Decision, ViewScores, decide, reduce_views
+from moderator.outcomes import (
+    ImageOutcome,
+    ModerationResult,
+    build_outcomes,
+    selected_policies,
+)
+from moderator.policies import Mode, PolicySet, load_policy_dir
+from moderator.rescoring import EmbeddedImage, score_embedded
+from moderator.scoring import ViewScores
 
 log = logging.getLogger(__name__)
 
@@ -36,30 +43,6 @@ WARMUP_TIMEOUT_SECONDS = 300.0
 class ImageInput:
     id: str
     data: bytes
-
-
-@dataclass(frozen=True)
-class PolicyOutcome:
-    policy: Policy
-    score: float
-    violated: bool
-    matched_description: str
-
-
-@dataclass(frozen=True)
-class ImageOutcome:
-    id: str
-    decision: Decision
-    policies: tuple[PolicyOutcome, ...] = ()
-    error: InvalidImage | None = None
-    embedding: tuple[float, ...] = ()
-
-
-@dataclass(frozen=True)
-class ModerationResult:
-    results: tuple[ImageOutcome, ...]
-    policy_version: str
-    model_id: str
 
 
 @dataclass(frozen=True)
@@ -245,15 +228,48 @@ class ModerationEngine:
         if not self._ready:
             raise NotReady("the service is still loading its model and policies")
         index = self.index
-        selected = self._selected_policies(index.policy_set, policy_ids)
+        selected = selected_policies(index.policy_set, policy_ids)
         self._check_request_size(len(images))
         self._admit(len(images))
         try:
             views = await self._embed_all(images, index, deadline)
         finally:
             self._release(len(images))
-        results = self._outcomes(images, views, index, selected, include_embeddings)
+        ids = [image.id for image in images]
+        results = build_outcomes(ids, views, index, selected, include_embeddings)
         self._count(results)
+        return ModerationResult(
+            results=results, policy_version=index.policy_set.version, model_id=self.model_id
+        )
+
+    async def score_embeddings(
+        self,
+        images: Sequence[EmbeddedImage],
+        policy_ids: Sequence[str] = (),
+        model_id: str = "",
+    ) -> ModerationResult:
+        """Score stored embeddings against the current policies, as `moderate` would have.
+
+        Runs on the CPU copy of the policy index, off the event loop, so rescoring never
+        takes the model device from live traffic. `model_id`, when given, must be this model.
+        """
+        if not self._ready:
+            raise NotReady("the service is still loading its model and policies")
+        if model_id and model_id != self.model_id:
+            raise InvalidRequest(
+                f"the embeddings come from model {model_id}, this server runs {self.model_id}: "
+                "embeddings of another model cannot be scored"
+            )
+        limit = self.config.server.max_embeddings_per_request
+        if len(images) > limit:
+            raise InvalidRequest(f"request has {len(images)} embeddings; at most {limit}")
+        index = self.index
+        selected = selected_policies(index.policy_set, policy_ids)
+        views = await asyncio.to_thread(score_embedded, images, index.on_cpu)
+        results = build_outcomes([image.id for image in images], views, index, selected)
+        invalid = sum(outcome.error is not None for outcome in results)
+        self.metrics.embeddings_scored.labels(result="scored").inc(len(results) - invalid)
+        self.metrics.embeddings_scored.labels(result="invalid").inc(invalid)
         return ModerationResult(
             results=results, policy_version=index.policy_set.version, model_id=self.model_id
         )
@@ -262,20 +278,6 @@ class ModerationEngine:
         limit = self.config.server.max_images_per_request
         if count > limit:
             raise InvalidRequest(f"request has {count} images; at most {limit} are allowed")
-
-    @staticmethod
-    def _selected_policies(policy_set: PolicySet, policy_ids: Sequence[str]) -> torch.Tensor:
-        if not policy_ids:
-            return torch.ones(len(policy_set.policies), dtype=torch.bool)
-        known = set(policy_set.ids)
-        unknown = sorted(set(policy_ids) - known)
-        if unknown:
-            raise InvalidRequest(
-                f"unknown policy id(s): {', '.join(unknown)}; active policies: "
-                f"{', '.join(policy_set.ids) or '(none)'}"
-            )
-        wanted = set(policy_ids)
-        return torch.tensor([pid in wanted for pid in policy_set.ids], dtype=torch.bool)
 
     def _admit(self, count: int) -> None:
         limit = self.config.batching.max_queue_images
@@ -329,45 +331,6 @@ class ModerationEngine:
                 self._batcher.notify()
         return await asyncio.wrap_future(future)
 
-    def _outcomes(
-        self,
-        images: Sequence[ImageInput],
-        views: list[ViewScores | InvalidImage],
-        index: PolicyIndex,
-        selected: torch.Tensor,
-        include_embeddings: bool,
-    ) -> tuple[ImageOutcome, ...]:
-        scored = [(i, v) for i, v in enumerate(views) if isinstance(v, ViewScores)]
-        outcomes: list[ImageOutcome | None] = [
-            ImageOutcome(id=images[i].id, decision=Decision.ERROR, error=v)
-            if isinstance(v, InvalidImage)
-            else None
-            for i, v in enumerate(views)
-        ]
-        if scored:
-            reduced = [reduce_views(v) for _, v in scored]
-            embeddings = torch.stack([r[0] for r in reduced])
-            scores = torch.stack([r[1] for r in reduced])
-            matched = torch.stack([r[2] for r in reduced])
-            violated = scores >= index.thresholds
-            decisions = decide(violated, index, selected)
-            policies = index.policy_set.policies
-            chosen = [p for p, keep in enumerate(selected.tolist()) if keep]
-            for row, (i, _) in enumerate(scored):
-                outcomes[i] = ImageOutcome(
-                    id=images[i].id,
-                    decision=Decision(int(decisions[row])),
-                    policies=_policy_outcomes(
-                        policies,
-                        chosen,
-                        scores[row].tolist(),
-                        violated[row].tolist(),
-                        matched[row].tolist(),
-                    ),
-                    embedding=tuple(embeddings[row].tolist()) if include_embeddings else (),
-                )
-        return tuple(o for o in outcomes if o is not None)
-
     def _count(self, results: tuple[ImageOutcome, ...]) -> None:
         for outcome in results:
             self.metrics.images.labels(decision=outcome.decision.name.lower()).inc()
@@ -378,21 +341,3 @@ class ModerationEngine:
                     self.metrics.policy_violations.labels(
                         policy=p.policy.id, mode=p.policy.mode.value
                     ).inc()
-
-
-def _policy_outcomes(
-    policies: tuple[Policy, ...],
-    chosen: list[int],
-    scores: list[float],
-    violated: list[bool],
-    matched: list[int],
-) -> tuple[PolicyOutcome, ...]:
-    return tuple(
-        PolicyOutcome(
-            policy=policies[p],
-            score=scores[p],
-            violated=violated[p],
-            matched_description=policies[p].descriptions[matched[p]],
-        )
-        for p in chosen
-    )

@@ -47,10 +47,11 @@ class ImageErrorCode(enum.Enum):
     TOO_MANY_PIXELS = "too_many_pixels"
     UNSUPPORTED_FORMAT = "unsupported_format"
     CORRUPT = "corrupt"
+    INVALID_EMBEDDING = "invalid_embedding"
 
 
 class InvalidImage(ModeratorError):
-    """One image cannot be moderated. It fails alone, never its batch."""
+    """One image (or its stored embedding) cannot be scored. It fails alone, never its batch."""
 
     def __init__(self, code: ImageErrorCode, message: str) -> None:
         self.code = code

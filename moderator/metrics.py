@@ -150,3 +150,10 @@ class Metrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        self.embeddings_scored = Counter(
+            "embeddings_scored",
+            "Stored image embeddings scored by ScoreEmbeddings (not counted in images_total).",
+            ["result"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )

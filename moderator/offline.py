@@ -58,7 +58,7 @@ class OfflineScorer:
             return ImageScores(path=path, scores=None, error=exc)
         embeddings = self.clip.encode_images(views)
         scores, matched = score_views(embeddings, self.index)
-        _, image_scores, _ = reduce_views(
+        image_scores, _ = reduce_views(
             ViewScores(embeddings=embeddings.cpu(), scores=scores.cpu(), matched=matched.cpu())
         )
         return ImageScores(path=path, scores=image_scores)

@@ -43,14 +43,11 @@ def score_views(
     return scores, matched
 
 
-def reduce_views(views: ViewScores) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """An image's views -> its (embedding [E], scores [P], matched [P]): max over views.
-
-    The embedding returned is the first view's: the whole image, letterboxed.
-    """
+def reduce_views(views: ViewScores) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image's views -> its (scores [P], matched [P]): each policy's max over the views."""
     scores, best_view = views.scores.max(dim=0)
     matched = views.matched.gather(0, best_view.unsqueeze(0)).squeeze(0)
-    return views.embeddings[0], scores, matched
+    return scores, matched
 
 
 def decide(violated: torch.Tensor, index: PolicyIndex, selected: torch.Tensor) -> torch.Tensor:

@@ -11,14 +11,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import grpc
 
-from moderator.engine import (
-    ImageInput,
-    ImageOutcome,
-    ModerationEngine,
-    ModerationResult,
-    PolicyOutcome,
-    ReloadStatus,
-)
+from moderator.engine import ImageInput, ModerationEngine, ReloadStatus
 from moderator.errors import (
     DeadlineExceeded,
     ImageErrorCode,
@@ -28,7 +21,9 @@ from moderator.errors import (
     Overloaded,
 )
 from moderator.metrics import Metrics
+from moderator.outcomes import ImageOutcome, ModerationResult, PolicyOutcome
 from moderator.policies import Action, Mode, Policy
+from moderator.rescoring import EmbeddedImage, embedded_image
 from moderator.scoring import Decision
 from moderator.v1 import moderator_pb2 as pb
 from moderator.v1 import moderator_pb2_grpc as pb_grpc
@@ -61,6 +56,7 @@ IMAGE_ERROR_CODES = {
     ImageErrorCode.TOO_MANY_PIXELS: pb.IMAGE_ERROR_CODE_TOO_MANY_PIXELS,
     ImageErrorCode.UNSUPPORTED_FORMAT: pb.IMAGE_ERROR_CODE_UNSUPPORTED_FORMAT,
     ImageErrorCode.CORRUPT: pb.IMAGE_ERROR_CODE_CORRUPT,
+    ImageErrorCode.INVALID_EMBEDDING: pb.IMAGE_ERROR_CODE_INVALID_EMBEDDING,
 }
 
 
@@ -114,6 +110,11 @@ class ModeratorServicer(pb_grpc.ModeratorServicer):
     ) -> pb.ReloadPoliciesResponse:
         return await self._unary("ReloadPolicies", context, self._reload_policies)
 
+    async def ScoreEmbeddings(  # noqa: N802
+        self, request: pb.ScoreEmbeddingsRequest, context: Context
+    ) -> pb.ModerateResponse:
+        return await self._unary("ScoreEmbeddings", context, lambda: self._score(request))
+
     async def _unary(
         self, method: str, context: Context, handle: Callable[[], Awaitable[_Response]]
     ) -> _Response:
@@ -152,6 +153,14 @@ class ModeratorServicer(pb_grpc.ModeratorServicer):
         )
         return moderate_response(result)
 
+    async def _score(self, request: pb.ScoreEmbeddingsRequest) -> pb.ModerateResponse:
+        result = await self._engine.score_embeddings(
+            [embedded(image) for image in request.images],
+            policy_ids=list(request.policy_ids),
+            model_id=request.model,
+        )
+        return moderate_response(result)
+
     async def _fail(
         self, method: str, started: float, exc: BaseException, context: Context
     ) -> None:
@@ -186,11 +195,16 @@ def image_result(outcome: ImageOutcome) -> pb.ImageResult:
         decision=DECISIONS[outcome.decision],
         policies=[policy_result(p) for p in outcome.policies],
         embedding=outcome.embedding,
+        views=[pb.Embedding(values=view) for view in outcome.views],
     )
     if outcome.error is not None:
         result.error.code = IMAGE_ERROR_CODES[outcome.error.code]
         result.error.message = outcome.error.message
     return result
+
+
+def embedded(image: pb.EmbeddedImage) -> EmbeddedImage:
+    return embedded_image(image.id, image.embedding, [view.values for view in image.views])
 
 
 def policy_result(outcome: PolicyOutcome) -> pb.PolicyResult:

@@ -112,7 +112,6 @@ def test_reduce_views_takes_each_policy_max_over_views() -> None:
         scores=torch.tensor([[0.1, 0.9], [0.7, 0.2], [0.3, 0.4]]),
         matched=torch.tensor([[0, 5], [2, 6], [1, 7]]),
     )
-    embedding, scores, matched = reduce_views(views)
+    scores, matched = reduce_views(views)
     assert scores.tolist() == pytest.approx([0.7, 0.9])
     assert matched.tolist() == [2, 5]
-    assert embedding.tolist() == [1.0, 0.0, 0.0]

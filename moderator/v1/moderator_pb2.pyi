@@ -35,6 +35,7 @@ class ImageErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     IMAGE_ERROR_CODE_TOO_MANY_PIXELS: _ClassVar[ImageErrorCode]
     IMAGE_ERROR_CODE_UNSUPPORTED_FORMAT: _ClassVar[ImageErrorCode]
     IMAGE_ERROR_CODE_CORRUPT: _ClassVar[ImageErrorCode]
+    IMAGE_ERROR_CODE_INVALID_EMBEDDING: _ClassVar[ImageErrorCode]
 DECISION_UNSPECIFIED: Decision
 DECISION_ALLOW: Decision
 DECISION_REVIEW: Decision
@@ -52,6 +53,7 @@ IMAGE_ERROR_CODE_TOO_MANY_BYTES: ImageErrorCode
 IMAGE_ERROR_CODE_TOO_MANY_PIXELS: ImageErrorCode
 IMAGE_ERROR_CODE_UNSUPPORTED_FORMAT: ImageErrorCode
 IMAGE_ERROR_CODE_CORRUPT: ImageErrorCode
+IMAGE_ERROR_CODE_INVALID_EMBEDDING: ImageErrorCode
 
 class Image(_message.Message):
     __slots__ = ("id", "data")
@@ -82,18 +84,26 @@ class ModerateResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[ImageResult, _Mapping]]] = ..., policy_version: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class ImageResult(_message.Message):
-    __slots__ = ("id", "decision", "policies", "error", "embedding")
+    __slots__ = ("id", "decision", "policies", "error", "embedding", "views")
     ID_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
     POLICIES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    VIEWS_FIELD_NUMBER: _ClassVar[int]
     id: str
     decision: Decision
     policies: _containers.RepeatedCompositeFieldContainer[PolicyResult]
     error: ImageError
     embedding: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, id: _Optional[str] = ..., decision: _Optional[_Union[Decision, str]] = ..., policies: _Optional[_Iterable[_Union[PolicyResult, _Mapping]]] = ..., error: _Optional[_Union[ImageError, _Mapping]] = ..., embedding: _Optional[_Iterable[float]] = ...) -> None: ...
+    views: _containers.RepeatedCompositeFieldContainer[Embedding]
+    def __init__(self, id: _Optional[str] = ..., decision: _Optional[_Union[Decision, str]] = ..., policies: _Optional[_Iterable[_Union[PolicyResult, _Mapping]]] = ..., error: _Optional[_Union[ImageError, _Mapping]] = ..., embedding: _Optional[_Iterable[float]] = ..., views: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ...) -> None: ...
+
+class Embedding(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class PolicyResult(_message.Message):
     __slots__ = ("policy_id", "score", "threshold", "violated", "action", "mode", "matched_description", "policy_version")
@@ -178,3 +188,23 @@ class ReloadStatus(_message.Message):
     message: str
     unix_time: int
     def __init__(self, ok: _Optional[bool] = ..., message: _Optional[str] = ..., unix_time: _Optional[int] = ...) -> None: ...
+
+class EmbeddedImage(_message.Message):
+    __slots__ = ("id", "embedding", "views")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    VIEWS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    embedding: _containers.RepeatedScalarFieldContainer[float]
+    views: _containers.RepeatedCompositeFieldContainer[Embedding]
+    def __init__(self, id: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., views: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ...) -> None: ...
+
+class ScoreEmbeddingsRequest(_message.Message):
+    __slots__ = ("images", "policy_ids", "model")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    POLICY_IDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[EmbeddedImage]
+    policy_ids: _containers.RepeatedScalarFieldContainer[str]
+    model: str
+    def __init__(self, images: _Optional[_Iterable[_Union[EmbeddedImage, _Mapping]]] = ..., policy_ids: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ...) -> None: ...

@@ -54,6 +54,11 @@ class ModeratorStub:
                 request_serializer=moderator_dot_v1_dot_moderator__pb2.ReloadPoliciesRequest.SerializeToString,
                 response_deserializer=moderator_dot_v1_dot_moderator__pb2.ReloadPoliciesResponse.FromString,
                 _registered_method=True)
+        self.ScoreEmbeddings = channel.unary_unary(
+                '/moderator.v1.Moderator/ScoreEmbeddings',
+                request_serializer=moderator_dot_v1_dot_moderator__pb2.ScoreEmbeddingsRequest.SerializeToString,
+                response_deserializer=moderator_dot_v1_dot_moderator__pb2.ModerateResponse.FromString,
+                _registered_method=True)
 
 
 class ModeratorServicer:
@@ -89,6 +94,15 @@ class ModeratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScoreEmbeddings(self, request, context):
+        """Scores stored image embeddings (from Moderate with include_embeddings) against the
+        current policies, without the images: "what would this set have decided?". Scores equal
+        the ones Moderate returns for the same images and policies.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModeratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +125,11 @@ def add_ModeratorServicer_to_server(servicer, server):
                     servicer.ReloadPolicies,
                     request_deserializer=moderator_dot_v1_dot_moderator__pb2.ReloadPoliciesRequest.FromString,
                     response_serializer=moderator_dot_v1_dot_moderator__pb2.ReloadPoliciesResponse.SerializeToString,
+            ),
+            'ScoreEmbeddings': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScoreEmbeddings,
+                    request_deserializer=moderator_dot_v1_dot_moderator__pb2.ScoreEmbeddingsRequest.FromString,
+                    response_serializer=moderator_dot_v1_dot_moderator__pb2.ModerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +240,33 @@ class Moderator:
             '/moderator.v1.Moderator/ReloadPolicies',
             moderator_dot_v1_dot_moderator__pb2.ReloadPoliciesRequest.SerializeToString,
             moderator_dot_v1_dot_moderator__pb2.ReloadPoliciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScoreEmbeddings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moderator.v1.Moderator/ScoreEmbeddings',
+            moderator_dot_v1_dot_moderator__pb2.ScoreEmbeddingsRequest.SerializeToString,
+            moderator_dot_v1_dot_moderator__pb2.ModerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

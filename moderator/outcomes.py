@@ -1,0 +1,123 @@
+"""Per-image results from per-view scores: the one place decisions are turned into outcomes.
+
+Live moderation, ScoreEmbeddings and `moderator rescore` all end here, so a stored embedding
+rescored against a policy set gets exactly the outcome a live image would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from moderator.embeddings import PolicyIndex
+from moderator.errors import InvalidImage, InvalidRequest
+from moderator.policies import Policy, PolicySet
+from moderator.scoring import Decision, ViewScores, decide, reduce_views
+
+
+@dataclass(frozen=True)
+class PolicyOutcome:
+    policy: Policy
+    score: float
+    violated: bool
+    matched_description: str
+
+
+@dataclass(frozen=True)
+class ImageOutcome:
+    id: str
+    decision: Decision
+    policies: tuple[PolicyOutcome, ...] = ()
+    error: InvalidImage | None = None
+    embedding: tuple[float, ...] = ()
+    views: tuple[tuple[float, ...], ...] = ()  # every view, only when there is more than one
+
+
+@dataclass(frozen=True)
+class ModerationResult:
+    results: tuple[ImageOutcome, ...]
+    policy_version: str
+    model_id: str
+
+
+def selected_policies(policy_set: PolicySet, policy_ids: Sequence[str]) -> torch.Tensor:
+    """[P] bool: the policies a request asked for (all when it named none)."""
+    if not policy_ids:
+        return torch.ones(len(policy_set.policies), dtype=torch.bool)
+    known = set(policy_set.ids)
+    unknown = sorted(set(policy_ids) - known)
+    if unknown:
+        raise InvalidRequest(
+            f"unknown policy id(s): {', '.join(unknown)}; active policies: "
+            f"{', '.join(policy_set.ids) or '(none)'}"
+        )
+    wanted = set(policy_ids)
+    return torch.tensor([pid in wanted for pid in policy_set.ids], dtype=torch.bool)
+
+
+def build_outcomes(
+    ids: Sequence[str],
+    views: Sequence[ViewScores | InvalidImage],
+    index: PolicyIndex,
+    selected: torch.Tensor,
+    include_embeddings: bool = False,
+) -> tuple[ImageOutcome, ...]:
+    """One outcome per image, in order: its decision and the selected policies' results."""
+    outcomes: list[ImageOutcome] = []
+    scored = [(i, v) for i, v in enumerate(views) if isinstance(v, ViewScores)]
+    by_position: dict[int, ImageOutcome] = {}
+    if scored:
+        reduced = [reduce_views(v) for _, v in scored]
+        scores = torch.stack([r[0] for r in reduced])
+        matched = torch.stack([r[1] for r in reduced])
+        violated = scores >= index.thresholds
+        decisions = decide(violated, index, selected).tolist()
+        chosen = [p for p, keep in enumerate(selected.tolist()) if keep]
+        for row, (i, view_scores) in enumerate(scored):
+            embedding, all_views = _embeddings(view_scores) if include_embeddings else ((), ())
+            by_position[i] = ImageOutcome(
+                id=ids[i],
+                decision=Decision(decisions[row]),
+                policies=_policy_outcomes(
+                    index.policy_set.policies,
+                    chosen,
+                    scores[row].tolist(),
+                    violated[row].tolist(),
+                    matched[row].tolist(),
+                ),
+                embedding=embedding,
+                views=all_views,
+            )
+    for i, view in enumerate(views):
+        if isinstance(view, InvalidImage):
+            outcomes.append(ImageOutcome(id=ids[i], decision=Decision.ERROR, error=view))
+        else:
+            outcomes.append(by_position[i])
+    return tuple(outcomes)
+
+
+def _embeddings(
+    view_scores: ViewScores,
+) -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...]]:
+    rows = [tuple(row) for row in view_scores.embeddings.tolist()]
+    return rows[0], tuple(rows) if len(rows) > 1 else ()
+
+
+def _policy_outcomes(
+    policies: tuple[Policy, ...],
+    chosen: list[int],
+    scores: list[float],
+    violated: list[bool],
+    matched: list[int],
+) -> tuple[PolicyOutcome, ...]:
+    return tuple(
+        PolicyOutcome(
+            policy=policies[p],
+            score=scores[p],
+            violated=violated[p],
+            matched_description=policies[p].descriptions[matched[p]],
+        )
+        for p in chosen
+    )
