@@ -1,8 +1,10 @@
 """Command line: argv + MODERATOR_* environment -> Config -> run. The only place that reads env.
 
 moderator serve [--demo] [--policies DIR] [--model NAME] [--pretrained TAG|PATH|none] ...
-moderator check [--server HOST:PORT] [--json] FILE...
+moderator check [--server HOST:PORT] [--json] [--embeddings] FILE...
 moderator policies validate DIR
+moderator policies test POLICY_DIR EXAMPLES_DIR
+moderator rescore EMBEDDINGS --policies DIR [--baseline DIR] [--out FILE]
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -35,6 +37,11 @@ from moderator.config import (
 )
 from moderator.errors import ConfigError, ModeratorError, PolicyError
 from moderator.policies import load_policy_dir
+
+if TYPE_CHECKING:
+    from moderator.clip import ClipModel
+    from moderator.embeddings import EmbeddingCache
+    from moderator.outcomes import ImageOutcome
 
 log = logging.getLogger("moderator")
 
@@ -125,6 +132,11 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     check.add_argument("--server", default=env.get(env_name("--server"), "localhost:50051"))
     check.add_argument("--json", action="store_true", help="print one JSON object per image")
     check.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="include image embeddings (implies --json): the file `moderator rescore` reads",
+    )
+    check.add_argument(
         "--policy", action="append", default=[], help="only this policy id (repeatable)"
     )
     check.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
@@ -139,6 +151,20 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     test.add_argument("policies_dir", type=Path, metavar="POLICY_DIR")
     test.add_argument("examples_dir", type=Path, metavar="EXAMPLES_DIR")
     add_options(test, MODEL_OPTIONS, env)
+
+    rescore = commands.add_parser(
+        "rescore",
+        help="score stored embeddings (from `check --embeddings`) against a policy set",
+    )
+    rescore.add_argument("embeddings", type=Path, metavar="EMBEDDINGS", help="JSON lines file")
+    rescore.add_argument("--policies", type=Path, required=True, help="the policy set to try")
+    rescore.add_argument(
+        "--baseline",
+        type=Path,
+        help="compare with this policy set rescored (default: the results stored in the file)",
+    )
+    rescore.add_argument("--out", type=Path, help="write every new result here as JSON lines")
+    add_options(rescore, MODEL_OPTIONS, env)
     return parser
 
 
@@ -245,23 +271,94 @@ def run_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_policy_tests(args: argparse.Namespace) -> int:
+def load_model(args: argparse.Namespace) -> tuple[ClipModel, EmbeddingCache]:
+    """The model named by the model options, and its text-embedding cache (offline tools)."""
     from moderator.clip import load_clip
     from moderator.embeddings import EmbeddingCache
+
+    clip = load_clip(model_config_from_args(args))
+    cache = EmbeddingCache.for_model(
+        args.cache_dir or default_cache_dir(), clip.info.weights_key, clip.info.precision
+    )
+    return clip, cache
+
+
+def run_policy_tests(args: argparse.Namespace) -> int:
     from moderator.offline import OfflineScorer
     from moderator.regression import discover_examples, format_table, run_examples
 
     policy_set = load_policy_dir(args.policies_dir)
     examples, skipped = discover_examples(args.examples_dir, policy_set)
-    clip = load_clip(model_config_from_args(args))
-    cache = EmbeddingCache.for_model(
-        args.cache_dir or default_cache_dir(), clip.info.weights_key, clip.info.precision
-    )
+    clip, cache = load_model(args)
     results = run_examples(OfflineScorer(clip, policy_set, cache), examples)
     print(format_table(results, args.examples_dir))
     if skipped:
         print(f"skipped examples of disabled policies: {', '.join(skipped)}")
     return 0 if all(r.passed for r in results) else 1
+
+
+def run_rescore(args: argparse.Namespace) -> int:
+    from moderator.offline import OfflineScorer
+    from moderator.rescoring import (
+        check_same_model,
+        format_summary,
+        read_embeddings_file,
+        summarise_changes,
+        verdict_of,
+    )
+
+    try:
+        stored = read_embeddings_file(args.embeddings)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {args.embeddings}: {exc}") from exc
+    for problem in stored.problems:
+        print(f"skipped {problem}", file=sys.stderr)
+    if not stored.images:
+        raise ConfigError(f"{args.embeddings}: no image embeddings to rescore")
+    policy_set = load_policy_dir(args.policies)
+    baseline_set = load_policy_dir(args.baseline) if args.baseline else None
+    clip, cache = load_model(args)
+    mismatch = check_same_model(stored.images, clip.info.model_id)
+    if mismatch:
+        raise ConfigError(mismatch)
+    images = [s.image for s in stored.images]
+    after = OfflineScorer(clip, policy_set, cache).score_embeddings(images)
+    if args.out:
+        write_results(args.out, after, policy_set.version, clip.info.model_id)
+    if baseline_set is not None:
+        before = OfflineScorer(clip, baseline_set, cache).score_embeddings(images)
+        verdicts = [verdict_of(outcome) for outcome in before]
+        before_label = f"{args.baseline} (version {baseline_set.version})"
+        before_ids: Sequence[str] = baseline_set.ids
+    else:
+        stored_verdicts = [s.verdict for s in stored.images]
+        if any(v is None for v in stored_verdicts):
+            raise ConfigError(
+                f"{args.embeddings}: some lines have no stored decision to compare with; "
+                "pass --baseline POLICY_DIR to compare with a policy set instead"
+            )
+        verdicts = [v for v in stored_verdicts if v is not None]
+        versions = sorted({s.policy_version for s in stored.images if s.policy_version})
+        before_label = f"stored results (version {', '.join(versions) or 'unknown'})"
+        before_ids = sorted(set().union(*(v.evaluated for v in verdicts)))
+    pairs = [
+        (outcome.id, verdict, verdict_of(outcome))
+        for outcome, verdict in zip(after, verdicts, strict=True)
+    ]
+    summary = summarise_changes(pairs, before_ids, policy_set.ids)
+    after_label = f"{args.policies} (version {policy_set.version})"
+    print(format_summary(summary, before_label, after_label))
+    if stored.without_embedding:
+        print(f"({stored.without_embedding} images that failed at moderation time were skipped)")
+    return 0
+
+
+def write_results(path: Path, outcomes: Sequence[ImageOutcome], version: str, model: str) -> None:
+    from moderator.servicer import image_result
+
+    with path.open("w", encoding="utf-8") as out:
+        for outcome in outcomes:
+            out.write(format_json(image_result(outcome), version, model) + "\n")
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -279,6 +376,7 @@ def run_check(args: argparse.Namespace) -> int:
             request = pb.ModerateRequest(
                 images=[pb.Image(id=str(path), data=path.read_bytes()) for path in files],
                 policy_ids=args.policy,
+                include_embeddings=args.embeddings,
             )
             try:
                 response = stub.Moderate(request, timeout=args.timeout)
@@ -286,7 +384,10 @@ def run_check(args: argparse.Namespace) -> int:
                 print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
                 return 1
             for result in response.results:
-                print(format_json(result, response) if args.json else format_line(result))
+                if args.json or args.embeddings:
+                    print(format_json(result, response.policy_version, response.model))
+                else:
+                    print(format_line(result))
     return 0
 
 
@@ -306,12 +407,13 @@ def format_line(result: Any) -> str:
     return f"{result.id}\t{decision}\t{', '.join(violations) or '-'}"
 
 
-def format_json(result: Any, response: Any) -> str:
+def format_json(result: Any, policy_version: str, model: str) -> str:
+    """One ImageResult as a JSON line (protobuf's JSON mapping) with its response's context."""
     from google.protobuf.json_format import MessageToDict
 
     record = MessageToDict(result, preserving_proto_field_name=True)
-    record["policy_version"] = response.policy_version
-    record["model"] = response.model
+    record["policy_version"] = policy_version
+    record["model"] = model
     return json.dumps(record, sort_keys=True)
 
 
@@ -324,7 +426,12 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    handlers = {"serve": run_serve, "check": run_check, "policies": run_policies}
+    handlers = {
+        "serve": run_serve,
+        "check": run_check,
+        "policies": run_policies,
+        "rescore": run_rescore,
+    }
     try:
         return handlers[args.command](args)
     except PolicyError as exc:

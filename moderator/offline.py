@@ -1,8 +1,8 @@
 """Scoring without a server: the service's own pipeline, for policy tooling.
 
-`moderator policies test` (and later calibration and rescoring) must score exactly as the
-service does, so this reuses its pieces: images.decode_views, ClipModel, build_policy_index,
-score_views and reduce_views.
+`moderator policies test`, `calibrate` and `rescore` must score exactly as the service does,
+so this reuses its pieces: images.decode_views, ClipModel, build_policy_index, score_views,
+reduce_views and build_outcomes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from moderator.config import ImageConfig
 from moderator.embeddings import EmbeddingCache, PolicyIndex, build_policy_index
 from moderator.errors import InvalidImage
 from moderator.images import decode_views
+from moderator.outcomes import ImageOutcome, build_outcomes, selected_policies
 from moderator.policies import PolicySet
+from moderator.rescoring import EmbeddedImage, score_embedded
 from moderator.scoring import ViewScores, reduce_views, score_views
 
 
@@ -62,3 +64,13 @@ class OfflineScorer:
             ViewScores(embeddings=embeddings.cpu(), scores=scores.cpu(), matched=matched.cpu())
         )
         return ImageScores(path=path, scores=image_scores)
+
+    def score_embeddings(self, images: list[EmbeddedImage]) -> tuple[ImageOutcome, ...]:
+        """Stored embeddings -> the outcomes the service would return for their images."""
+        index = self.index
+        return build_outcomes(
+            [image.id for image in images],
+            score_embedded(images, index.on_cpu),
+            index,
+            selected_policies(index.policy_set, ()),
+        )

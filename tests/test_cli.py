@@ -168,6 +168,30 @@ def test_check_prints_one_line_per_image(demo_server: DemoServer, tmp_path: Path
     assert record["decision"] == "DECISION_BLOCK"
     assert record["model"] == "moderator-shapes-demo/moderator-shapes-demo.pt"
     assert {p["policy_id"] for p in record["policies"]} == {"red", "stars", "green_squares"}
+    assert "embedding" not in record
+
+
+def test_check_embeddings_writes_the_file_rescore_reads(
+    demo_server: DemoServer, tmp_path: Path
+) -> None:
+    red = tmp_path / "red.png"
+    red.write_bytes(shape_png("red", "circle"))
+    done = run_cli("check", "--embeddings", "--server", f"127.0.0.1:{demo_server.port}", str(red))
+    assert done.returncode == 0, done.stderr
+    stored = tmp_path / "stored.jsonl"
+    stored.write_text(done.stdout)
+    done = run_cli(
+        "rescore",
+        str(stored),
+        "--policies",
+        str(demo_server.policies),
+        "--demo",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "BLOCK  -> BLOCK         1" in done.stdout
+    assert "0 images changed decision" in done.stdout
 
 
 def test_sighup_reloads_the_policies(demo_server: DemoServer) -> None:

@@ -1,0 +1,321 @@
+"""Rescoring stored embeddings: unit behaviour, then equality with live scoring end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from moderator.cli import format_json, main
+from moderator.config import DEMO_POLICIES_DIR
+from moderator.demo.shapes import render_shape
+from moderator.embeddings import EmbeddingCache, PolicyIndex, build_policy_index
+from moderator.errors import ImageErrorCode, InvalidImage
+from moderator.policies import PolicySet, parse_policy
+from moderator.rescoring import (
+    Verdict,
+    embedded_image,
+    read_embeddings_file,
+    score_embedded,
+    summarise_changes,
+)
+from moderator.scoring import Decision, ViewScores, score_views
+from moderator.v1 import moderator_pb2 as pb
+from moderator.v1 import moderator_pb2_grpc as pb_grpc
+from tests.conftest import RunningService, encode, shape_png
+from tests.test_engine import edit
+from tests.test_watcher import copy_demo_policies
+
+# Live scores come from a batched matmul on the server, rescores from another batch shape:
+# float32 rounding is all that may differ.
+SCORE_TOLERANCE = 1e-5
+
+
+def unit(*values: float) -> list[float]:
+    norm = math.sqrt(sum(v * v for v in values))
+    return [v / norm for v in values]
+
+
+def toy_index() -> PolicyIndex:
+    policy = parse_policy(
+        "toy",
+        "title: Toy\naction: block\nthreshold: 0.5\ndescriptions: [x, y]\nbenign: [z]\n"
+        'templates: ["{}"]\n',
+        source="toy.yaml",
+    )
+    vectors = {"x": unit(1, 0, 0), "y": unit(0, 1, 0), "z": unit(0, 0, 1)}
+
+    def encode_texts(texts: list[str]) -> torch.Tensor:
+        return torch.tensor([vectors[t] for t in texts])
+
+    policy_set = PolicySet(policies=(policy,), version="v")
+    return build_policy_index(
+        policy_set, encode_texts, EmbeddingCache(None, "toy"), torch.device("cpu")
+    )
+
+
+def test_score_embedded_equals_score_views_and_fails_bad_embeddings_alone() -> None:
+    index = toy_index()
+    images = [
+        embedded_image("good", unit(1, 0, 0)),
+        embedded_image("short", unit(1, 0)),
+        embedded_image("nan", [float("nan"), 0.0, 0.0]),
+        embedded_image("unnormalised", [3.0, 0.0, 0.0]),
+        embedded_image("views", unit(0, 0, 1), [unit(0, 0, 1), unit(0, 1, 0)]),
+    ]
+    results = score_embedded(images, index)
+    good, short, nan, unnormalised, views = results
+    assert isinstance(good, ViewScores)
+    assert isinstance(views, ViewScores)
+    expected, _ = score_views(torch.tensor([unit(1, 0, 0)]), index)
+    assert torch.equal(good.scores, expected)
+    assert good.scores.tolist() == [[pytest.approx(1.0)]]  # best description 1, no benign match
+    assert views.scores.shape == (2, 1)
+    assert views.scores[:, 0].tolist() == pytest.approx([-1.0, 1.0])  # z is the benign text
+    for failed, words in ((short, "2 values"), (nan, "NaN"), (unnormalised, "normalised")):
+        assert isinstance(failed, InvalidImage)
+        assert failed.code is ImageErrorCode.INVALID_EMBEDDING
+        assert words in failed.message
+
+
+def test_the_embeddings_file_reports_bad_lines_and_skips_failed_images(tmp_path: Path) -> None:
+    path = tmp_path / "stored.jsonl"
+    lines = [
+        {
+            "id": "a",
+            "embedding": unit(1, 0, 0),
+            "decision": "DECISION_BLOCK",
+            "model": "m",
+            "policy_version": "v1",
+            "policies": [{"policy_id": "toy", "score": 0.9, "violated": True}, {"policy_id": "o"}],
+        },
+        {"id": "b", "embedding": unit(0, 1, 0), "views": [{"values": unit(0, 1, 0)}]},
+        {"id": "broken", "decision": "DECISION_ERROR", "error": {"code": "CORRUPT"}},
+        {"embedding": [1.0]},
+        {"id": "c", "embedding": ["x"]},
+        {"id": "d", "embedding": [1.0], "decision": "DECISION_MAYBE"},
+    ]
+    text = "\n".join(json.dumps(line) for line in lines) + "\nnot json\n\n"
+    path.write_text(text)
+    stored = read_embeddings_file(path)
+    assert [s.image.id for s in stored.images] == ["a", "b"]
+    first = stored.images[0]
+    assert first.verdict == Verdict(Decision.BLOCK, frozenset({"toy"}), frozenset({"toy", "o"}))
+    assert (first.model, first.policy_version) == ("m", "v1")
+    assert stored.images[1].verdict is None
+    assert stored.without_embedding == 1
+    assert [p.split(": ", 1)[0] for p in stored.problems] == [f"{path}:{n}" for n in (4, 5, 6, 7)]
+    assert "missing 'id'" in stored.problems[0]
+    assert "list of numbers" in stored.problems[1]
+    assert "DECISION_MAYBE" in stored.problems[2]
+
+
+def test_change_summary_counts_decisions_and_policies() -> None:
+    allow = Verdict(Decision.ALLOW, frozenset(), frozenset({"a", "b"}))
+    block_a = Verdict(Decision.BLOCK, frozenset({"a"}), frozenset({"a", "b"}))
+    review_b = Verdict(Decision.REVIEW, frozenset({"b"}), frozenset({"b", "c"}))
+    new_allow = Verdict(Decision.ALLOW, frozenset(), frozenset({"b", "c"}))
+    summary = summarise_changes(
+        [("1", allow, review_b), ("2", block_a, new_allow), ("3", allow, new_allow)],
+        before_policies=["a", "b"],
+        after_policies=["b", "c"],
+    )
+    assert summary.decisions == {
+        (Decision.ALLOW, Decision.REVIEW): 1,
+        (Decision.BLOCK, Decision.ALLOW): 1,
+        (Decision.ALLOW, Decision.ALLOW): 1,
+    }
+    assert summary.changed_ids == ["1", "2"]
+    a, b, c = (summary.policies[k] for k in "abc")
+    assert (a.status, a.before, a.after, a.cleared) == ("removed", 1, 0, 0)
+    assert (b.status, b.before, b.after, b.newly_flagged, b.cleared) == ("kept", 0, 1, 1, 0)
+    assert c.status == "added"
+
+
+# -- end to end: live Moderate -> stored file -> rescore ---------------------------------------
+
+
+def animated_gif(*colours: str) -> bytes:
+    frames = [render_shape(colour, "circle", 128, 128) for colour in colours]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100)
+    return buffer.getvalue()
+
+
+def stored_images() -> list[pb.Image]:
+    data = {
+        "red-circle": shape_png("red", "circle"),
+        "blue-star": shape_png("blue", "star"),
+        "green-square": shape_png("green", "square"),
+        "orange-triangle": shape_png("orange", "triangle"),
+        "wide-red-star": encode(render_shape("red", "star", 640, 128)),
+        "blue-then-red": animated_gif("blue", "red"),
+        "corrupt": b"\x89PNG\r\n\x1a\nnope",
+    }
+    return [pb.Image(id=name, data=value) for name, value in data.items()]
+
+
+@pytest.fixture(scope="module")
+def live(
+    demo_service: RunningService,
+) -> Iterator[tuple[pb_grpc.ModeratorStub, pb.ModerateResponse]]:
+    with grpc.insecure_channel(demo_service.address) as channel:
+        stub = pb_grpc.ModeratorStub(channel)
+        request = pb.ModerateRequest(images=stored_images(), include_embeddings=True)
+        yield stub, stub.Moderate(request, timeout=60)
+
+
+@pytest.fixture
+def stored_file(live: tuple[pb_grpc.ModeratorStub, pb.ModerateResponse], tmp_path: Path) -> Path:
+    _, response = live
+    path = tmp_path / "stored.jsonl"
+    lines = [format_json(r, response.policy_version, response.model) for r in response.results]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def scores_of(results: object) -> dict[tuple[str, str], float]:
+    return {(r.id, p.policy_id): p.score for r in results for p in r.policies}  # type: ignore[attr-defined]
+
+
+def assert_same_results(rescored: list[pb.ImageResult], live: list[pb.ImageResult]) -> None:
+    assert [(r.id, r.decision) for r in rescored] == [(r.id, r.decision) for r in live]
+    live_scores = scores_of(live)
+    new_scores = scores_of(rescored)
+    assert new_scores.keys() == live_scores.keys()
+    for key, score in live_scores.items():
+        assert new_scores[key] == pytest.approx(score, abs=SCORE_TOLERANCE), key
+    matched = {(r.id, p.policy_id): p.matched_description for r in live for p in r.policies}
+    assert matched == {
+        (r.id, p.policy_id): p.matched_description for r in rescored for p in r.policies
+    }
+
+
+def test_multi_view_images_return_every_view(
+    live: tuple[pb_grpc.ModeratorStub, pb.ModerateResponse],
+) -> None:
+    _, response = live
+    views = {r.id: len(r.views) for r in response.results}
+    assert views["wide-red-star"] > 1
+    assert views["blue-then-red"] == 2
+    assert views["red-circle"] == 0  # one view: `embedding` is all there is
+    gif = next(r for r in response.results if r.id == "blue-then-red")
+    assert list(gif.views[0].values) == list(gif.embedding)
+    assert gif.decision == pb.DECISION_BLOCK  # the red frame decides
+
+
+def test_score_embeddings_rpc_equals_live_scoring(
+    live: tuple[pb_grpc.ModeratorStub, pb.ModerateResponse],
+) -> None:
+    stub, response = live
+    request = pb.ScoreEmbeddingsRequest(
+        images=[
+            pb.EmbeddedImage(id=r.id, embedding=r.embedding, views=r.views)
+            for r in response.results
+            if r.decision != pb.DECISION_ERROR
+        ],
+        model=response.model,
+    )
+    rescored = stub.ScoreEmbeddings(request, timeout=60)
+    assert rescored.policy_version == response.policy_version
+    scored_live = [r for r in response.results if r.decision != pb.DECISION_ERROR]
+    assert_same_results(list(rescored.results), scored_live)
+    assert not any(r.embedding for r in rescored.results)
+
+
+def test_score_embeddings_rpc_fails_a_bad_embedding_alone_and_refuses_another_model(
+    live: tuple[pb_grpc.ModeratorStub, pb.ModerateResponse],
+) -> None:
+    stub, response = live
+    good = response.results[0]
+    request = pb.ScoreEmbeddingsRequest(
+        images=[
+            pb.EmbeddedImage(id="short", embedding=[1.0, 0.0]),
+            pb.EmbeddedImage(id=good.id, embedding=good.embedding),
+        ],
+        policy_ids=["red"],
+    )
+    results = stub.ScoreEmbeddings(request, timeout=60).results
+    assert results[0].decision == pb.DECISION_ERROR
+    assert results[0].error.code == pb.IMAGE_ERROR_CODE_INVALID_EMBEDDING
+    assert "64" in results[0].error.message
+    assert results[1].decision == good.decision
+    assert [p.policy_id for p in results[1].policies] == ["red"]
+    request = pb.ScoreEmbeddingsRequest(images=request.images[1:], model="ViT-B-32/openai")
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ScoreEmbeddings(request, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ViT-B-32/openai" in str(info.value.details())
+
+
+def rescore(stored: Path, policies: Path, cache: Path, *extra: str) -> int:
+    args = ["rescore", str(stored), "--policies", str(policies), "--demo"]
+    return main([*args, "--cache-dir", str(cache), *extra])
+
+
+def read_lines(path: Path) -> list[pb.ImageResult]:
+    from google.protobuf.json_format import ParseDict
+
+    results = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        results.append(ParseDict(record, pb.ImageResult(), ignore_unknown_fields=True))
+    return results
+
+
+def test_rescore_with_the_same_policies_changes_nothing_and_equals_live(
+    live: tuple[pb_grpc.ModeratorStub, pb.ModerateResponse],
+    stored_file: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "rescored.jsonl"
+    assert rescore(stored_file, DEMO_POLICIES_DIR, tmp_path / "cache", "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert "6 images" in printed
+    assert "0 images changed decision" in printed
+    assert "1 images that failed at moderation time were skipped" in printed
+    _, response = live
+    assert_same_results(
+        read_lines(out), [r for r in response.results if r.decision != pb.DECISION_ERROR]
+    )
+
+
+def test_rescore_summarises_what_a_policy_change_would_do(
+    stored_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policies = copy_demo_policies(tmp_path / "policies")
+    edit(policies / "red.yaml", "mode: enforce", "mode: shadow")
+    assert rescore(stored_file, policies, tmp_path / "cache") == 0
+    printed = capsys.readouterr().out
+    # red blocked red-circle, blue-then-red and wide-red-star; the red star is still a star
+    assert "BLOCK  -> ALLOW         2  (changed)" in printed
+    assert "BLOCK  -> REVIEW        1  (changed)" in printed
+    assert "changed: red-circle, wide-red-star, blue-then-red" in printed
+    red = next(line for line in printed.splitlines() if line.strip().startswith("red "))
+    assert red.split()[1:] == ["kept", "3", "3", "0", "0"]  # shadow still scores and flags
+
+    assert (
+        rescore(stored_file, DEMO_POLICIES_DIR, tmp_path / "cache", "--baseline", str(policies))
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "BLOCK  -> ALLOW" not in printed
+    assert "ALLOW  -> BLOCK         2  (changed)" in printed
+    assert "REVIEW -> BLOCK         1  (changed)" in printed
+
+
+def test_rescore_refuses_embeddings_of_another_model(
+    stored_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = stored_file.read_text()
+    model = json.loads(text.splitlines()[0])["model"]
+    stored_file.write_text(text.replace(model, "ViT-B-32/openai"))
+    assert rescore(stored_file, DEMO_POLICIES_DIR, tmp_path / "cache") == 2
+    assert "made by ViT-B-32/openai" in capsys.readouterr().err
