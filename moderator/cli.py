@@ -4,6 +4,7 @@ moderator serve [--demo] [--policies DIR] [--model NAME] [--pretrained TAG|PATH|
 moderator check [--server HOST:PORT] [--json] [--embeddings] FILE...
 moderator policies validate DIR
 moderator policies test POLICY_DIR EXAMPLES_DIR
+moderator calibrate POLICY_DIR LABELS [--target-precision P | --target-recall R] [--report F]
 moderator rescore EMBEDDINGS --policies DIR [--baseline DIR] [--out FILE]
 """
 
@@ -47,6 +48,7 @@ log = logging.getLogger("moderator")
 
 ENV_PREFIX = "MODERATOR_"
 CHECK_BATCH_SIZE = 16
+DEFAULT_TARGET_PRECISION = 0.9
 TRUE_WORDS = ("1", "true", "yes", "on")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -151,6 +153,37 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     test.add_argument("policies_dir", type=Path, metavar="POLICY_DIR")
     test.add_argument("examples_dir", type=Path, metavar="EXAMPLES_DIR")
     add_options(test, MODEL_OPTIONS, env)
+
+    calibrate = commands.add_parser(
+        "calibrate", help="precision/recall per policy from labelled images; suggest thresholds"
+    )
+    calibrate.add_argument("policies_dir", type=Path, metavar="POLICY_DIR")
+    calibrate.add_argument(
+        "labels",
+        type=Path,
+        metavar="LABELS",
+        help="CSV of path,policy_id,label (violating|benign), or a folder laid out like "
+        "EXAMPLES_DIR",
+    )
+    target = calibrate.add_mutually_exclusive_group()
+    target.add_argument(
+        "--target-precision",
+        type=float,
+        help=f"suggest the highest-recall threshold with this precision "
+        f"(default {DEFAULT_TARGET_PRECISION})",
+    )
+    target.add_argument(
+        "--target-recall",
+        type=float,
+        help="suggest the highest-precision threshold with this recall",
+    )
+    calibrate.add_argument("--report", type=Path, help="write an HTML report (charts) here")
+    calibrate.add_argument(
+        "--write",
+        action="store_true",
+        help="write the suggested thresholds into the policy files (comments are kept)",
+    )
+    add_options(calibrate, MODEL_OPTIONS, env)
 
     rescore = commands.add_parser(
         "rescore",
@@ -297,6 +330,41 @@ def run_policy_tests(args: argparse.Namespace) -> int:
     return 0 if all(r.passed for r in results) else 1
 
 
+def run_calibrate(args: argparse.Namespace) -> int:
+    from moderator.calibration import Target, calibrate, format_calibration, read_labels_csv
+    from moderator.offline import OfflineScorer
+    from moderator.policies import policy_file, write_threshold
+    from moderator.regression import discover_examples
+    from moderator.report import render_report
+
+    target, value = (
+        (Target.RECALL, args.target_recall)
+        if args.target_recall is not None
+        else (Target.PRECISION, args.target_precision or DEFAULT_TARGET_PRECISION)
+    )
+    if not 0 < value <= 1:
+        raise ConfigError(f"--target-{target.value} must be in (0, 1], got {value}")
+    policy_set = load_policy_dir(args.policies_dir)
+    if args.labels.is_dir():
+        examples, _ = discover_examples(args.labels, policy_set)
+    else:
+        examples = read_labels_csv(args.labels, policy_set)
+    clip, cache = load_model(args)
+    calibration = calibrate(OfflineScorer(clip, policy_set, cache), examples, target, value)
+    print(format_calibration(calibration))
+    if args.report:
+        args.report.write_text(render_report(calibration, args.report), encoding="utf-8")
+        print(f"report: {args.report}")
+    if args.write:
+        for result in calibration.policies:
+            new = result.suggested.threshold if result.suggested else None
+            if new is not None and new != result.current.threshold:
+                path = policy_file(args.policies_dir, result.policy_id)
+                write_threshold(path, new)
+                print(f"{path}: threshold {result.current.threshold:g} -> {new:g}")
+    return 0
+
+
 def run_rescore(args: argparse.Namespace) -> int:
     from moderator.offline import OfflineScorer
     from moderator.rescoring import (
@@ -430,6 +498,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         "serve": run_serve,
         "check": run_check,
         "policies": run_policies,
+        "calibrate": run_calibrate,
         "rescore": run_rescore,
     }
     try:

@@ -6,11 +6,14 @@ reported with its file, key and line, and all problems of a directory are report
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import json
 import math
+import os
 import re
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +130,38 @@ def set_version(policies: Iterable[Policy]) -> str:
     for policy in policies:
         digest.update(f"{policy.id}={policy.version};".encode())
     return digest.hexdigest()[:16]
+
+
+def policy_file(directory: Path, policy_id: str) -> Path:
+    """The file that defines `policy_id` in `directory`."""
+    for suffix in POLICY_SUFFIXES:
+        path = directory / f"{policy_id}{suffix}"
+        if path.is_file():
+            return path
+    raise PolicyError([f"{directory}: no file for policy '{policy_id}'"])
+
+
+def write_threshold(path: Path, threshold: float) -> None:
+    """Replace the threshold value in a policy file; every other byte (comments, key order,
+    quoting) stays as written. The file is replaced atomically and must still validate."""
+    text = path.read_text(encoding="utf-8")
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    values = [v for k, v in node.value if k.value == "threshold"] if node else []
+    if len(values) != 1:
+        raise PolicyError([f"{path.name}: expected one 'threshold' key to update"])
+    start, end = values[0].start_mark.index, values[0].end_mark.index
+    updated = f"{text[:start]}{threshold!r}{text[end:]}"
+    parse_policy(path.stem, updated, source=path.name)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(updated)
+        os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def parse_policy_file(path: Path) -> Policy:
