@@ -110,6 +110,12 @@ SERVE_OPTIONS = (
         "--max-images-per-request", int, ServerConfig.max_images_per_request, "images per request"
     ),
     Option(
+        "--max-embeddings-per-request",
+        int,
+        ServerConfig.max_embeddings_per_request,
+        "stored embeddings per ScoreEmbeddings request",
+    ),
+    Option(
         "--max-message-mb", int, ServerConfig.max_message_bytes // MIB, "largest gRPC message, MiB"
     ),
     Option("--max-image-mb", float, ImageConfig.max_bytes / MIB, "largest image, MiB"),
@@ -251,6 +257,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             metrics_port=args.metrics_port,
             max_message_bytes=args.max_message_mb * MIB,
             max_images_per_request=args.max_images_per_request,
+            max_embeddings_per_request=args.max_embeddings_per_request,
         ),
     )
 
@@ -261,6 +268,7 @@ def validate_config(config: Config) -> None:
         raise ConfigError("--max-batch-size and --decode-threads must be at least 1")
     for flag, value in (
         ("--max-images-per-request", config.server.max_images_per_request),
+        ("--max-embeddings-per-request", config.server.max_embeddings_per_request),
         ("--max-image-pixels", config.images.max_pixels),
         ("--max-message-mb", config.server.max_message_bytes),
         ("--max-image-mb", config.images.max_bytes),

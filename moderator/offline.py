@@ -61,9 +61,9 @@ class OfflineScorer:
         embeddings = self.clip.encode_images(views)
         scores, matched = score_views(embeddings, self.index)
         image_scores, _ = reduce_views(
-            ViewScores(embeddings=embeddings.cpu(), scores=scores.cpu(), matched=matched.cpu())
+            [ViewScores(embeddings=embeddings.cpu(), scores=scores.cpu(), matched=matched.cpu())]
         )
-        return ImageScores(path=path, scores=image_scores)
+        return ImageScores(path=path, scores=image_scores[0])
 
     def score_embeddings(self, images: list[EmbeddedImage]) -> tuple[ImageOutcome, ...]:
         """Stored embeddings -> the outcomes the service would return for their images."""

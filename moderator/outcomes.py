@@ -65,37 +65,40 @@ def build_outcomes(
     include_embeddings: bool = False,
 ) -> tuple[ImageOutcome, ...]:
     """One outcome per image, in order: its decision and the selected policies' results."""
-    outcomes: list[ImageOutcome] = []
     scored = [(i, v) for i, v in enumerate(views) if isinstance(v, ViewScores)]
     by_position: dict[int, ImageOutcome] = {}
     if scored:
-        reduced = [reduce_views(v) for _, v in scored]
-        scores = torch.stack([r[0] for r in reduced])
-        matched = torch.stack([r[1] for r in reduced])
+        scores, matched = reduce_views([v for _, v in scored])
         violated = scores >= index.thresholds
         decisions = decide(violated, index, selected).tolist()
         chosen = [p for p, keep in enumerate(selected.tolist()) if keep]
-        for row, (i, view_scores) in enumerate(scored):
+        policies = index.policy_set.policies
+        rows = zip(scores.tolist(), violated.tolist(), matched.tolist(), strict=True)
+        for (i, view_scores), decision, (score_row, violated_row, matched_row) in zip(
+            scored, decisions, rows, strict=True
+        ):
             embedding, all_views = _embeddings(view_scores) if include_embeddings else ((), ())
             by_position[i] = ImageOutcome(
                 id=ids[i],
-                decision=Decision(decisions[row]),
-                policies=_policy_outcomes(
-                    index.policy_set.policies,
-                    chosen,
-                    scores[row].tolist(),
-                    violated[row].tolist(),
-                    matched[row].tolist(),
+                decision=Decision(decision),
+                policies=tuple(
+                    PolicyOutcome(
+                        policy=policies[p],
+                        score=score_row[p],
+                        violated=violated_row[p],
+                        matched_description=policies[p].descriptions[matched_row[p]],
+                    )
+                    for p in chosen
                 ),
                 embedding=embedding,
                 views=all_views,
             )
-    for i, view in enumerate(views):
-        if isinstance(view, InvalidImage):
-            outcomes.append(ImageOutcome(id=ids[i], decision=Decision.ERROR, error=view))
-        else:
-            outcomes.append(by_position[i])
-    return tuple(outcomes)
+    return tuple(
+        ImageOutcome(id=ids[i], decision=Decision.ERROR, error=view)
+        if isinstance(view, InvalidImage)
+        else by_position[i]
+        for i, view in enumerate(views)
+    )
 
 
 def _embeddings(
@@ -104,20 +107,3 @@ def _embeddings(
     rows = [tuple(row) for row in view_scores.embeddings.tolist()]
     return rows[0], tuple(rows) if len(rows) > 1 else ()
 
-
-def _policy_outcomes(
-    policies: tuple[Policy, ...],
-    chosen: list[int],
-    scores: list[float],
-    violated: list[bool],
-    matched: list[int],
-) -> tuple[PolicyOutcome, ...]:
-    return tuple(
-        PolicyOutcome(
-            policy=policies[p],
-            score=scores[p],
-            violated=violated[p],
-            matched_description=policies[p].descriptions[matched[p]],
-        )
-        for p in chosen
-    )

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
 from moderator.embeddings import PolicyIndex
@@ -38,20 +40,20 @@ from moderator.scoring import Decision, ViewScores, score_views
 NORM_TOLERANCE = 1e-3
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class EmbeddedImage:
-    """A stored image: its views' embeddings, the whole image first."""
+    """A stored image: one embedding per view, the whole image first."""
 
     id: str
-    views: tuple[tuple[float, ...], ...]
+    views: tuple[npt.NDArray[np.float32], ...]
 
 
 def embedded_image(
-    image_id: str, embedding: Sequence[float], views: Sequence[Sequence[float]] = ()
+    image_id: str, embedding: Iterable[float], views: Sequence[Iterable[float]] = ()
 ) -> EmbeddedImage:
     """The image as Moderate returned it: `views` when it had several, else `embedding`."""
-    rows = [tuple(v) for v in views] if views else [tuple(embedding)]
-    return EmbeddedImage(id=image_id, views=tuple(rows))
+    rows = views if views else [embedding]
+    return EmbeddedImage(image_id, tuple(np.asarray(row, dtype=np.float32) for row in rows))
 
 
 def score_embedded(
@@ -59,40 +61,54 @@ def score_embedded(
 ) -> list[ViewScores | InvalidImage]:
     """Per-view scores of every image against `index`; an invalid embedding fails alone."""
     dim = int(index.text_matrix.shape[1])
-    checked: list[torch.Tensor | InvalidImage] = [_view_matrix(image, dim) for image in images]
-    valid = [m for m in checked if isinstance(m, torch.Tensor)]
-    if not valid:
-        return [m for m in checked if isinstance(m, InvalidImage)]
-    stacked = torch.cat(valid).to(index.text_matrix.device)
-    scores, matched = score_views(stacked, index)
-    stacked, scores, matched = stacked.cpu(), scores.cpu(), matched.cpu()
+    failed: dict[int, InvalidImage] = {}
+    rows: list[npt.NDArray[np.float32]] = []
+    owners: list[int] = []  # the image of each row
+    for i, image in enumerate(images):
+        shapes = {view.shape for view in image.views}
+        if shapes == {(dim,)}:
+            rows.extend(image.views)
+            owners.extend([i] * len(image.views))
+        else:
+            found = ", ".join(str(n) for n in sorted({view.size for view in image.views}))
+            failed[i] = _invalid(f"embedding has {found} values; this model's have {dim}")
+    matrix = torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, dim)
+    _fail_unnormalised(matrix, owners, failed)
+    keep = torch.tensor([owner not in failed for owner in owners], dtype=torch.bool)
+    if not bool(keep.any()):
+        return [failed[i] for i in range(len(images))]
+    kept = matrix[keep]
+    scores, matched = score_views(kept.to(index.text_matrix.device), index)
+    scores, matched = scores.cpu(), matched.cpu()
     results: list[ViewScores | InvalidImage] = []
     offset = 0
-    for item in checked:
-        if isinstance(item, InvalidImage):
-            results.append(item)
+    for i, image in enumerate(images):
+        if i in failed:
+            results.append(failed[i])
             continue
-        end = offset + item.shape[0]
-        results.append(ViewScores(stacked[offset:end], scores[offset:end], matched[offset:end]))
+        end = offset + len(image.views)
+        results.append(ViewScores(kept[offset:end], scores[offset:end], matched[offset:end]))
         offset = end
     return results
 
 
-def _view_matrix(image: EmbeddedImage, dim: int) -> torch.Tensor | InvalidImage:
-    lengths = {len(view) for view in image.views}
-    if lengths != {dim}:
-        found = ", ".join(str(n) for n in sorted(lengths))
-        return _invalid(f"embedding has {found} values; this model's embeddings have {dim}")
-    matrix = torch.tensor(image.views, dtype=torch.float32)
-    if not bool(torch.isfinite(matrix).all()):
-        return _invalid("embedding has NaN or infinite values")
-    norms = matrix.norm(dim=1)
-    if bool(((norms - 1).abs() > NORM_TOLERANCE).any()):
-        return _invalid(
-            f"embedding is not L2-normalised (norm {float(norms[0]):.4f}); "
-            "pass the embedding Moderate returned"
-        )
-    return matrix
+def _fail_unnormalised(
+    matrix: torch.Tensor, owners: list[int], failed: dict[int, InvalidImage]
+) -> None:
+    """Record each image with a view that is not finite or not L2-normalised."""
+    finite = torch.isfinite(matrix).all(dim=1)
+    norms = torch.where(finite.unsqueeze(1), matrix, 0.0).norm(dim=1)
+    bad = ~finite | ((norms - 1).abs() > NORM_TOLERANCE)
+    for row in bad.nonzero().flatten().tolist():
+        if owners[row] in failed:
+            continue
+        if not finite[row]:
+            failed[owners[row]] = _invalid("embedding has NaN or infinite values")
+        else:
+            failed[owners[row]] = _invalid(
+                f"embedding is not L2-normalised (norm {float(norms[row]):.4f}); "
+                "pass the embedding Moderate returned"
+            )
 
 
 def _invalid(message: str) -> InvalidImage:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import enum
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from moderator.embeddings import PolicyIndex
 
@@ -43,11 +46,16 @@ def score_views(
     return scores, matched
 
 
-def reduce_views(views: ViewScores) -> tuple[torch.Tensor, torch.Tensor]:
-    """An image's views -> its (scores [P], matched [P]): each policy's max over the views."""
-    scores, best_view = views.scores.max(dim=0)
-    matched = views.matched.gather(0, best_view.unsqueeze(0)).squeeze(0)
-    return scores, matched
+def reduce_views(images: Sequence[ViewScores]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's views -> (scores [N, P], matched [N, P]): each policy's max over the views.
+
+    Images have different numbers of views, so they are padded with -inf views and reduced in
+    one operation.
+    """
+    scores = pad_sequence([v.scores for v in images], batch_first=True, padding_value=-math.inf)
+    matched = pad_sequence([v.matched for v in images], batch_first=True)
+    best_scores, best_view = scores.max(dim=1)  # [N, P]
+    return best_scores, matched.gather(1, best_view.unsqueeze(1)).squeeze(1)
 
 
 def decide(violated: torch.Tensor, index: PolicyIndex, selected: torch.Tensor) -> torch.Tensor:

@@ -106,12 +106,17 @@ def test_decisions_block_beats_review_and_shadow_never_decides() -> None:
     assert decide(violated, index, only_review).tolist()[2] == Decision.REVIEW
 
 
-def test_reduce_views_takes_each_policy_max_over_views() -> None:
-    views = ViewScores(
+def test_reduce_views_takes_each_policy_max_over_each_images_views() -> None:
+    three_views = ViewScores(
         embeddings=torch.eye(3),
         scores=torch.tensor([[0.1, 0.9], [0.7, 0.2], [0.3, 0.4]]),
         matched=torch.tensor([[0, 5], [2, 6], [1, 7]]),
     )
-    scores, matched = reduce_views(views)
-    assert scores.tolist() == pytest.approx([0.7, 0.9])
-    assert matched.tolist() == [2, 5]
+    one_view = ViewScores(
+        embeddings=torch.eye(3)[:1],
+        scores=torch.tensor([[-0.5, -0.2]]),
+        matched=torch.tensor([[3, 4]]),
+    )
+    scores, matched = reduce_views([three_views, one_view])
+    assert torch.equal(scores, torch.tensor([[0.7, 0.9], [-0.5, -0.2]]))
+    assert matched.tolist() == [[2, 5], [3, 4]]
