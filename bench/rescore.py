@@ -152,9 +152,10 @@ def main() -> None:
             rpc = asyncio.run(score_embeddings_rate(port, stored, response.model, args.seconds))
             rows.append((f"ScoreEmbeddings, {STORED} per request, 6 policies", rpc, "emb/s"))
         path = Path(tmp) / "stored.jsonl"
-        lines = [format_json(r, response.policy_version, response.model) for r in stored]
+        context = (response.policy_version, response.model, response.precision)
+        lines = [format_json(r, *context) for r in stored]
         path.write_text("\n".join(lines) + "\n")
-        per_read = timed(lambda: read_embeddings_file(path), args.seconds / 2)
+        per_read = timed(lambda: list(read_embeddings_file(path)), args.seconds / 2)
         rows.append(("rescore: read the JSON lines file", STORED / per_read, "emb/s"))
         size = path.stat().st_size / STORED
     images = [embedded_image(r.id, list(r.embedding)) for r in stored]

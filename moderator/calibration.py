@@ -16,9 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from moderator.errors import PolicyError
 from moderator.offline import OfflineScorer
-from moderator.policies import PolicySet
+from moderator.policies import PolicySet, format_threshold
 from moderator.regression import Example
 
 # Below this many labelled images of either kind a threshold is a rough guess; the report says so.
@@ -105,8 +107,9 @@ class PolicyCalibration:
 
 
 def operating_point(samples: Sequence[LabelledScore], threshold: float) -> OperatingPoint:
-    tp = sum(s.violating and s.score >= threshold for s in samples)
-    fp = sum(not s.violating and s.score >= threshold for s in samples)
+    limit = float(np.float32(threshold))  # the service compares float32 scores and thresholds
+    tp = sum(s.violating and s.score >= limit for s in samples)
+    fp = sum(not s.violating and s.score >= limit for s in samples)
     violating = sum(s.violating for s in samples)
     return OperatingPoint(threshold, tp, fp, violating - tp, len(samples) - violating - fp)
 
@@ -205,35 +208,42 @@ def calibrate_policy(
 def read_labels_csv(path: Path, policy_set: PolicySet) -> list[Example]:
     """CSV rows of image path (relative to the CSV), policy id and label; header optional.
 
-    Raises PolicyError listing every bad row.
+    Repeated rows count once. Raises PolicyError listing every bad or conflicting row.
     """
-    examples: list[Example] = []
-    problems: list[str] = []
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's BOM
             rows = list(csv.reader(handle))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise PolicyError([f"{path}: cannot read labels: {exc}"]) from exc
+    labels: dict[tuple[Path, str], tuple[bool, int]] = {}  # (image, policy) -> (label, line)
+    problems: list[str] = []
+    seen_data = False
     for number, row in enumerate(rows, start=1):
         cells = [cell.strip() for cell in row]
         if not any(cells) or cells[0].startswith("#"):
             continue
-        if number == 1 and tuple(c.lower() for c in cells) == CSV_COLUMNS:
+        if not seen_data and tuple(c.lower() for c in cells) == CSV_COLUMNS:
             continue
+        seen_data = True
         problem = _row_problem(cells, policy_set)
+        image = path.parent / cells[0]
+        if not problem and not image.is_file():
+            problem = f"no such image file {image}"
         if problem:
             problems.append(f"{path}:{number}: {problem}")
             continue
-        image = path.parent / cells[0]
-        if not image.is_file():
-            problems.append(f"{path}:{number}: no such image file {image}")
-            continue
-        examples.append(Example(cells[1], image, LABELS[cells[2].lower()]))
+        label = LABELS[cells[2].lower()]
+        earlier = labels.setdefault((image, cells[1]), (label, number))
+        if earlier[0] != label:
+            problems.append(
+                f"{path}:{number}: {cells[0]} is labelled for '{cells[1]}' both ways "
+                f"(also line {earlier[1]})"
+            )
     if problems:
         raise PolicyError(problems)
-    if not examples:
+    if not labels:
         raise PolicyError([f"{path}: no labelled images (rows of {', '.join(CSV_COLUMNS)})"])
-    return examples
+    return [Example(pid, image, label) for (image, pid), (label, _) in labels.items()]
 
 
 def _row_problem(cells: list[str], policy_set: PolicySet) -> str:
@@ -312,9 +322,13 @@ def format_calibration(calibration: Calibration) -> str:
                 str(c.violating),
                 str(c.benign),
                 _rate(c.average_precision),
-                f"{c.current.threshold:g}",
+                format_threshold(c.current.threshold),
                 *_rates(c.current),
-                *((f"{suggested.threshold:g}", *_rates(suggested)) if suggested else ("-",) * 4),
+                *(
+                    (format_threshold(suggested.threshold), *_rates(suggested))
+                    if suggested
+                    else ("-",) * 4
+                ),
             )
         )
         if not c.usable:

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import grpc
 
@@ -40,14 +42,17 @@ from moderator.errors import ConfigError, ModeratorError, PolicyError
 from moderator.policies import load_policy_dir
 
 if TYPE_CHECKING:
+    from moderator.calibration import Calibration
     from moderator.clip import ClipModel
     from moderator.embeddings import EmbeddingCache
-    from moderator.outcomes import ImageOutcome
+    from moderator.offline import OfflineScorer
+    from moderator.rescoring import ChangeSummary, StoredChunk, StoredImage, Verdict
 
 log = logging.getLogger("moderator")
 
 ENV_PREFIX = "MODERATOR_"
 CHECK_BATCH_SIZE = 16
+INVALID_LISTED = 10
 DEFAULT_TARGET_PRECISION = 0.9
 TRUE_WORDS = ("1", "true", "yes", "on")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -188,6 +193,11 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "--write",
         action="store_true",
         help="write the suggested thresholds into the policy files (comments are kept)",
+    )
+    calibrate.add_argument(
+        "--force",
+        action="store_true",
+        help="with --write, also write thresholds calibrated on fewer than 20 images of a kind",
     )
     add_options(calibrate, MODEL_OPTIONS, env)
 
@@ -341,100 +351,160 @@ def run_policy_tests(args: argparse.Namespace) -> int:
 def run_calibrate(args: argparse.Namespace) -> int:
     from moderator.calibration import Target, calibrate, format_calibration, read_labels_csv
     from moderator.offline import OfflineScorer
-    from moderator.policies import policy_file, write_threshold
     from moderator.regression import discover_examples
     from moderator.report import render_report
 
     target, value = (
         (Target.RECALL, args.target_recall)
         if args.target_recall is not None
-        else (Target.PRECISION, args.target_precision or DEFAULT_TARGET_PRECISION)
+        else (
+            Target.PRECISION,
+            DEFAULT_TARGET_PRECISION if args.target_precision is None else args.target_precision,
+        )
     )
     if not 0 < value <= 1:
         raise ConfigError(f"--target-{target.value} must be in (0, 1], got {value}")
     policy_set = load_policy_dir(args.policies_dir)
     if args.labels.is_dir():
-        examples, _ = discover_examples(args.labels, policy_set)
+        examples, skipped = discover_examples(args.labels, policy_set)
+        if skipped:
+            print(f"skipped labelled images of disabled policies: {', '.join(skipped)}")
     else:
         examples = read_labels_csv(args.labels, policy_set)
     clip, cache = load_model(args)
     calibration = calibrate(OfflineScorer(clip, policy_set, cache), examples, target, value)
     print(format_calibration(calibration))
-    if args.report:
-        args.report.write_text(render_report(calibration, args.report), encoding="utf-8")
-        print(f"report: {args.report}")
-    if args.write:
-        for result in calibration.policies:
-            new = result.suggested.threshold if result.suggested else None
-            if new is not None and new != result.current.threshold:
-                path = policy_file(args.policies_dir, result.policy_id)
-                write_threshold(path, new)
-                print(f"{path}: threshold {result.current.threshold:g} -> {new:g}")
+    try:
+        if args.report:
+            args.report.write_text(render_report(calibration, args.report), encoding="utf-8")
+            print(f"report: {args.report}")
+        if args.write:
+            write_suggestions(args.policies_dir, calibration, force=args.force)
+    except OSError as exc:
+        raise ConfigError(f"cannot write: {exc}") from exc
     return 0
+
+
+def write_suggestions(directory: Path, calibration: Calibration, force: bool) -> None:
+    from moderator.policies import format_threshold, write_thresholds
+
+    changes: dict[str, tuple[float, float]] = {}
+    for result in calibration.policies:
+        if result.suggested is None or result.suggested.threshold == result.current.threshold:
+            continue
+        if result.few_examples and not force:
+            print(f"{result.policy_id}: not written, too few labelled images (--force writes it)")
+            continue
+        changes[result.policy_id] = (result.current.threshold, result.suggested.threshold)
+    written = write_thresholds(directory, {pid: new for pid, (_, new) in changes.items()})
+    for policy_id, path in written.items():
+        old, new = changes[policy_id]
+        print(f"{path}: threshold {format_threshold(old)} -> {format_threshold(new)}")
 
 
 def run_rescore(args: argparse.Namespace) -> int:
+    """Rescore the file chunk by chunk; print what changed. Exit 1 if any line or embedding
+    could not be used (after reporting it), 0 otherwise."""
     from moderator.offline import OfflineScorer
-    from moderator.rescoring import (
-        check_same_model,
-        format_summary,
-        read_embeddings_file,
-        summarise_changes,
-        verdict_of,
-    )
+    from moderator.rescoring import ChangeSummary, format_summary, read_embeddings_file
 
+    chunks = read_embeddings_file(args.embeddings)
     try:
-        stored = read_embeddings_file(args.embeddings)
+        first = next(chunks, None)
     except OSError as exc:
         raise ConfigError(f"cannot read {args.embeddings}: {exc}") from exc
-    for problem in stored.problems:
-        print(f"skipped {problem}", file=sys.stderr)
-    if not stored.images:
+    if first is None:
         raise ConfigError(f"{args.embeddings}: no image embeddings to rescore")
     policy_set = load_policy_dir(args.policies)
     baseline_set = load_policy_dir(args.baseline) if args.baseline else None
+    stored_precisions = {s.precision for s in first.images if s.precision}
+    if args.precision == "auto" and len(stored_precisions) == 1:
+        args.precision = stored_precisions.pop()  # score the text as the server did
     clip, cache = load_model(args)
-    mismatch = check_same_model(stored.images, clip.info.model_id)
-    if mismatch:
-        raise ConfigError(mismatch)
-    images = [s.image for s in stored.images]
-    after = OfflineScorer(clip, policy_set, cache).score_embeddings(images)
-    if args.out:
-        write_results(args.out, after, policy_set.version, clip.info.model_id)
-    if baseline_set is not None:
-        before = OfflineScorer(clip, baseline_set, cache).score_embeddings(images)
-        verdicts = [verdict_of(outcome) for outcome in before]
-        before_label = f"{args.baseline} (version {baseline_set.version})"
-        before_ids: Sequence[str] = baseline_set.ids
-    else:
-        stored_verdicts = [s.verdict for s in stored.images]
-        if any(v is None for v in stored_verdicts):
+    after_scorer = OfflineScorer(clip, policy_set, cache)
+    before_scorer = OfflineScorer(clip, baseline_set, cache) if baseline_set else None
+    rescore = Rescore(after_scorer, before_scorer, ChangeSummary())
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(args.out.open("w", encoding="utf-8")) if args.out else None
+        for chunk in itertools.chain([first], chunks):
+            rescore.add_chunk(chunk, out)
+    before = (
+        f"{args.baseline} (version {baseline_set.version})"
+        if baseline_set
+        else f"stored results (version {', '.join(sorted(rescore.stored_versions)) or '?'})"
+    )
+    print(
+        format_summary(rescore.summary, before, f"{args.policies} (version {policy_set.version})")
+    )
+    return rescore.report_skipped()
+
+
+@dataclass
+class Rescore:
+    """`moderator rescore` state across the chunks of one file."""
+
+    after: OfflineScorer
+    before: OfflineScorer | None  # None: compare with the results stored in the file
+    summary: ChangeSummary
+    stored_versions: set[str] = field(default_factory=set)
+    problems: int = 0
+    failed_at_moderation: int = 0
+    invalid: list[str] = field(default_factory=list)
+
+    def add_chunk(self, chunk: StoredChunk, out: TextIO | None) -> None:
+        from moderator.rescoring import source_mismatch, verdict_of
+        from moderator.servicer import image_result
+
+        for problem in chunk.problems:
+            print(f"skipped {problem}", file=sys.stderr)
+        self.problems += len(chunk.problems)
+        self.failed_at_moderation += chunk.without_embedding
+        info = self.after.clip.info
+        mismatch = source_mismatch(chunk.images, info.model_id, info.precision)
+        if mismatch:
+            raise ConfigError(mismatch)
+        images = [s.image for s in chunk.images]
+        after = self.after.score_embeddings(images)
+        if out is not None:
+            version = self.after.policy_set.version
+            for outcome in after:
+                line = format_json(image_result(outcome), version, info.model_id, info.precision)
+                out.write(line + "\n")
+        if self.before is not None:
+            befores = [verdict_of(o) for o in self.before.score_embeddings(images)]
+        else:
+            befores = [self._stored_verdict(s) for s in chunk.images]
+            self.stored_versions |= {s.policy_version for s in chunk.images if s.policy_version}
+        for outcome, before in zip(after, befores, strict=True):
+            if outcome.error is not None:
+                self.invalid.append(f"{outcome.id}: {outcome.error.message}")
+            else:
+                self.summary.add(outcome.id, before, verdict_of(outcome))
+
+    @staticmethod
+    def _stored_verdict(stored: StoredImage) -> Verdict:
+        if stored.verdict is None:
             raise ConfigError(
-                f"{args.embeddings}: some lines have no stored decision to compare with; "
+                f"image {stored.image.id!r} has no stored decision to compare with; "
                 "pass --baseline POLICY_DIR to compare with a policy set instead"
             )
-        verdicts = [v for v in stored_verdicts if v is not None]
-        versions = sorted({s.policy_version for s in stored.images if s.policy_version})
-        before_label = f"stored results (version {', '.join(versions) or 'unknown'})"
-        before_ids = sorted(set().union(*(v.evaluated for v in verdicts)))
-    pairs = [
-        (outcome.id, verdict, verdict_of(outcome))
-        for outcome, verdict in zip(after, verdicts, strict=True)
-    ]
-    summary = summarise_changes(pairs, before_ids, policy_set.ids)
-    after_label = f"{args.policies} (version {policy_set.version})"
-    print(format_summary(summary, before_label, after_label))
-    if stored.without_embedding:
-        print(f"({stored.without_embedding} images that failed at moderation time were skipped)")
-    return 0
+        return stored.verdict
 
-
-def write_results(path: Path, outcomes: Sequence[ImageOutcome], version: str, model: str) -> None:
-    from moderator.servicer import image_result
-
-    with path.open("w", encoding="utf-8") as out:
-        for outcome in outcomes:
-            out.write(format_json(image_result(outcome), version, model) + "\n")
+    def report_skipped(self) -> int:
+        if self.failed_at_moderation:
+            print(
+                f"({self.failed_at_moderation} images that failed at moderation time were skipped)"
+            )
+        for message in self.invalid[:INVALID_LISTED]:
+            print(f"invalid embedding: {message}", file=sys.stderr)
+        if self.problems or self.invalid:
+            print(
+                f"error: {self.problems} unreadable lines and {len(self.invalid)} invalid "
+                "embeddings were left out (listed above)",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -461,7 +531,8 @@ def run_check(args: argparse.Namespace) -> int:
                 return 1
             for result in response.results:
                 if args.json or args.embeddings:
-                    print(format_json(result, response.policy_version, response.model))
+                    context = (response.policy_version, response.model, response.precision)
+                    print(format_json(result, *context))
                 else:
                     print(format_line(result))
     return 0
@@ -483,13 +554,12 @@ def format_line(result: Any) -> str:
     return f"{result.id}\t{decision}\t{', '.join(violations) or '-'}"
 
 
-def format_json(result: Any, policy_version: str, model: str) -> str:
+def format_json(result: Any, policy_version: str, model: str, precision: str) -> str:
     """One ImageResult as a JSON line (protobuf's JSON mapping) with its response's context."""
     from google.protobuf.json_format import MessageToDict
 
     record = MessageToDict(result, preserving_proto_field_name=True)
-    record["policy_version"] = policy_version
-    record["model"] = model
+    record.update(policy_version=policy_version, model=model, precision=precision)
     return json.dumps(record, sort_keys=True)
 
 

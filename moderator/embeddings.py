@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import logging
 import os
@@ -119,19 +118,13 @@ class PolicyIndex:
     def pad_row(self) -> int:
         return int(self.text_matrix.shape[0])
 
-    @functools.cached_property
+    cpu_copy: PolicyIndex | None = None  # when the tensors above are on a GPU
+
+    @property
     def on_cpu(self) -> PolicyIndex:
         """This index with every tensor on the CPU: stored embeddings are rescored there, so
         rescoring never takes the model device from live traffic."""
-        if self.text_matrix.device.type == "cpu":
-            return self
-        return dataclasses.replace(
-            self,
-            text_matrix=self.text_matrix.cpu(),
-            violating_rows=self.violating_rows.cpu(),
-            benign_rows=self.benign_rows.cpu(),
-            has_benign=self.has_benign.cpu(),
-        )
+        return self.cpu_copy or self
 
 
 def build_policy_index(
@@ -139,17 +132,25 @@ def build_policy_index(
 ) -> PolicyIndex:
     policies = policy_set.policies
     texts, violating, benign = _text_layout(policies)
-    text_matrix = embed_texts(texts, encode, cache).to(device)
-    pad = len(texts)
-    return PolicyIndex(
+    on_cpu = PolicyIndex(
         policy_set=policy_set,
-        text_matrix=text_matrix,
-        violating_rows=_padded(violating, pad).to(device),
-        benign_rows=_padded(benign, pad).to(device),
-        has_benign=torch.tensor([bool(rows) for rows in benign], dtype=torch.bool, device=device),
+        text_matrix=embed_texts(texts, encode, cache),
+        violating_rows=_padded(violating, len(texts)),
+        benign_rows=_padded(benign, len(texts)),
+        has_benign=torch.tensor([bool(rows) for rows in benign], dtype=torch.bool),
         thresholds=torch.tensor([p.threshold for p in policies], dtype=torch.float32),
         enforced=torch.tensor([p.mode is Mode.ENFORCE for p in policies], dtype=torch.bool),
         blocks=torch.tensor([p.action is Action.BLOCK for p in policies], dtype=torch.bool),
+    )
+    if device.type == "cpu":
+        return on_cpu
+    return dataclasses.replace(
+        on_cpu,
+        text_matrix=on_cpu.text_matrix.to(device),
+        violating_rows=on_cpu.violating_rows.to(device),
+        benign_rows=on_cpu.benign_rows.to(device),
+        has_benign=on_cpu.has_benign.to(device),
+        cpu_copy=on_cpu,
     )
 
 

@@ -37,6 +37,8 @@ from moderator.scoring import ViewScores
 log = logging.getLogger(__name__)
 
 WARMUP_TIMEOUT_SECONDS = 300.0
+# ScoreEmbeddings requests admitted at once (one runs, the rest wait); more is RESOURCE_EXHAUSTED.
+MAX_RESCORE_REQUESTS = 4
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class ModerationEngine:
         self._index: PolicyIndex | None = None
         self._batcher: Batcher | None = None
         self._decode_pool: ThreadPoolExecutor | None = None
+        self._rescore_pool: ThreadPoolExecutor | None = None
+        self._rescoring = 0  # ScoreEmbeddings requests in flight; event loop thread only
         self._admission = threading.Lock()
         self._admitted_images = 0
         self._decoding_images = 0  # touched on the event loop thread only
@@ -96,6 +100,7 @@ class ModerationEngine:
         self._decode_pool = ThreadPoolExecutor(
             max_workers=self.config.batching.decode_threads, thread_name_prefix="decode"
         )
+        self._rescore_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rescore")
         self._batcher = Batcher(
             clip.encode_images,
             self.config.batching,
@@ -111,8 +116,9 @@ class ModerationEngine:
         self._ready = False
         if self._batcher is not None:
             self._batcher.stop()
-        if self._decode_pool is not None:
-            self._decode_pool.shutdown(wait=True, cancel_futures=True)
+        for pool in (self._decode_pool, self._rescore_pool):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
     @property
     def ready(self) -> bool:
@@ -239,7 +245,10 @@ class ModerationEngine:
         results = build_outcomes(ids, views, index, selected, include_embeddings)
         self._count(results)
         return ModerationResult(
-            results=results, policy_version=index.policy_set.version, model_id=self.model_id
+            results=results,
+            policy_version=index.policy_set.version,
+            model_id=self.model_id,
+            precision=self.clip.info.precision,
         )
 
     async def score_embeddings(
@@ -247,32 +256,57 @@ class ModerationEngine:
         images: Sequence[EmbeddedImage],
         policy_ids: Sequence[str] = (),
         model_id: str = "",
+        precision: str = "",
     ) -> ModerationResult:
         """Score stored embeddings against the current policies, as `moderate` would have.
 
-        Runs on the CPU copy of the policy index, off the event loop, so rescoring never
-        takes the model device from live traffic. `model_id`, when given, must be this model.
+        Runs on the CPU copy of the policy index in a thread of its own, so rescoring never
+        takes the model device or the event loop from live traffic. `model_id` and
+        `precision`, when given, must be this model's.
         """
         if not self._ready:
             raise NotReady("the service is still loading its model and policies")
-        if model_id and model_id != self.model_id:
-            raise InvalidRequest(
-                f"the embeddings come from model {model_id}, this server runs {self.model_id}: "
-                "embeddings of another model cannot be scored"
-            )
+        self._check_embeddings_source(model_id, precision)
         limit = self.config.server.max_embeddings_per_request
         if len(images) > limit:
             raise InvalidRequest(f"request has {len(images)} embeddings; at most {limit}")
         index = self.index
         selected = selected_policies(index.policy_set, policy_ids)
-        views = await asyncio.to_thread(score_embedded, images, index.on_cpu)
-        results = build_outcomes([image.id for image in images], views, index, selected)
+        if self._rescoring >= MAX_RESCORE_REQUESTS:
+            self.metrics.rejected_requests.labels(reason="overload").inc()
+            raise Overloaded(
+                f"{self._rescoring} ScoreEmbeddings requests in flight: retry with backoff"
+            )
+        assert self._rescore_pool is not None
+        self._rescoring += 1
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._rescore_pool, _rescore, images, index, selected
+            )
+        finally:
+            self._rescoring -= 1
         invalid = sum(outcome.error is not None for outcome in results)
         self.metrics.embeddings_scored.labels(result="scored").inc(len(results) - invalid)
         self.metrics.embeddings_scored.labels(result="invalid").inc(invalid)
         return ModerationResult(
-            results=results, policy_version=index.policy_set.version, model_id=self.model_id
+            results=results,
+            policy_version=index.policy_set.version,
+            model_id=self.model_id,
+            precision=self.clip.info.precision,
         )
+
+    def _check_embeddings_source(self, model_id: str, precision: str) -> None:
+        info = self.clip.info
+        if model_id and model_id != info.model_id:
+            raise InvalidRequest(
+                f"the embeddings come from model {model_id}, this server runs {info.model_id}: "
+                "embeddings of another model cannot be scored"
+            )
+        if precision and precision != info.precision:
+            raise InvalidRequest(
+                f"the embeddings were made at {precision} precision, this server runs "
+                f"{info.precision}: scores would drift; rescore where the precision matches"
+            )
 
     def _check_request_size(self, count: int) -> None:
         limit = self.config.server.max_images_per_request
@@ -341,3 +375,10 @@ class ModerationEngine:
                     self.metrics.policy_violations.labels(
                         policy=p.policy.id, mode=p.policy.mode.value
                     ).inc()
+
+
+def _rescore(
+    images: Sequence[EmbeddedImage], index: PolicyIndex, selected: torch.Tensor
+) -> tuple[ImageOutcome, ...]:
+    views = score_embedded(images, index.on_cpu)
+    return build_outcomes([image.id for image in images], views, index, selected)

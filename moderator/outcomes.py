@@ -40,6 +40,7 @@ class ModerationResult:
     results: tuple[ImageOutcome, ...]
     policy_version: str
     model_id: str
+    precision: str
 
 
 def selected_policies(policy_set: PolicySet, policy_ids: Sequence[str]) -> torch.Tensor:
@@ -106,4 +107,3 @@ def _embeddings(
 ) -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...]]:
     rows = [tuple(row) for row in view_scores.embeddings.tolist()]
     return rows[0], tuple(rows) if len(rows) > 1 else ()
-

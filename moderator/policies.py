@@ -141,21 +141,49 @@ def policy_file(directory: Path, policy_id: str) -> Path:
     raise PolicyError([f"{directory}: no file for policy '{policy_id}'"])
 
 
-def write_threshold(path: Path, threshold: float) -> None:
-    """Replace the threshold value in a policy file; every other byte (comments, key order,
-    quoting) stays as written. The file is replaced atomically and must still validate."""
-    text = path.read_text(encoding="utf-8")
+def format_threshold(value: float) -> str:
+    """A threshold as YAML reads it back as a number: fixed-point, never an exponent."""
+    text = f"{value:.9f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
+def write_thresholds(directory: Path, thresholds: dict[str, float]) -> dict[str, Path]:
+    """Set policies' threshold values in their files; every other byte (comments, key order,
+    quoting, line endings) stays as written.
+
+    Every updated file is validated before any is replaced, so a failure changes nothing.
+    Each file is then replaced atomically; a server watching the directory may reload between
+    two of them. Returns each policy's file.
+    """
+    updates: dict[str, tuple[Path, str]] = {}
+    for policy_id, threshold in sorted(thresholds.items()):
+        path = policy_file(directory, policy_id).resolve()  # a link's target, not the link
+        with path.open(encoding="utf-8", newline="") as handle:
+            text = handle.read()
+        updated = _with_threshold(text, threshold, path.name)
+        parse_policy(policy_id, updated, source=path.name)
+        updates[policy_id] = (path, updated)
+    for path, updated in updates.values():
+        _replace_file(path, updated)
+    return {policy_id: path for policy_id, (path, _) in updates.items()}
+
+
+def _with_threshold(text: str, threshold: float, source: str) -> str:
     node = yaml.compose(text, Loader=yaml.SafeLoader)
     values = [v for k, v in node.value if k.value == "threshold"] if node else []
     if len(values) != 1:
-        raise PolicyError([f"{path.name}: expected one 'threshold' key to update"])
+        raise PolicyError([f"{source}: expected one 'threshold' key to update"])
     start, end = values[0].start_mark.index, values[0].end_mark.index
-    updated = f"{text[:start]}{threshold!r}{text[end:]}"
-    parse_policy(path.stem, updated, source=path.name)
+    return f"{text[:start]}{format_threshold(threshold)}{text[end:]}"
+
+
+def _replace_file(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(updated)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
         os.chmod(tmp, path.stat().st_mode & 0o777)
         os.replace(tmp, path)
     except BaseException:

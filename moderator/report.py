@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import math
 import os
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from moderator.calibration import (
     OperatingPoint,
     PolicyCalibration,
 )
+from moderator.policies import format_threshold
 
 WIDTH, HEIGHT, MARGIN = 360, 260, 40
 BINS = 30
@@ -104,7 +106,7 @@ def _points_table(c: PolicyCalibration) -> str:
         for name in ("", "threshold", "precision", "recall", "F1", "TP", "FP", "FN", "TN")
     )
     body = "".join(
-        f"<tr><td>{name}</td><td>{p.threshold:g}</td><td>{_number(p.precision)}</td>"
+        f"<tr><td>{name}</td><td>{format_threshold(p.threshold)}</td><td>{_number(p.precision)}</td>"
         f"<td>{_number(p.recall)}</td><td>{_number(p.f1)}</td><td>{p.true_positives}</td>"
         f"<td>{p.false_positives}</td><td>{p.false_negatives}</td><td>{p.true_negatives}</td></tr>"
         for name, p in rows
@@ -139,7 +141,7 @@ def _dot(point: OperatingPoint, colour: str, label: str) -> str:
     x, y = _x(point.recall), _y(point.precision)
     return (
         f"<circle cx='{x:.1f}' cy='{y:.1f}' r='5' fill='{colour}'>"
-        f"<title>{label}: threshold {point.threshold:g}</title></circle>"
+        f"<title>{label}: threshold {format_threshold(point.threshold)}</title></circle>"
     )
 
 
@@ -258,7 +260,9 @@ def _mistakes(c: PolicyCalibration, base: Path) -> str:
 
 def _figure(sample: LabelledScore, base: Path) -> str:
     try:
-        source = Path(os.path.relpath(sample.path.resolve(), base.resolve())).as_posix()
+        source = urllib.parse.quote(
+            Path(os.path.relpath(sample.path.resolve(), base.resolve())).as_posix()
+        )
     except ValueError:  # another drive on Windows
         source = sample.path.resolve().as_uri()
     name = html.escape(sample.path.name)

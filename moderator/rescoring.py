@@ -6,26 +6,26 @@ and reduction the live path runs, so a rescore equals what `Moderate` would retu
 images and policies (to float32 rounding).
 
 The embeddings file is JSON lines, one image per line, exactly what
-`moderator check --json --embeddings` prints (an ImageResult in protobuf's JSON mapping plus
-its response's `model` and `policy_version`):
+`moderator check --embeddings` prints (an ImageResult in protobuf's JSON mapping plus its
+response's `model`, `precision` and `policy_version`):
 
-    {"id": "a.jpg", "model": "ViT-B-32/laion2b_s34b_b79k", "policy_version": "3f2a...",
-     "decision": "DECISION_BLOCK", "embedding": [0.0123, ...],
+    {"id": "a.jpg", "model": "ViT-B-32/laion2b_s34b_b79k", "precision": "bf16",
+     "policy_version": "3f2a...", "decision": "DECISION_BLOCK", "embedding": [0.0123, ...],
      "views": [{"values": [...]}, ...],            # only for multi-view images
      "policies": [{"policy_id": "weapons", "score": 0.061, "violated": true, ...}, ...]}
 
 Only `id` and `embedding` are required; `decision` and `policies` are the stored results a
-rescore is compared with.
+rescore is compared with. The file is read in chunks, so its size is not bounded by memory.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -38,22 +38,28 @@ from moderator.scoring import Decision, ViewScores, score_views
 
 # A stored embedding is L2-normalised; allow for float32 rounding and JSON round trips.
 NORM_TOLERANCE = 1e-3
+# Moderate scores an image on at most 1 + 4 tiles or 4 frames; more is not its output.
+MAX_VIEWS = 16
+READ_CHUNK = 4096
+
+Vector: TypeAlias = Sequence[float] | npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True, eq=False)
 class EmbeddedImage:
-    """A stored image: one embedding per view, the whole image first."""
+    """A stored image: one embedding per view, the whole image first.
+
+    The values stay as given (a list, a protobuf repeated field) until `score_embedded`
+    converts them, so a request's conversion runs where its scoring runs, off the event loop.
+    """
 
     id: str
-    views: tuple[npt.NDArray[np.float32], ...]
+    views: tuple[Vector, ...]
 
 
-def embedded_image(
-    image_id: str, embedding: Iterable[float], views: Sequence[Iterable[float]] = ()
-) -> EmbeddedImage:
+def embedded_image(image_id: str, embedding: Vector, views: Sequence[Vector] = ()) -> EmbeddedImage:
     """The image as Moderate returned it: `views` when it had several, else `embedding`."""
-    rows = views if views else [embedding]
-    return EmbeddedImage(image_id, tuple(np.asarray(row, dtype=np.float32) for row in rows))
+    return EmbeddedImage(image_id, tuple(views) if views else (embedding,))
 
 
 def score_embedded(
@@ -65,13 +71,12 @@ def score_embedded(
     rows: list[npt.NDArray[np.float32]] = []
     owners: list[int] = []  # the image of each row
     for i, image in enumerate(images):
-        shapes = {view.shape for view in image.views}
-        if shapes == {(dim,)}:
-            rows.extend(image.views)
-            owners.extend([i] * len(image.views))
+        views = _view_arrays(image, dim)
+        if isinstance(views, InvalidImage):
+            failed[i] = views
         else:
-            found = ", ".join(str(n) for n in sorted({view.size for view in image.views}))
-            failed[i] = _invalid(f"embedding has {found} values; this model's have {dim}")
+            rows.extend(views)
+            owners.extend([i] * len(views))
     matrix = torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, dim)
     _fail_unnormalised(matrix, owners, failed)
     keep = torch.tensor([owner not in failed for owner in owners], dtype=torch.bool)
@@ -90,6 +95,19 @@ def score_embedded(
         results.append(ViewScores(kept[offset:end], scores[offset:end], matched[offset:end]))
         offset = end
     return results
+
+
+def _view_arrays(image: EmbeddedImage, dim: int) -> list[npt.NDArray[np.float32]] | InvalidImage:
+    if not 1 <= len(image.views) <= MAX_VIEWS:
+        return _invalid(f"{len(image.views)} views; Moderate returns 1 to {MAX_VIEWS}")
+    try:
+        views = [np.asarray(view, dtype=np.float32) for view in image.views]
+    except (TypeError, ValueError):
+        return _invalid("an embedding must be a list of numbers")
+    if any(view.shape != (dim,) for view in views):
+        found = ", ".join(str(n) for n in sorted({view.size for view in views}))
+        return _invalid(f"embedding has {found} values; this model's have {dim}")
+    return views
 
 
 def _fail_unnormalised(
@@ -131,39 +149,44 @@ class Verdict:
 class StoredImage:
     image: EmbeddedImage
     model: str
+    precision: str
     policy_version: str
     verdict: Verdict | None  # the stored result, when the line has one
 
 
 @dataclass(frozen=True)
-class EmbeddingsFile:
+class StoredChunk:
     images: list[StoredImage]
     problems: list[str]  # "FILE:LINE: reason" for each line that could not be used
     without_embedding: int  # lines for images that failed at moderation time
 
 
-def read_embeddings_file(path: Path) -> EmbeddingsFile:
+def read_embeddings_file(path: Path, chunk_size: int = READ_CHUNK) -> Iterator[StoredChunk]:
+    """The file in chunks of up to `chunk_size` images. Raises OSError if it cannot be read."""
     images: list[StoredImage] = []
     problems: list[str] = []
     without_embedding = 0
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
                 continue
             try:
-                record = json.loads(line)
-                stored = _stored_image(record)
+                stored = _stored_image(json.loads(raw.decode("utf-8")))
             except KeyError as exc:
                 problems.append(f"{path}:{number}: missing key {exc}")
                 continue
-            except (ValueError, TypeError, AttributeError) as exc:
+            except (ValueError, TypeError, AttributeError) as exc:  # UnicodeDecodeError too
                 problems.append(f"{path}:{number}: {exc}")
                 continue
             if stored is None:
                 without_embedding += 1
-            else:
-                images.append(stored)
-    return EmbeddingsFile(images, problems, without_embedding)
+                continue
+            images.append(stored)
+            if len(images) == chunk_size:
+                yield StoredChunk(images, problems, without_embedding)
+                images, problems, without_embedding = [], [], 0
+    if images or problems or without_embedding:
+        yield StoredChunk(images, problems, without_embedding)
 
 
 def _stored_image(record: Any) -> StoredImage | None:
@@ -181,17 +204,18 @@ def _stored_image(record: Any) -> StoredImage | None:
     return StoredImage(
         image=embedded_image(image_id, _floats(embedding), views),
         model=str(record.get("model", "")),
+        precision=str(record.get("precision", "")),
         policy_version=str(record.get("policy_version", "")),
         verdict=_stored_verdict(record),
     )
 
 
-def _floats(values: Any) -> list[float]:
+def _floats(values: Any) -> npt.NDArray[np.float32]:
     if not isinstance(values, list) or not all(
         isinstance(v, int | float) and not isinstance(v, bool) for v in values
     ):
         raise ValueError("an embedding must be a list of numbers")
-    return [float(v) for v in values]
+    return np.asarray(values, dtype=np.float32)
 
 
 def _stored_verdict(record: dict[str, Any]) -> Verdict | None:
@@ -218,6 +242,23 @@ def verdict_of(outcome: ImageOutcome) -> Verdict:
     )
 
 
+def source_mismatch(images: Sequence[StoredImage], model_id: str, precision: str) -> str | None:
+    """Why these stored embeddings cannot be rescored with this model, if they cannot."""
+    models = sorted({s.model for s in images if s.model and s.model != model_id})
+    if models:
+        return (
+            f"the embeddings were made by {', '.join(models)}, but the loaded model is "
+            f"{model_id}: scores would be meaningless (use the same --model/--pretrained)"
+        )
+    precisions = sorted({s.precision for s in images if s.precision and s.precision != precision})
+    if precisions:
+        return (
+            f"the embeddings were made at {', '.join(precisions)} precision, the model is loaded "
+            f"at {precision}: scores would drift (use the same --precision)"
+        )
+    return None
+
+
 # -- what changed ----------------------------------------------------------------------------
 
 
@@ -227,49 +268,48 @@ class PolicyChange:
     after: int = 0
     newly_flagged: int = 0
     cleared: int = 0
-    status: str = "kept"  # kept, added or removed
 
 
 @dataclass
 class ChangeSummary:
+    """Decision transitions and per-policy flag counts, added to one image at a time."""
+
+    listed: int = 20  # ids of changed images kept for the report
     images: int = 0
     decisions: Counter[tuple[Decision, Decision]] = field(default_factory=Counter)
     policies: dict[str, PolicyChange] = field(default_factory=dict)
-    changed_ids: list[str] = field(default_factory=list)  # images whose decision changed
+    before_policies: set[str] = field(default_factory=set)
+    after_policies: set[str] = field(default_factory=set)
+    changed: int = 0
+    changed_ids: list[str] = field(default_factory=list)  # the first `listed` changed images
 
-
-def summarise_changes(
-    pairs: Sequence[tuple[str, Verdict, Verdict]],
-    before_policies: Sequence[str],
-    after_policies: Sequence[str],
-) -> ChangeSummary:
-    """(image id, before, after) for each image -> counts per decision change and per policy.
-
-    A policy only one side evaluated is counted as added or removed, not as a change.
-    """
-    summary = ChangeSummary(images=len(pairs))
-    before_set, after_set = set(before_policies), set(after_policies)
-    for policy_id in sorted(before_set | after_set):
-        status = "kept" if policy_id in before_set and policy_id in after_set else "added"
-        summary.policies[policy_id] = PolicyChange(
-            status="removed" if policy_id not in after_set else status
-        )
-    for image_id, before, after in pairs:
-        summary.decisions[(before.decision, after.decision)] += 1
+    def add(self, image_id: str, before: Verdict, after: Verdict) -> None:
+        self.images += 1
+        self.decisions[(before.decision, after.decision)] += 1
         if before.decision != after.decision:
-            summary.changed_ids.append(image_id)
-        for policy_id, change in summary.policies.items():
-            was = policy_id in before.violated
-            now = policy_id in after.violated
+            self.changed += 1
+            if len(self.changed_ids) < self.listed:
+                self.changed_ids.append(image_id)
+        self.before_policies |= before.evaluated
+        self.after_policies |= after.evaluated
+        both = before.evaluated & after.evaluated
+        for policy_id in before.evaluated | after.evaluated:
+            change = self.policies.setdefault(policy_id, PolicyChange())
+            was, now = policy_id in before.violated, policy_id in after.violated
             change.before += was
             change.after += now
-            if policy_id in before.evaluated and policy_id in after.evaluated:
+            if policy_id in both:
                 change.newly_flagged += now and not was
                 change.cleared += was and not now
-    return summary
+
+    def status(self, policy_id: str) -> str:
+        """kept, added or removed: a policy only one side has is not counted as a change."""
+        if policy_id not in self.after_policies:
+            return "removed"
+        return "kept" if policy_id in self.before_policies else "added"
 
 
-def format_summary(summary: ChangeSummary, before: str, after: str, listed: int = 20) -> str:
+def format_summary(summary: ChangeSummary, before: str, after: str) -> str:
     lines = [f"{summary.images} images: {before} -> {after}", "", "decisions:"]
     for (old, new), count in sorted(summary.decisions.items()):
         marker = "" if old == new else "  (changed)"
@@ -277,26 +317,20 @@ def format_summary(summary: ChangeSummary, before: str, after: str, listed: int 
     lines += ["", "policies:"]
     header = ("policy", "status", "flagged before", "flagged after", "newly flagged", "cleared")
     rows = [header] + [
-        (pid, c.status, str(c.before), str(c.after), str(c.newly_flagged), str(c.cleared))
-        for pid, c in summary.policies.items()
+        (
+            pid,
+            summary.status(pid),
+            str(c.before),
+            str(c.after),
+            str(c.newly_flagged),
+            str(c.cleared),
+        )
+        for pid, c in sorted(summary.policies.items())
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    changed = len(summary.changed_ids)
-    lines += ["", f"{changed} images changed decision"]
-    if changed:
-        shown = summary.changed_ids[:listed]
-        more = f" (first {listed})" if changed > listed else ""
-        lines.append(f"changed{more}: " + ", ".join(shown))
+    lines += ["", f"{summary.changed} images changed decision"]
+    if summary.changed:
+        more = f" (first {summary.listed})" if summary.changed > summary.listed else ""
+        lines.append(f"changed{more}: " + ", ".join(summary.changed_ids))
     return "\n".join(line.rstrip() for line in lines)
-
-
-def check_same_model(images: Sequence[StoredImage], model_id: str) -> str | None:
-    """A message naming the other models the stored embeddings came from, if any."""
-    others = sorted({s.model for s in images if s.model and s.model != model_id})
-    if not others:
-        return None
-    return (
-        f"the embeddings were made by {', '.join(others)}, but the loaded model is {model_id}: "
-        "scores would be meaningless (use the same --model/--pretrained)"
-    )

@@ -158,8 +158,10 @@ class ModeratorServicer(pb_grpc.ModeratorServicer):
             [embedded(image) for image in request.images],
             policy_ids=list(request.policy_ids),
             model_id=request.model,
+            precision=request.precision,
         )
-        return moderate_response(result)
+        # thousands of results: build the message off the event loop
+        return await asyncio.to_thread(moderate_response, result)
 
     async def _fail(
         self, method: str, started: float, exc: BaseException, context: Context
@@ -186,6 +188,7 @@ def moderate_response(result: ModerationResult) -> pb.ModerateResponse:
         results=[image_result(outcome) for outcome in result.results],
         policy_version=result.policy_version,
         model=result.model_id,
+        precision=result.precision,
     )
 
 

@@ -22,7 +22,12 @@ from moderator.calibration import (
 from moderator.cli import main
 from moderator.config import DEMO_POLICIES_DIR
 from moderator.errors import PolicyError
-from moderator.policies import load_policy_dir, parse_policy_file, write_threshold
+from moderator.policies import (
+    format_threshold,
+    load_policy_dir,
+    parse_policy_file,
+    write_thresholds,
+)
 from tests.test_watcher import copy_demo_policies
 
 SHIPPED_EXAMPLES = DEMO_POLICIES_DIR / "examples"
@@ -127,37 +132,72 @@ def test_labels_csv_resolves_paths_and_reports_every_bad_row(tmp_path: Path) -> 
     (tmp_path / "images" / "a.png").write_bytes(b"")
     good = tmp_path / "good.csv"
     good.write_text(
-        "path,policy_id,label\nimages/a.png,red,violating\n# a comment\nimages/a.png,stars,0\n"
+        "\ufeff# exported from the labelling tool\npath,policy_id,label\n"
+        "images/a.png,red,violating\nimages/a.png,stars,0\nimages/a.png,red,1\n",
+        encoding="utf-8",
     )
-    examples = read_labels_csv(good, policy_set)
+    examples = read_labels_csv(good, policy_set)  # BOM, comment, header, repeated row
     assert [(e.policy_id, e.path, e.should_violate) for e in examples] == [
         ("red", tmp_path / "images" / "a.png", True),
         ("stars", tmp_path / "images" / "a.png", False),
     ]
     bad = tmp_path / "bad.csv"
     bad.write_text(
-        "images/a.png,red\nimages/a.png,weapons,benign\nimages/a.png,red,maybe\nmissing.png,red,1\n"
+        "images/a.png,red\nimages/a.png,weapons,benign\nimages/a.png,red,maybe\n"
+        "missing.png,red,1\nimages/a.png,red,1\nimages/a.png,red,benign\n"
     )
     with pytest.raises(PolicyError) as info:
         read_labels_csv(bad, policy_set)
     problems = info.value.problems
-    assert [p.split(": ", 1)[0] for p in problems] == [f"{bad}:{n}" for n in (1, 2, 3, 4)]
+    assert [p.split(": ", 1)[0] for p in problems] == [f"{bad}:{n}" for n in (1, 2, 3, 4, 6)]
     assert "expected 3 columns" in problems[0]
     assert "no active policy with id 'weapons'" in problems[1]
     assert "got 'maybe'" in problems[2]
     assert "no such image file" in problems[3]
+    assert "labelled for 'red' both ways (also line 5)" in problems[4]
 
 
-def test_write_threshold_changes_only_the_threshold(tmp_path: Path) -> None:
+def test_write_thresholds_changes_only_the_threshold_values(tmp_path: Path) -> None:
     policies = copy_demo_policies(tmp_path / "policies")
-    path = policies / "red.yaml"
-    before = path.read_text().splitlines()
-    path.write_text(path.read_text().replace("threshold: 0.71", "threshold: 0.71  # tuned"))
-    write_threshold(path, 0.6523)
-    after = path.read_text().splitlines()
-    changed = [(old, new) for old, new in zip(before, after, strict=True) if old != new]
-    assert changed == [("threshold: 0.71", "threshold: 0.6523  # tuned")]
-    assert parse_policy_file(path).threshold == 0.6523
+    red = policies / "red.yaml"
+    red.write_bytes(red.read_bytes().replace(b"threshold: 0.71", b"threshold: 0.71  # tuned"))
+    stars_target = tmp_path / "stars-target.yaml"
+    (policies / "stars.yaml").rename(stars_target)
+    (policies / "stars.yaml").symlink_to(stars_target)
+    stars_target.write_bytes(stars_target.read_bytes().replace(b"\n", b"\r\n"))
+    before = {path: path.read_bytes() for path in (red, stars_target)}
+
+    written = write_thresholds(policies, {"red": 0.6523, "stars": 0.00005})
+
+    assert written == {"red": red.resolve(), "stars": stars_target}
+    assert (policies / "stars.yaml").is_symlink()  # the link's target was rewritten
+    assert red.read_bytes() == before[red].replace(
+        b"threshold: 0.71  # tuned", b"threshold: 0.6523  # tuned"
+    )
+    assert stars_target.read_bytes() == before[stars_target].replace(
+        b"threshold: 0.74", b"threshold: 0.00005"
+    )  # CRLF line endings kept
+    assert parse_policy_file(red).threshold == 0.6523
+    assert parse_policy_file(policies / "stars.yaml").threshold == 0.00005
+
+
+def test_write_thresholds_changes_nothing_when_one_file_would_be_invalid(tmp_path: Path) -> None:
+    policies = copy_demo_policies(tmp_path / "policies")
+    before = {path.name: path.read_bytes() for path in policies.glob("*.yaml")}
+    with pytest.raises(PolicyError, match=r"stars\.yaml"):
+        write_thresholds(policies, {"red": 0.5, "stars": math.inf})
+    assert {path.name: path.read_bytes() for path in policies.glob("*.yaml")} == before
+    assert sorted(p.name for p in policies.iterdir() if p.is_file()) == sorted(before)
+
+
+def test_format_threshold_is_fixed_point() -> None:
+    assert [format_threshold(v) for v in (0.75, 0.00005, 1.0, -0.05, 0.123456789123)] == [
+        "0.75",
+        "0.00005",
+        "1.0",
+        "-0.05",
+        "0.123456789",
+    ]
 
 
 # -- the CLI on the demo model ----------------------------------------------------------------
@@ -203,6 +243,10 @@ def test_calibrate_write_keeps_the_examples_passing(
     ]
     csv.write_text("\n".join(rows) + "\n")
     assert calibrate_cli(policies, csv, tmp_path / "cache", "--target-recall", "1", "--write") == 0
+    assert "red: not written, too few labelled images" in capsys.readouterr().out
+    assert (policies / "red.yaml").read_text() == (DEMO_POLICIES_DIR / "red.yaml").read_text()
+    args = ("--target-recall", "1", "--write", "--force")
+    assert calibrate_cli(policies, csv, tmp_path / "cache", *args) == 0
     output = capsys.readouterr().out
     written = re.findall(r"(\S+\.yaml): threshold (\S+) -> (\S+)", output)
     assert {Path(path).name for path, _, _ in written} == {

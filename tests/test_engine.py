@@ -12,9 +12,11 @@ from prometheus_client import CollectorRegistry
 
 from moderator.clip import ClipModel, load_clip
 from moderator.config import BatchConfig, Config, ServerConfig, demo_model_config
-from moderator.engine import ImageInput, ModerationEngine
+from moderator.engine import MAX_RESCORE_REQUESTS, ImageInput, ModerationEngine
 from moderator.errors import InvalidRequest, NotReady, Overloaded
 from moderator.metrics import Metrics
+from moderator.outcomes import ModerationResult
+from moderator.rescoring import embedded_image
 from moderator.scoring import Decision
 from tests.conftest import demo_config, shape_png
 from tests.test_watcher import copy_demo_policies
@@ -239,3 +241,34 @@ def test_mode_switch_is_a_reload(reloadable: ModerationEngine) -> None:
     assert engine.reload_policies().ok
     assert "green_squares" not in engine.policies.ids
     assert engine.policies.disabled == ("green_squares",)
+
+
+def test_rescoring_equals_moderation_and_extra_requests_fail_fast(
+    engine: ModerationEngine,
+) -> None:
+    live = asyncio.run(engine.moderate([ImageInput("red", shape_png("red", "circle"))], (), True))
+    stored = embedded_image("red", live.results[0].embedding)
+    gate = threading.Event()
+
+    async def scenario() -> list[ModerationResult]:
+        assert engine._rescore_pool is not None
+        blocker = engine._rescore_pool.submit(gate.wait, 30)  # hold the rescoring thread
+        admitted = [
+            asyncio.ensure_future(engine.score_embeddings([stored]))
+            for _ in range(MAX_RESCORE_REQUESTS)
+        ]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="ScoreEmbeddings requests in flight"):
+            await engine.score_embeddings([stored])
+        gate.set()
+        blocker.result(30)
+        return await asyncio.gather(*admitted)
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        gate.set()
+    live_scores = [p.score for p in live.results[0].policies]
+    for result in results:
+        assert result.results[0].decision == Decision.BLOCK
+        assert [p.score for p in result.results[0].policies] == pytest.approx(live_scores, abs=1e-6)

@@ -7,6 +7,7 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -19,11 +20,12 @@ from moderator.embeddings import EmbeddingCache, PolicyIndex, build_policy_index
 from moderator.errors import ImageErrorCode, InvalidImage
 from moderator.policies import PolicySet, parse_policy
 from moderator.rescoring import (
+    ChangeSummary,
     Verdict,
     embedded_image,
+    format_summary,
     read_embeddings_file,
     score_embedded,
-    summarise_changes,
 )
 from moderator.scoring import Decision, ViewScores, score_views
 from moderator.v1 import moderator_pb2 as pb
@@ -102,18 +104,23 @@ def test_the_embeddings_file_reports_bad_lines_and_skips_failed_images(tmp_path:
         {"id": "d", "embedding": [1.0], "decision": "DECISION_MAYBE"},
     ]
     text = "\n".join(json.dumps(line) for line in lines) + "\nnot json\n\n"
-    path.write_text(text)
-    stored = read_embeddings_file(path)
-    assert [s.image.id for s in stored.images] == ["a", "b"]
-    first = stored.images[0]
+    path.write_bytes(text.encode() + b'{"id": "\xff"}\n')
+    chunks = list(read_embeddings_file(path, chunk_size=1))
+    images = [image for chunk in chunks for image in chunk.images]
+    problems = [problem for chunk in chunks for problem in chunk.problems]
+    assert [len(chunk.images) for chunk in chunks] == [1, 1, 0]
+    assert [s.image.id for s in images] == ["a", "b"]
+    first = images[0]
     assert first.verdict == Verdict(Decision.BLOCK, frozenset({"toy"}), frozenset({"toy", "o"}))
     assert (first.model, first.policy_version) == ("m", "v1")
-    assert stored.images[1].verdict is None
-    assert stored.without_embedding == 1
-    assert [p.split(": ", 1)[0] for p in stored.problems] == [f"{path}:{n}" for n in (4, 5, 6, 7)]
-    assert "missing 'id'" in stored.problems[0]
-    assert "list of numbers" in stored.problems[1]
-    assert "DECISION_MAYBE" in stored.problems[2]
+    assert images[1].verdict is None
+    assert len(images[1].image.views) == 1
+    assert sum(chunk.without_embedding for chunk in chunks) == 1
+    assert [p.split(": ", 1)[0] for p in problems] == [f"{path}:{n}" for n in (4, 5, 6, 7, 9)]
+    assert "missing 'id'" in problems[0]
+    assert "list of numbers" in problems[1]
+    assert "DECISION_MAYBE" in problems[2]
+    assert "utf-8" in problems[4]
 
 
 def test_change_summary_counts_decisions_and_policies() -> None:
@@ -121,21 +128,25 @@ def test_change_summary_counts_decisions_and_policies() -> None:
     block_a = Verdict(Decision.BLOCK, frozenset({"a"}), frozenset({"a", "b"}))
     review_b = Verdict(Decision.REVIEW, frozenset({"b"}), frozenset({"b", "c"}))
     new_allow = Verdict(Decision.ALLOW, frozenset(), frozenset({"b", "c"}))
-    summary = summarise_changes(
-        [("1", allow, review_b), ("2", block_a, new_allow), ("3", allow, new_allow)],
-        before_policies=["a", "b"],
-        after_policies=["b", "c"],
-    )
+    summary = ChangeSummary(listed=1)
+    for image_id, before, after in (
+        ("1", allow, review_b),
+        ("2", block_a, new_allow),
+        ("3", allow, new_allow),
+    ):
+        summary.add(image_id, before, after)
     assert summary.decisions == {
         (Decision.ALLOW, Decision.REVIEW): 1,
         (Decision.BLOCK, Decision.ALLOW): 1,
         (Decision.ALLOW, Decision.ALLOW): 1,
     }
-    assert summary.changed_ids == ["1", "2"]
+    assert (summary.changed, summary.changed_ids) == (2, ["1"])
     a, b, c = (summary.policies[k] for k in "abc")
-    assert (a.status, a.before, a.after, a.cleared) == ("removed", 1, 0, 0)
-    assert (b.status, b.before, b.after, b.newly_flagged, b.cleared) == ("kept", 0, 1, 1, 0)
-    assert c.status == "added"
+    assert [summary.status(k) for k in "abc"] == ["removed", "kept", "added"]
+    assert (a.before, a.after, a.cleared) == (1, 0, 0)  # a is gone, not "cleared"
+    assert (b.before, b.after, b.newly_flagged, b.cleared) == (0, 1, 1, 0)
+    assert (c.before, c.after, c.newly_flagged) == (0, 0, 0)
+    assert "changed (first 1): 1" in format_summary(summary, "old", "new")
 
 
 # -- end to end: live Moderate -> stored file -> rescore ---------------------------------------
@@ -175,7 +186,8 @@ def live(
 def stored_file(live: tuple[pb_grpc.ModeratorStub, pb.ModerateResponse], tmp_path: Path) -> Path:
     _, response = live
     path = tmp_path / "stored.jsonl"
-    lines = [format_json(r, response.policy_version, response.model) for r in response.results]
+    context = (response.policy_version, response.model, response.precision)
+    lines = [format_json(r, *context) for r in response.results]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -234,24 +246,45 @@ def test_score_embeddings_rpc_fails_a_bad_embedding_alone_and_refuses_another_mo
 ) -> None:
     stub, response = live
     good = response.results[0]
+    many_views = [pb.Embedding(values=good.embedding)] * 17
     request = pb.ScoreEmbeddingsRequest(
         images=[
             pb.EmbeddedImage(id="short", embedding=[1.0, 0.0]),
             pb.EmbeddedImage(id=good.id, embedding=good.embedding),
+            pb.EmbeddedImage(id="many", embedding=good.embedding, views=many_views),
         ],
         policy_ids=["red"],
+        model=response.model,
+        precision=response.precision,
     )
     results = stub.ScoreEmbeddings(request, timeout=60).results
-    assert results[0].decision == pb.DECISION_ERROR
-    assert results[0].error.code == pb.IMAGE_ERROR_CODE_INVALID_EMBEDDING
-    assert "64" in results[0].error.message
+    for failed, words in ((results[0], "has 2 values; this model's have 64"), (results[2], "17")):
+        assert failed.decision == pb.DECISION_ERROR
+        assert failed.error.code == pb.IMAGE_ERROR_CODE_INVALID_EMBEDDING
+        assert words in failed.error.message
     assert results[1].decision == good.decision
     assert [p.policy_id for p in results[1].policies] == ["red"]
-    request = pb.ScoreEmbeddingsRequest(images=request.images[1:], model="ViT-B-32/openai")
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"model": "ViT-B-32/openai"}, "ViT-B-32/openai"),
+        ({"precision": "fp16"}, "made at fp16 precision"),
+        ({"count": 4097}, "4097 embeddings; at most 4096"),
+    ],
+)
+def test_score_embeddings_rpc_refuses_other_models_precisions_and_huge_requests(
+    live: tuple[pb_grpc.ModeratorStub, pb.ModerateResponse], change: dict[str, Any], words: str
+) -> None:
+    stub, response = live
+    good = response.results[0]
+    image = pb.EmbeddedImage(id=good.id, embedding=good.embedding)
+    request = pb.ScoreEmbeddingsRequest(images=[image] * change.pop("count", 1), **change)
     with pytest.raises(grpc.RpcError) as info:
         stub.ScoreEmbeddings(request, timeout=60)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "ViT-B-32/openai" in str(info.value.details())
+    assert words in str(info.value.details())
 
 
 def rescore(stored: Path, policies: Path, cache: Path, *extra: str) -> int:
@@ -319,3 +352,31 @@ def test_rescore_refuses_embeddings_of_another_model(
     stored_file.write_text(text.replace(model, "ViT-B-32/openai"))
     assert rescore(stored_file, DEMO_POLICIES_DIR, tmp_path / "cache") == 2
     assert "made by ViT-B-32/openai" in capsys.readouterr().err
+
+
+def test_rescore_refuses_another_precision_and_follows_the_stored_one(
+    stored_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    records = [json.loads(line) for line in stored_file.read_text().splitlines()]
+    for record in records:
+        record["precision"] = "fp16"
+    stored_file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert rescore(stored_file, DEMO_POLICIES_DIR, tmp_path / "cache", "--precision", "fp32") == 2
+    assert "made at fp16 precision, the model is loaded at fp32" in capsys.readouterr().err
+
+
+def test_rescore_reports_invalid_embeddings_and_exits_one(
+    stored_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    records = [json.loads(line) for line in stored_file.read_text().splitlines()]
+    records[1]["embedding"] = records[1]["embedding"][:10]
+    records[2]["embedding"] = [2 * v for v in records[2]["embedding"]]
+    stored_file.write_text("".join(json.dumps(r) + "\n" for r in records) + "{oops\n")
+    assert rescore(stored_file, DEMO_POLICIES_DIR, tmp_path / "cache") == 1
+    captured = capsys.readouterr()
+    assert "4 images:" in captured.out  # the 3 left out are not counted as changes
+    assert "0 images changed decision" in captured.out
+    assert "invalid embedding: blue-star: embedding has 10 values" in captured.err
+    assert "invalid embedding: green-square: embedding is not L2-normalised" in captured.err
+    assert f"skipped {stored_file}:8: " in captured.err
+    assert "1 unreadable lines and 2 invalid embeddings were left out" in captured.err

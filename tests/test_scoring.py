@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import pytest
 import torch
 
 from moderator.embeddings import EmbeddingCache, PolicyIndex, build_policy_index

@@ -24,51 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmoderator/v1/moderator.proto\x12\x0cmoderator.v1\"!\n\x05Image\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"f\n\x0fModerateRequest\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.moderator.v1.Image\x12\x12\n\npolicy_ids\x18\x02 \x03(\t\x12\x1a\n\x12include_embeddings\x18\x03 \x01(\x08\"e\n\x10ModerateResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.moderator.v1.ImageResult\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"\xd5\x01\n\x0bImageResult\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32\x16.moderator.v1.Decision\x12,\n\x08policies\x18\x03 \x03(\x0b\x32\x1a.moderator.v1.PolicyResult\x12\'\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x18.moderator.v1.ImageError\x12\x11\n\tembedding\x18\x05 \x03(\x02\x12&\n\x05views\x18\x06 \x03(\x0b\x32\x17.moderator.v1.Embedding\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xd8\x01\n\x0cPolicyResult\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\tthreshold\x18\x03 \x01(\x02\x12\x10\n\x08violated\x18\x04 \x01(\x08\x12$\n\x06\x61\x63tion\x18\x05 \x01(\x0e\x32\x14.moderator.v1.Action\x12&\n\x04mode\x18\x06 \x01(\x0e\x32\x18.moderator.v1.PolicyMode\x12\x1b\n\x13matched_description\x18\x07 \x01(\t\x12\x16\n\x0epolicy_version\x18\x08 \x01(\t\"I\n\nImageError\x12*\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1c.moderator.v1.ImageErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x15\n\x13ListPoliciesRequest\"\x8b\x01\n\x14ListPoliciesResponse\x12*\n\x08policies\x18\x01 \x03(\x0b\x32\x18.moderator.v1.PolicyInfo\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12/\n\x0blast_reload\x18\x03 \x01(\x0b\x32\x1a.moderator.v1.ReloadStatus\"\xca\x01\n\nPolicyInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12$\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x14.moderator.v1.Action\x12&\n\x04mode\x18\x04 \x01(\x0e\x32\x18.moderator.v1.PolicyMode\x12\x11\n\tthreshold\x18\x05 \x01(\x02\x12\x19\n\x11\x64\x65scription_count\x18\x06 \x01(\x05\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x14\n\x0c\x62\x65nign_count\x18\x08 \x01(\x05\"\x17\n\x15ReloadPoliciesRequest\"\\\n\x16ReloadPoliciesResponse\x12*\n\x06status\x18\x01 \x01(\x0b\x32\x1a.moderator.v1.ReloadStatus\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\">\n\x0cReloadStatus\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tunix_time\x18\x03 \x01(\x03\"V\n\rEmbeddedImage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tembedding\x18\x02 \x03(\x02\x12&\n\x05views\x18\x03 \x03(\x0b\x32\x17.moderator.v1.Embedding\"h\n\x16ScoreEmbeddingsRequest\x12+\n\x06images\x18\x01 \x03(\x0b\x32\x1b.moderator.v1.EmbeddedImage\x12\x12\n\npolicy_ids\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t*u\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x13\n\x0f\x44\x45\x43ISION_REVIEW\x10\x02\x12\x12\n\x0e\x44\x45\x43ISION_BLOCK\x10\x03\x12\x12\n\x0e\x44\x45\x43ISION_ERROR\x10\x04*E\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x11\n\rACTION_REVIEW\x10\x01\x12\x10\n\x0c\x41\x43TION_BLOCK\x10\x02*Z\n\nPolicyMode\x12\x1b\n\x17POLICY_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13POLICY_MODE_ENFORCE\x10\x01\x12\x16\n\x12POLICY_MODE_SHADOW\x10\x02*\x88\x02\n\x0eImageErrorCode\x12 \n\x1cIMAGE_ERROR_CODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16IMAGE_ERROR_CODE_EMPTY\x10\x01\x12#\n\x1fIMAGE_ERROR_CODE_TOO_MANY_BYTES\x10\x02\x12$\n IMAGE_ERROR_CODE_TOO_MANY_PIXELS\x10\x03\x12\'\n#IMAGE_ERROR_CODE_UNSUPPORTED_FORMAT\x10\x04\x12\x1c\n\x18IMAGE_ERROR_CODE_CORRUPT\x10\x05\x12&\n\"IMAGE_ERROR_CODE_INVALID_EMBEDDING\x10\x06\x32\xb8\x03\n\tModerator\x12I\n\x08Moderate\x12\x1d.moderator.v1.ModerateRequest\x1a\x1e.moderator.v1.ModerateResponse\x12S\n\x0eModerateStream\x12\x1d.moderator.v1.ModerateRequest\x1a\x1e.moderator.v1.ModerateResponse(\x01\x30\x01\x12U\n\x0cListPolicies\x12!.moderator.v1.ListPoliciesRequest\x1a\".moderator.v1.ListPoliciesResponse\x12[\n\x0eReloadPolicies\x12#.moderator.v1.ReloadPoliciesRequest\x1a$.moderator.v1.ReloadPoliciesResponse\x12W\n\x0fScoreEmbeddings\x12$.moderator.v1.ScoreEmbeddingsRequest\x1a\x1e.moderator.v1.ModerateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmoderator/v1/moderator.proto\x12\x0cmoderator.v1\"!\n\x05Image\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"f\n\x0fModerateRequest\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.moderator.v1.Image\x12\x12\n\npolicy_ids\x18\x02 \x03(\t\x12\x1a\n\x12include_embeddings\x18\x03 \x01(\x08\"x\n\x10ModerateResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.moderator.v1.ImageResult\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x11\n\tprecision\x18\x04 \x01(\t\"\xd5\x01\n\x0bImageResult\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32\x16.moderator.v1.Decision\x12,\n\x08policies\x18\x03 \x03(\x0b\x32\x1a.moderator.v1.PolicyResult\x12\'\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x18.moderator.v1.ImageError\x12\x11\n\tembedding\x18\x05 \x03(\x02\x12&\n\x05views\x18\x06 \x03(\x0b\x32\x17.moderator.v1.Embedding\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xd8\x01\n\x0cPolicyResult\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\tthreshold\x18\x03 \x01(\x02\x12\x10\n\x08violated\x18\x04 \x01(\x08\x12$\n\x06\x61\x63tion\x18\x05 \x01(\x0e\x32\x14.moderator.v1.Action\x12&\n\x04mode\x18\x06 \x01(\x0e\x32\x18.moderator.v1.PolicyMode\x12\x1b\n\x13matched_description\x18\x07 \x01(\t\x12\x16\n\x0epolicy_version\x18\x08 \x01(\t\"I\n\nImageError\x12*\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1c.moderator.v1.ImageErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x15\n\x13ListPoliciesRequest\"\x8b\x01\n\x14ListPoliciesResponse\x12*\n\x08policies\x18\x01 \x03(\x0b\x32\x18.moderator.v1.PolicyInfo\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12/\n\x0blast_reload\x18\x03 \x01(\x0b\x32\x1a.moderator.v1.ReloadStatus\"\xca\x01\n\nPolicyInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12$\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x14.moderator.v1.Action\x12&\n\x04mode\x18\x04 \x01(\x0e\x32\x18.moderator.v1.PolicyMode\x12\x11\n\tthreshold\x18\x05 \x01(\x02\x12\x19\n\x11\x64\x65scription_count\x18\x06 \x01(\x05\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x14\n\x0c\x62\x65nign_count\x18\x08 \x01(\x05\"\x17\n\x15ReloadPoliciesRequest\"\\\n\x16ReloadPoliciesResponse\x12*\n\x06status\x18\x01 \x01(\x0b\x32\x1a.moderator.v1.ReloadStatus\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\">\n\x0cReloadStatus\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tunix_time\x18\x03 \x01(\x03\"V\n\rEmbeddedImage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tembedding\x18\x02 \x03(\x02\x12&\n\x05views\x18\x03 \x03(\x0b\x32\x17.moderator.v1.Embedding\"{\n\x16ScoreEmbeddingsRequest\x12+\n\x06images\x18\x01 \x03(\x0b\x32\x1b.moderator.v1.EmbeddedImage\x12\x12\n\npolicy_ids\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x11\n\tprecision\x18\x04 \x01(\t*u\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x13\n\x0f\x44\x45\x43ISION_REVIEW\x10\x02\x12\x12\n\x0e\x44\x45\x43ISION_BLOCK\x10\x03\x12\x12\n\x0e\x44\x45\x43ISION_ERROR\x10\x04*E\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x11\n\rACTION_REVIEW\x10\x01\x12\x10\n\x0c\x41\x43TION_BLOCK\x10\x02*Z\n\nPolicyMode\x12\x1b\n\x17POLICY_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13POLICY_MODE_ENFORCE\x10\x01\x12\x16\n\x12POLICY_MODE_SHADOW\x10\x02*\x88\x02\n\x0eImageErrorCode\x12 \n\x1cIMAGE_ERROR_CODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16IMAGE_ERROR_CODE_EMPTY\x10\x01\x12#\n\x1fIMAGE_ERROR_CODE_TOO_MANY_BYTES\x10\x02\x12$\n IMAGE_ERROR_CODE_TOO_MANY_PIXELS\x10\x03\x12\'\n#IMAGE_ERROR_CODE_UNSUPPORTED_FORMAT\x10\x04\x12\x1c\n\x18IMAGE_ERROR_CODE_CORRUPT\x10\x05\x12&\n\"IMAGE_ERROR_CODE_INVALID_EMBEDDING\x10\x06\x32\xb8\x03\n\tModerator\x12I\n\x08Moderate\x12\x1d.moderator.v1.ModerateRequest\x1a\x1e.moderator.v1.ModerateResponse\x12S\n\x0eModerateStream\x12\x1d.moderator.v1.ModerateRequest\x1a\x1e.moderator.v1.ModerateResponse(\x01\x30\x01\x12U\n\x0cListPolicies\x12!.moderator.v1.ListPoliciesRequest\x1a\".moderator.v1.ListPoliciesResponse\x12[\n\x0eReloadPolicies\x12#.moderator.v1.ReloadPoliciesRequest\x1a$.moderator.v1.ReloadPoliciesResponse\x12W\n\x0fScoreEmbeddings\x12$.moderator.v1.ScoreEmbeddingsRequest\x1a\x1e.moderator.v1.ModerateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moderator.v1.moderator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DECISION']._serialized_start=1574
-  _globals['_DECISION']._serialized_end=1691
-  _globals['_ACTION']._serialized_start=1693
-  _globals['_ACTION']._serialized_end=1762
-  _globals['_POLICYMODE']._serialized_start=1764
-  _globals['_POLICYMODE']._serialized_end=1854
-  _globals['_IMAGEERRORCODE']._serialized_start=1857
-  _globals['_IMAGEERRORCODE']._serialized_end=2121
+  _globals['_DECISION']._serialized_start=1612
+  _globals['_DECISION']._serialized_end=1729
+  _globals['_ACTION']._serialized_start=1731
+  _globals['_ACTION']._serialized_end=1800
+  _globals['_POLICYMODE']._serialized_start=1802
+  _globals['_POLICYMODE']._serialized_end=1892
+  _globals['_IMAGEERRORCODE']._serialized_start=1895
+  _globals['_IMAGEERRORCODE']._serialized_end=2159
   _globals['_IMAGE']._serialized_start=46
   _globals['_IMAGE']._serialized_end=79
   _globals['_MODERATEREQUEST']._serialized_start=81
   _globals['_MODERATEREQUEST']._serialized_end=183
   _globals['_MODERATERESPONSE']._serialized_start=185
-  _globals['_MODERATERESPONSE']._serialized_end=286
-  _globals['_IMAGERESULT']._serialized_start=289
-  _globals['_IMAGERESULT']._serialized_end=502
-  _globals['_EMBEDDING']._serialized_start=504
-  _globals['_EMBEDDING']._serialized_end=531
-  _globals['_POLICYRESULT']._serialized_start=534
-  _globals['_POLICYRESULT']._serialized_end=750
-  _globals['_IMAGEERROR']._serialized_start=752
-  _globals['_IMAGEERROR']._serialized_end=825
-  _globals['_LISTPOLICIESREQUEST']._serialized_start=827
-  _globals['_LISTPOLICIESREQUEST']._serialized_end=848
-  _globals['_LISTPOLICIESRESPONSE']._serialized_start=851
-  _globals['_LISTPOLICIESRESPONSE']._serialized_end=990
-  _globals['_POLICYINFO']._serialized_start=993
-  _globals['_POLICYINFO']._serialized_end=1195
-  _globals['_RELOADPOLICIESREQUEST']._serialized_start=1197
-  _globals['_RELOADPOLICIESREQUEST']._serialized_end=1220
-  _globals['_RELOADPOLICIESRESPONSE']._serialized_start=1222
-  _globals['_RELOADPOLICIESRESPONSE']._serialized_end=1314
-  _globals['_RELOADSTATUS']._serialized_start=1316
-  _globals['_RELOADSTATUS']._serialized_end=1378
-  _globals['_EMBEDDEDIMAGE']._serialized_start=1380
-  _globals['_EMBEDDEDIMAGE']._serialized_end=1466
-  _globals['_SCOREEMBEDDINGSREQUEST']._serialized_start=1468
-  _globals['_SCOREEMBEDDINGSREQUEST']._serialized_end=1572
-  _globals['_MODERATOR']._serialized_start=2124
-  _globals['_MODERATOR']._serialized_end=2564
+  _globals['_MODERATERESPONSE']._serialized_end=305
+  _globals['_IMAGERESULT']._serialized_start=308
+  _globals['_IMAGERESULT']._serialized_end=521
+  _globals['_EMBEDDING']._serialized_start=523
+  _globals['_EMBEDDING']._serialized_end=550
+  _globals['_POLICYRESULT']._serialized_start=553
+  _globals['_POLICYRESULT']._serialized_end=769
+  _globals['_IMAGEERROR']._serialized_start=771
+  _globals['_IMAGEERROR']._serialized_end=844
+  _globals['_LISTPOLICIESREQUEST']._serialized_start=846
+  _globals['_LISTPOLICIESREQUEST']._serialized_end=867
+  _globals['_LISTPOLICIESRESPONSE']._serialized_start=870
+  _globals['_LISTPOLICIESRESPONSE']._serialized_end=1009
+  _globals['_POLICYINFO']._serialized_start=1012
+  _globals['_POLICYINFO']._serialized_end=1214
+  _globals['_RELOADPOLICIESREQUEST']._serialized_start=1216
+  _globals['_RELOADPOLICIESREQUEST']._serialized_end=1239
+  _globals['_RELOADPOLICIESRESPONSE']._serialized_start=1241
+  _globals['_RELOADPOLICIESRESPONSE']._serialized_end=1333
+  _globals['_RELOADSTATUS']._serialized_start=1335
+  _globals['_RELOADSTATUS']._serialized_end=1397
+  _globals['_EMBEDDEDIMAGE']._serialized_start=1399
+  _globals['_EMBEDDEDIMAGE']._serialized_end=1485
+  _globals['_SCOREEMBEDDINGSREQUEST']._serialized_start=1487
+  _globals['_SCOREEMBEDDINGSREQUEST']._serialized_end=1610
+  _globals['_MODERATOR']._serialized_start=2162
+  _globals['_MODERATOR']._serialized_end=2602
 # @@protoc_insertion_point(module_scope)

@@ -74,14 +74,16 @@ class ModerateRequest(_message.Message):
     def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., policy_ids: _Optional[_Iterable[str]] = ..., include_embeddings: _Optional[bool] = ...) -> None: ...
 
 class ModerateResponse(_message.Message):
-    __slots__ = ("results", "policy_version", "model")
+    __slots__ = ("results", "policy_version", "model", "precision")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[ImageResult]
     policy_version: str
     model: str
-    def __init__(self, results: _Optional[_Iterable[_Union[ImageResult, _Mapping]]] = ..., policy_version: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    precision: str
+    def __init__(self, results: _Optional[_Iterable[_Union[ImageResult, _Mapping]]] = ..., policy_version: _Optional[str] = ..., model: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class ImageResult(_message.Message):
     __slots__ = ("id", "decision", "policies", "error", "embedding", "views")
@@ -200,11 +202,13 @@ class EmbeddedImage(_message.Message):
     def __init__(self, id: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., views: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ...) -> None: ...
 
 class ScoreEmbeddingsRequest(_message.Message):
-    __slots__ = ("images", "policy_ids", "model")
+    __slots__ = ("images", "policy_ids", "model", "precision")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     POLICY_IDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[EmbeddedImage]
     policy_ids: _containers.RepeatedScalarFieldContainer[str]
     model: str
-    def __init__(self, images: _Optional[_Iterable[_Union[EmbeddedImage, _Mapping]]] = ..., policy_ids: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ...) -> None: ...
+    precision: str
+    def __init__(self, images: _Optional[_Iterable[_Union[EmbeddedImage, _Mapping]]] = ..., policy_ids: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
