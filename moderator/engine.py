@@ -31,7 +31,7 @@ from moderator.outcomes import (
     selected_policies,
 )
 from moderator.policies import Mode, PolicySet, load_policy_dir
-from moderator.rescoring import EmbeddedImage, score_embedded
+from moderator.rescoring import EmbeddedImage, rescore_images
 from moderator.scoring import ViewScores
 
 log = logging.getLogger(__name__)
@@ -244,12 +244,7 @@ class ModerationEngine:
         ids = [image.id for image in images]
         results = build_outcomes(ids, views, index, selected, include_embeddings)
         self._count(results)
-        return ModerationResult(
-            results=results,
-            policy_version=index.policy_set.version,
-            model_id=self.model_id,
-            precision=self.clip.info.precision,
-        )
+        return self._result(results, index)
 
     async def score_embeddings(
         self,
@@ -281,13 +276,16 @@ class ModerationEngine:
         self._rescoring += 1
         try:
             results = await asyncio.get_running_loop().run_in_executor(
-                self._rescore_pool, _rescore, images, index, selected
+                self._rescore_pool, rescore_images, images, index, selected
             )
         finally:
             self._rescoring -= 1
         invalid = sum(outcome.error is not None for outcome in results)
         self.metrics.embeddings_scored.labels(result="scored").inc(len(results) - invalid)
         self.metrics.embeddings_scored.labels(result="invalid").inc(invalid)
+        return self._result(results, index)
+
+    def _result(self, results: tuple[ImageOutcome, ...], index: PolicyIndex) -> ModerationResult:
         return ModerationResult(
             results=results,
             policy_version=index.policy_set.version,
@@ -375,10 +373,3 @@ class ModerationEngine:
                     self.metrics.policy_violations.labels(
                         policy=p.policy.id, mode=p.policy.mode.value
                     ).inc()
-
-
-def _rescore(
-    images: Sequence[EmbeddedImage], index: PolicyIndex, selected: torch.Tensor
-) -> tuple[ImageOutcome, ...]:
-    views = score_embedded(images, index.on_cpu)
-    return build_outcomes([image.id for image in images], views, index, selected)

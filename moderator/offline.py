@@ -2,7 +2,7 @@
 
 `moderator policies test`, `calibrate` and `rescore` must score exactly as the service does,
 so this reuses its pieces: images.decode_views, ClipModel, build_policy_index, score_views,
-reduce_views and build_outcomes.
+reduce_views and build_outcomes (through rescoring.rescore_images).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from moderator.config import ImageConfig
 from moderator.embeddings import EmbeddingCache, PolicyIndex, build_policy_index
 from moderator.errors import InvalidImage
 from moderator.images import decode_views
-from moderator.outcomes import ImageOutcome, build_outcomes, selected_policies
+from moderator.outcomes import ImageOutcome, selected_policies
 from moderator.policies import PolicySet
-from moderator.rescoring import EmbeddedImage, score_embedded
+from moderator.rescoring import EmbeddedImage, rescore_images
 from moderator.scoring import ViewScores, reduce_views, score_views
 
 
@@ -67,10 +67,4 @@ class OfflineScorer:
 
     def score_embeddings(self, images: list[EmbeddedImage]) -> tuple[ImageOutcome, ...]:
         """Stored embeddings -> the outcomes the service would return for their images."""
-        index = self.index
-        return build_outcomes(
-            [image.id for image in images],
-            score_embedded(images, index.on_cpu),
-            index,
-            selected_policies(index.policy_set, ()),
-        )
+        return rescore_images(images, self.index, selected_policies(self.policy_set, ()))

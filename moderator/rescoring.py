@@ -33,7 +33,7 @@ import torch
 
 from moderator.embeddings import PolicyIndex
 from moderator.errors import ImageErrorCode, InvalidImage
-from moderator.outcomes import ImageOutcome
+from moderator.outcomes import ImageOutcome, build_outcomes
 from moderator.scoring import Decision, ViewScores, score_views
 
 # A stored embedding is L2-normalised; allow for float32 rounding and JSON round trips.
@@ -95,6 +95,15 @@ def score_embedded(
         results.append(ViewScores(kept[offset:end], scores[offset:end], matched[offset:end]))
         offset = end
     return results
+
+
+def rescore_images(
+    images: Sequence[EmbeddedImage], index: PolicyIndex, selected: torch.Tensor
+) -> tuple[ImageOutcome, ...]:
+    """Stored embeddings -> the outcomes Moderate would return for their images, scored on the
+    CPU copy of `index`."""
+    views = score_embedded(images, index.on_cpu)
+    return build_outcomes([image.id for image in images], views, index, selected)
 
 
 def _view_arrays(image: EmbeddedImage, dim: int) -> list[npt.NDArray[np.float32]] | InvalidImage:
