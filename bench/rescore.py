@@ -28,11 +28,11 @@ from throughput import (
 )
 
 from moderator.cli import format_json
-from moderator.config import REPO_ROOT
+from moderator.config import REPO_ROOT, ImageConfig
 from moderator.embeddings import EmbeddingCache, build_policy_index
-from moderator.outcomes import build_outcomes, selected_policies
+from moderator.outcomes import selected_policies
 from moderator.policies import build_policy_set, load_policy_dir
-from moderator.rescoring import EmbeddedImage, embedded_image, read_embeddings_file, score_embedded
+from moderator.rescoring import EmbeddedImage, embedded_image, read_embeddings_file, rescore_images
 from moderator.v1 import moderator_pb2 as pb
 from moderator.v1 import moderator_pb2_grpc as pb_grpc
 
@@ -110,8 +110,40 @@ async def score_embeddings_rate(
         return done / (time.perf_counter() - start)
 
 
+async def moderate_latency(
+    port: int,
+    image: bytes,
+    count: int,
+    rescoring: pb.ScoreEmbeddingsRequest | None,
+    pause: float = 0.0,
+) -> float:
+    """p50 seconds of one-image Moderate calls, alone or while a client sends ScoreEmbeddings
+    requests back to back, `pause` seconds apart."""
+    options = [("grpc.max_send_message_length", 128 * MIB)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        stub = pb_grpc.ModeratorStub(channel)
+        request = pb.ModerateRequest(images=[pb.Image(id="a", data=image)])
+        await stub.Moderate(request, timeout=600)
+        stop = asyncio.Event()
+
+        async def rescore_nonstop() -> None:
+            while rescoring is not None and not stop.is_set():
+                await stub.ScoreEmbeddings(rescoring, timeout=600)
+                await asyncio.sleep(pause)
+
+        background = asyncio.ensure_future(rescore_nonstop())
+        latencies = []
+        for _ in range(count):
+            start = time.perf_counter()
+            await stub.Moderate(request, timeout=600)
+            latencies.append(time.perf_counter() - start)
+        stop.set()
+        await background
+        return sorted(latencies)[len(latencies) // 2]
+
+
 def offline_rate(images: list[EmbeddedImage], policy_count: int, seconds: float) -> float:
-    """Stored embeddings per second through score_embedded + build_outcomes (rescore's core)."""
+    """Stored embeddings per second through rescore_images (scoring + results)."""
     dim = len(images[0].views[0])
     policies = (
         load_policy_dir(REPO_ROOT / "policies").policies
@@ -126,10 +158,8 @@ def offline_rate(images: list[EmbeddedImage], policy_count: int, seconds: float)
         torch.device("cpu"),
     )
     selected = selected_policies(policy_set, ())
-    ids = [image.id for image in images]
-    per_call = timed(
-        lambda: build_outcomes(ids, score_embedded(images, index), index, selected), seconds
-    )
+    max_views = ImageConfig().max_views
+    per_call = timed(lambda: rescore_images(images, index, selected, max_views), seconds)
     return len(images) / per_call
 
 
@@ -151,6 +181,13 @@ def main() -> None:
             stored = replicate(response, STORED)
             rpc = asyncio.run(score_embeddings_rate(port, stored, response.model, args.seconds))
             rows.append((f"ScoreEmbeddings, {STORED} per request, 6 policies", rpc, "emb/s"))
+            rescoring = pb.ScoreEmbeddingsRequest(
+                images=[pb.EmbeddedImage(id=r.id, embedding=r.embedding) for r in stored],
+                model=response.model,
+            )
+            alone = asyncio.run(moderate_latency(port, photos[0], 40, None))
+            during = asyncio.run(moderate_latency(port, photos[0], 40, rescoring))
+            paced = asyncio.run(moderate_latency(port, photos[0], 40, rescoring, pause=1.0))
         path = Path(tmp) / "stored.jsonl"
         context = (response.policy_version, response.model, response.precision)
         lines = [format_json(r, *context) for r in stored]
@@ -168,6 +205,11 @@ def main() -> None:
     for name, value, unit in rows:
         print(f"{name:{width}}  {value:>10.0f} {unit:6}  {value / baseline:8.1f}x")
     print(f"JSON lines file: {size / 1024:.1f} KiB per stored image (512 floats + results)")
+    print(
+        f"one-image Moderate p50: {alone * 1000:.1f} ms alone, {during * 1000:.1f} ms while "
+        f"ScoreEmbeddings runs nonstop ({during / alone:.2f} x), {paced * 1000:.1f} ms with "
+        f"1 s between ScoreEmbeddings requests ({paced / alone:.2f} x)"
+    )
 
 
 if __name__ == "__main__":

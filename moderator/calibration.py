@@ -106,10 +106,14 @@ class PolicyCalibration:
         return min(self.violating, self.benign) < FEW_EXAMPLES
 
 
+def violates(score: float, threshold: float) -> bool:
+    """As the service decides: a float32 score against the float32 threshold."""
+    return score >= float(np.float32(threshold))
+
+
 def operating_point(samples: Sequence[LabelledScore], threshold: float) -> OperatingPoint:
-    limit = float(np.float32(threshold))  # the service compares float32 scores and thresholds
-    tp = sum(s.violating and s.score >= limit for s in samples)
-    fp = sum(not s.violating and s.score >= limit for s in samples)
+    tp = sum(s.violating and violates(s.score, threshold) for s in samples)
+    fp = sum(not s.violating and violates(s.score, threshold) for s in samples)
     violating = sum(s.violating for s in samples)
     return OperatingPoint(threshold, tp, fp, violating - tp, len(samples) - violating - fp)
 

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from moderator.clip import ClipModel
     from moderator.embeddings import EmbeddingCache
     from moderator.offline import OfflineScorer
-    from moderator.rescoring import ChangeSummary, StoredChunk, StoredImage, Verdict
+    from moderator.rescoring import ChangeSummary, StoredChunk, Verdict
 
 log = logging.getLogger("moderator")
 
@@ -324,12 +324,12 @@ def run_validate(args: argparse.Namespace) -> int:
 
 def load_model(args: argparse.Namespace) -> tuple[ClipModel, EmbeddingCache]:
     """The model named by the model options, and its text-embedding cache (offline tools)."""
-    from moderator.clip import load_clip
+    from moderator.clip import TEXT_PRECISION, load_clip
     from moderator.embeddings import EmbeddingCache
 
     clip = load_clip(model_config_from_args(args))
     cache = EmbeddingCache.for_model(
-        args.cache_dir or default_cache_dir(), clip.info.weights_key, clip.info.precision
+        args.cache_dir or default_cache_dir(), clip.info.weights_key, TEXT_PRECISION
     )
     return clip, cache
 
@@ -417,15 +417,12 @@ def run_rescore(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.embeddings}: no image embeddings to rescore")
     policy_set = load_policy_dir(args.policies)
     baseline_set = load_policy_dir(args.baseline) if args.baseline else None
-    stored_precisions = {s.precision for s in first.images if s.precision}
-    if args.precision == "auto" and len(stored_precisions) == 1:
-        args.precision = stored_precisions.pop()  # score the text as the server did
     clip, cache = load_model(args)
     after_scorer = OfflineScorer(clip, policy_set, cache)
     before_scorer = OfflineScorer(clip, baseline_set, cache) if baseline_set else None
     rescore = Rescore(after_scorer, before_scorer, ChangeSummary())
     with contextlib.ExitStack() as stack:
-        out = stack.enter_context(args.out.open("w", encoding="utf-8")) if args.out else None
+        out = stack.enter_context(written_on_success(args.out)) if args.out else None
         for chunk in itertools.chain([first], chunks):
             rescore.add_chunk(chunk, out)
     before = (
@@ -439,6 +436,19 @@ def run_rescore(args: argparse.Namespace) -> int:
     return rescore.report_skipped()
 
 
+@contextlib.contextmanager
+def written_on_success(path: Path) -> Iterator[TextIO]:
+    """A file to write `path` through; it appears only if the block completes."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with partial.open("w", encoding="utf-8") as out:
+            yield out
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
 @dataclass
 class Rescore:
     """`moderator rescore` state across the chunks of one file."""
@@ -449,6 +459,7 @@ class Rescore:
     stored_versions: set[str] = field(default_factory=set)
     problems: int = 0
     failed_at_moderation: int = 0
+    not_compared: int = 0  # no stored decision and no baseline: scored, not compared
     invalid: list[str] = field(default_factory=list)
 
     def add_chunk(self, chunk: StoredChunk, out: TextIO | None) -> None:
@@ -460,7 +471,7 @@ class Rescore:
         self.problems += len(chunk.problems)
         self.failed_at_moderation += chunk.without_embedding
         info = self.after.clip.info
-        mismatch = source_mismatch(chunk.images, info.model_id, info.precision)
+        mismatch = source_mismatch(chunk.images, info.model_id)
         if mismatch:
             raise ConfigError(mismatch)
         images = [s.image for s in chunk.images]
@@ -470,37 +481,38 @@ class Rescore:
             for outcome in after:
                 line = format_json(image_result(outcome), version, info.model_id, info.precision)
                 out.write(line + "\n")
+        befores: list[Verdict | None]
         if self.before is not None:
             befores = [verdict_of(o) for o in self.before.score_embeddings(images)]
         else:
-            befores = [self._stored_verdict(s) for s in chunk.images]
+            befores = [s.verdict for s in chunk.images]
             self.stored_versions |= {s.policy_version for s in chunk.images if s.policy_version}
         for outcome, before in zip(after, befores, strict=True):
             if outcome.error is not None:
                 self.invalid.append(f"{outcome.id}: {outcome.error.message}")
+            elif before is None:
+                self.not_compared += 1
             else:
                 self.summary.add(outcome.id, before, verdict_of(outcome))
-
-    @staticmethod
-    def _stored_verdict(stored: StoredImage) -> Verdict:
-        if stored.verdict is None:
-            raise ConfigError(
-                f"image {stored.image.id!r} has no stored decision to compare with; "
-                "pass --baseline POLICY_DIR to compare with a policy set instead"
-            )
-        return stored.verdict
 
     def report_skipped(self) -> int:
         if self.failed_at_moderation:
             print(
                 f"({self.failed_at_moderation} images that failed at moderation time were skipped)"
             )
+        if self.not_compared:
+            print(
+                f"({self.not_compared} images have no stored decision: scored, not compared; "
+                "--baseline POLICY_DIR compares with a policy set instead)"
+            )
         for message in self.invalid[:INVALID_LISTED]:
             print(f"invalid embedding: {message}", file=sys.stderr)
         if self.problems or self.invalid:
+            listed = min(len(self.invalid), INVALID_LISTED)
             print(
-                f"error: {self.problems} unreadable lines and {len(self.invalid)} invalid "
-                "embeddings were left out (listed above)",
+                f"error: {self.problems} unreadable lines (listed above) and "
+                f"{len(self.invalid)} invalid embeddings (the first {listed} listed above) "
+                "were left out",
                 file=sys.stderr,
             )
             return 1

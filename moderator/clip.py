@@ -1,6 +1,12 @@
 """The open_clip model: loading, device and precision, image and text encoding.
 
 Everything here runs on the thread that owns the device (the model worker), except loading.
+
+Only the image tower runs at the chosen precision. The text tower always runs in fp32: a
+prompt is encoded once and cached, so its speed hardly matters, and in fp32 its embedding does
+not depend on the precision or on which prompts shared its batch (in bf16 it moved by up to
+1.4e-3 with the batch, enough to move a score near a threshold). So two servers, a restarted
+server and the offline tools all score an image embedding against the same policy text.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.model import convert_weights_to_lp
+from open_clip.timm_model import TimmModel
+from open_clip.transformer import LayerNorm, LayerNormFp32
 
 from moderator.config import ModelConfig
 from moderator.errors import ConfigError, ModelLoadError
@@ -48,7 +57,9 @@ def resolve_device(requested: str) -> torch.device:
 
 
 # open_clip's "fp16"/"bf16" cast the weights of linear, conv and attention layers (as OpenAI's
-# CLIP does); inputs are cast to the same dtype. Autocast was slower on CPU.
+# CLIP does) and keep layer norms in fp32; inputs are cast to the same dtype. Autocast was
+# slower on CPU. cast_image_tower applies that to the image tower only.
+TEXT_PRECISION = "fp32"
 _OPEN_CLIP_PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -247,11 +258,9 @@ def load_clip(config: ModelConfig) -> ClipModel:
         )
     try:
         model = open_clip.create_model(
-            config.name,
-            pretrained=config.pretrained,
-            device=device,
-            precision=_OPEN_CLIP_PRECISION[dtype],
+            config.name, pretrained=config.pretrained, device=device, precision=TEXT_PRECISION
         )
+        cast_image_tower(model, dtype)
         tokenizer = open_clip.get_tokenizer(config.name)
     except Exception as exc:  # open_clip raises many types for missing weights or names
         raise ModelLoadError(_load_failure_message(config, exc)) from exc
@@ -266,6 +275,25 @@ def load_clip(config: ModelConfig) -> ClipModel:
     )
     log.info("loaded model %s on %s in %s", info.model_id, info.device, info.precision)
     return ClipModel(model, tokenizer, device, dtype, info)
+
+
+def cast_image_tower(model: Any, dtype: torch.dtype) -> None:
+    """Cast the image tower exactly as open_clip's create_model(precision="bf16"/"fp16") casts
+    it (same weights cast, layer norms computed in fp32, identical outputs); the text tower
+    stays fp32."""
+    if dtype == torch.float32:
+        return
+    visual = model.visual
+    for module in visual.modules():
+        if type(module) is LayerNorm:  # what open_clip builds for a low-precision model
+            module.__class__ = LayerNormFp32
+    if isinstance(visual, TimmModel):
+        visual.to(dtype)
+        for module in visual.modules():
+            if isinstance(module, LayerNormFp32):
+                module.float()
+    else:
+        convert_weights_to_lp(visual, dtype)
 
 
 def _load_failure_message(config: ModelConfig, exc: Exception) -> str:

@@ -48,6 +48,11 @@ class ImageConfig:
     tile_aspect_ratio: float = 2.0
     max_tiles: int = 4
 
+    @property
+    def max_views(self) -> int:
+        """The most views one image can get: each frame whole, plus its tiles."""
+        return max(self.max_frames, 1) * (1 + self.max_tiles)
+
 
 @dataclass(frozen=True)
 class BatchConfig:

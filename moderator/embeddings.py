@@ -39,10 +39,11 @@ class EmbeddingCache:
 
     @classmethod
     def for_model(
-        cls, directory: Path | None, weights_key: str | None, precision: str
+        cls, directory: Path | None, weights_key: str | None, text_precision: str
     ) -> EmbeddingCache:
-        """The cache for one model's weights and precision; in memory only for random weights."""
-        return cls(directory if weights_key else None, f"{weights_key}|{precision}")
+        """The cache for one model's weights and text precision; in memory only for random
+        weights."""
+        return cls(directory if weights_key else None, f"{weights_key}|{text_precision}")
 
     def __len__(self) -> int:
         return len(self._embeddings)

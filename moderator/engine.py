@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from moderator.batching import Batcher
-from moderator.clip import ClipModel, load_clip
+from moderator.clip import TEXT_PRECISION, ClipModel, load_clip
 from moderator.config import Config, ModelConfig
 from moderator.embeddings import EmbeddingCache, PolicyIndex, build_policy_index
 from moderator.errors import InvalidImage, InvalidRequest, NotReady, Overloaded, PolicyError
@@ -94,7 +94,7 @@ class ModerationEngine:
             precision=clip.info.precision,
         ).set(1)
         self.cache = EmbeddingCache.for_model(
-            self.config.embedding_cache_dir, clip.info.weights_key, clip.info.precision
+            self.config.embedding_cache_dir, clip.info.weights_key, TEXT_PRECISION
         )
         self._install_policies(load_policy_dir(self.config.policies_dir))
         self._decode_pool = ThreadPoolExecutor(
@@ -251,17 +251,21 @@ class ModerationEngine:
         images: Sequence[EmbeddedImage],
         policy_ids: Sequence[str] = (),
         model_id: str = "",
-        precision: str = "",
     ) -> ModerationResult:
         """Score stored embeddings against the current policies, as `moderate` would have.
 
         Runs on the CPU copy of the policy index in a thread of its own, so rescoring never
-        takes the model device or the event loop from live traffic. `model_id` and
-        `precision`, when given, must be this model's.
+        takes the model device or the event loop from live traffic. `model_id`, when given,
+        must be this model's; the precision may differ (policy text is always embedded in
+        fp32, so the scores do not depend on it).
         """
         if not self._ready:
             raise NotReady("the service is still loading its model and policies")
-        self._check_embeddings_source(model_id, precision)
+        if model_id and model_id != self.model_id:
+            raise InvalidRequest(
+                f"the embeddings come from model {model_id}, this server runs {self.model_id}: "
+                "embeddings of another model cannot be scored"
+            )
         limit = self.config.server.max_embeddings_per_request
         if len(images) > limit:
             raise InvalidRequest(f"request has {len(images)} embeddings; at most {limit}")
@@ -276,7 +280,12 @@ class ModerationEngine:
         self._rescoring += 1
         try:
             results = await asyncio.get_running_loop().run_in_executor(
-                self._rescore_pool, rescore_images, images, index, selected
+                self._rescore_pool,
+                rescore_images,
+                images,
+                index,
+                selected,
+                self.config.images.max_views,
             )
         finally:
             self._rescoring -= 1
@@ -292,19 +301,6 @@ class ModerationEngine:
             model_id=self.model_id,
             precision=self.clip.info.precision,
         )
-
-    def _check_embeddings_source(self, model_id: str, precision: str) -> None:
-        info = self.clip.info
-        if model_id and model_id != info.model_id:
-            raise InvalidRequest(
-                f"the embeddings come from model {model_id}, this server runs {info.model_id}: "
-                "embeddings of another model cannot be scored"
-            )
-        if precision and precision != info.precision:
-            raise InvalidRequest(
-                f"the embeddings were made at {precision} precision, this server runs "
-                f"{info.precision}: scores would drift; rescore where the precision matches"
-            )
 
     def _check_request_size(self, count: int) -> None:
         limit = self.config.server.max_images_per_request

@@ -67,4 +67,5 @@ class OfflineScorer:
 
     def score_embeddings(self, images: list[EmbeddedImage]) -> tuple[ImageOutcome, ...]:
         """Stored embeddings -> the outcomes the service would return for their images."""
-        return rescore_images(images, self.index, selected_policies(self.policy_set, ()))
+        selected = selected_policies(self.policy_set, ())
+        return rescore_images(images, self.index, selected, self.limits.max_views)

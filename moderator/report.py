@@ -21,6 +21,7 @@ from moderator.calibration import (
     LabelledScore,
     OperatingPoint,
     PolicyCalibration,
+    violates,
 )
 from moderator.policies import format_threshold
 
@@ -236,10 +237,11 @@ def _y(fraction: float) -> float:
 def _mistakes(c: PolicyCalibration, base: Path) -> str:
     threshold = c.current.threshold
     missed = sorted(
-        (s for s in c.samples if s.violating and s.score < threshold), key=lambda s: s.score
+        (s for s in c.samples if s.violating and not violates(s.score, threshold)),
+        key=lambda s: s.score,
     )
     flagged = sorted(
-        (s for s in c.samples if not s.violating and s.score >= threshold),
+        (s for s in c.samples if not s.violating and violates(s.score, threshold)),
         key=lambda s: -s.score,
     )
     parts = []

@@ -38,8 +38,6 @@ from moderator.scoring import Decision, ViewScores, score_views
 
 # A stored embedding is L2-normalised; allow for float32 rounding and JSON round trips.
 NORM_TOLERANCE = 1e-3
-# Moderate scores an image on at most 1 + 4 tiles or 4 frames; more is not its output.
-MAX_VIEWS = 16
 READ_CHUNK = 4096
 
 Vector: TypeAlias = Sequence[float] | npt.NDArray[np.float32]
@@ -63,15 +61,18 @@ def embedded_image(image_id: str, embedding: Vector, views: Sequence[Vector] = (
 
 
 def score_embedded(
-    images: Sequence[EmbeddedImage], index: PolicyIndex
+    images: Sequence[EmbeddedImage], index: PolicyIndex, max_views: int
 ) -> list[ViewScores | InvalidImage]:
-    """Per-view scores of every image against `index`; an invalid embedding fails alone."""
+    """Per-view scores of every image against `index`; an invalid embedding fails alone.
+
+    `max_views`: the most views Moderate gives one image (ImageConfig.max_views).
+    """
     dim = int(index.text_matrix.shape[1])
     failed: dict[int, InvalidImage] = {}
     rows: list[npt.NDArray[np.float32]] = []
     owners: list[int] = []  # the image of each row
     for i, image in enumerate(images):
-        views = _view_arrays(image, dim)
+        views = _view_arrays(image, dim, max_views)
         if isinstance(views, InvalidImage):
             failed[i] = views
         else:
@@ -98,17 +99,19 @@ def score_embedded(
 
 
 def rescore_images(
-    images: Sequence[EmbeddedImage], index: PolicyIndex, selected: torch.Tensor
+    images: Sequence[EmbeddedImage], index: PolicyIndex, selected: torch.Tensor, max_views: int
 ) -> tuple[ImageOutcome, ...]:
     """Stored embeddings -> the outcomes Moderate would return for their images, scored on the
     CPU copy of `index`."""
-    views = score_embedded(images, index.on_cpu)
+    views = score_embedded(images, index.on_cpu, max_views)
     return build_outcomes([image.id for image in images], views, index, selected)
 
 
-def _view_arrays(image: EmbeddedImage, dim: int) -> list[npt.NDArray[np.float32]] | InvalidImage:
-    if not 1 <= len(image.views) <= MAX_VIEWS:
-        return _invalid(f"{len(image.views)} views; Moderate returns 1 to {MAX_VIEWS}")
+def _view_arrays(
+    image: EmbeddedImage, dim: int, max_views: int
+) -> list[npt.NDArray[np.float32]] | InvalidImage:
+    if not 1 <= len(image.views) <= max_views:
+        return _invalid(f"{len(image.views)} views; Moderate returns 1 to {max_views}")
     try:
         views = [np.asarray(view, dtype=np.float32) for view in image.views]
     except (TypeError, ValueError):
@@ -158,7 +161,6 @@ class Verdict:
 class StoredImage:
     image: EmbeddedImage
     model: str
-    precision: str
     policy_version: str
     verdict: Verdict | None  # the stored result, when the line has one
 
@@ -213,18 +215,20 @@ def _stored_image(record: Any) -> StoredImage | None:
     return StoredImage(
         image=embedded_image(image_id, _floats(embedding), views),
         model=str(record.get("model", "")),
-        precision=str(record.get("precision", "")),
         policy_version=str(record.get("policy_version", "")),
         verdict=_stored_verdict(record),
     )
 
 
 def _floats(values: Any) -> npt.NDArray[np.float32]:
-    if not isinstance(values, list) or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in values
-    ):
+    """A JSON list of numbers as float32; numpy's own conversion does the checking (fast)."""
+    try:
+        array = np.asarray(values, dtype=np.float32) if isinstance(values, list) else None
+    except (TypeError, ValueError):
+        array = None
+    if array is None or array.ndim != 1:
         raise ValueError("an embedding must be a list of numbers")
-    return np.asarray(values, dtype=np.float32)
+    return array
 
 
 def _stored_verdict(record: dict[str, Any]) -> Verdict | None:
@@ -251,21 +255,18 @@ def verdict_of(outcome: ImageOutcome) -> Verdict:
     )
 
 
-def source_mismatch(images: Sequence[StoredImage], model_id: str, precision: str) -> str | None:
-    """Why these stored embeddings cannot be rescored with this model, if they cannot."""
+def source_mismatch(images: Sequence[StoredImage], model_id: str) -> str | None:
+    """Why these stored embeddings cannot be rescored with this model, if they cannot.
+
+    Only the model matters: policy text is embedded in fp32 at every precision.
+    """
     models = sorted({s.model for s in images if s.model and s.model != model_id})
-    if models:
-        return (
-            f"the embeddings were made by {', '.join(models)}, but the loaded model is "
-            f"{model_id}: scores would be meaningless (use the same --model/--pretrained)"
-        )
-    precisions = sorted({s.precision for s in images if s.precision and s.precision != precision})
-    if precisions:
-        return (
-            f"the embeddings were made at {', '.join(precisions)} precision, the model is loaded "
-            f"at {precision}: scores would drift (use the same --precision)"
-        )
-    return None
+    if not models:
+        return None
+    return (
+        f"the embeddings were made by {', '.join(models)}, but the loaded model is "
+        f"{model_id}: scores would be meaningless (use the same --model/--pretrained)"
+    )
 
 
 # -- what changed ----------------------------------------------------------------------------

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pad_sequence
 
 from moderator.embeddings import PolicyIndex
 
@@ -49,13 +47,21 @@ def score_views(
 def reduce_views(images: Sequence[ViewScores]) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image's views -> (scores [N, P], matched [N, P]): each policy's max over the views.
 
-    Images have different numbers of views, so they are padded with -inf views and reduced in
-    one operation.
+    Images with the same number of views are reduced together, one operation per view count.
     """
-    scores = pad_sequence([v.scores for v in images], batch_first=True, padding_value=-math.inf)
-    matched = pad_sequence([v.matched for v in images], batch_first=True)
-    best_scores, best_view = scores.max(dim=1)  # [N, P]
-    return best_scores, matched.gather(1, best_view.unsqueeze(1)).squeeze(1)
+    policies = images[0].scores.shape[1] if images else 0
+    scores = torch.empty(len(images), policies)
+    matched = torch.empty(len(images), policies, dtype=torch.long)
+    by_count: dict[int, list[int]] = {}
+    for i, image in enumerate(images):
+        by_count.setdefault(image.scores.shape[0], []).append(i)
+    for members in by_count.values():
+        rows = torch.tensor(members)
+        best, view = torch.stack([images[i].scores for i in members]).max(dim=1)
+        choices = torch.stack([images[i].matched for i in members])
+        scores[rows] = best
+        matched[rows] = choices.gather(1, view.unsqueeze(1)).squeeze(1)
+    return scores, matched
 
 
 def decide(violated: torch.Tensor, index: PolicyIndex, selected: torch.Tensor) -> torch.Tensor:

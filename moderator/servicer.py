@@ -158,7 +158,6 @@ class ModeratorServicer(pb_grpc.ModeratorServicer):
             [embedded(image) for image in request.images],
             policy_ids=list(request.policy_ids),
             model_id=request.model,
-            precision=request.precision,
         )
         # thousands of results: build the message off the event loop
         return await asyncio.to_thread(moderate_response, result)

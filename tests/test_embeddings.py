@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from moderator.config import DEMO_POLICIES_DIR
 from moderator.embeddings import EmbeddingCache, build_policy_index, embed_texts
-from moderator.policies import build_policy_set, parse_policy
+from moderator.policies import build_policy_set, load_policy_dir, parse_policy
 
 DIM = 8
 
@@ -104,3 +105,23 @@ def test_policy_index_layout() -> None:
     assert index.has_benign.tolist() == [False, True]
     assert index.thresholds.tolist() == pytest.approx([0.2, 0.2])
     assert len(encoder.encoded) == 10  # 5 texts x 2 templates
+
+
+def test_an_index_on_another_device_keeps_a_cpu_copy_for_rescoring() -> None:
+    policy_set = load_policy_dir(DEMO_POLICIES_DIR)
+    cache = EmbeddingCache(None, "test")
+    index = build_policy_index(policy_set, CountingEncoder(), cache, torch.device("meta"))
+    assert index.text_matrix.device.type == "meta"
+    assert index.cpu_copy is not None
+    on_cpu = index.on_cpu
+    for tensor in (
+        on_cpu.text_matrix,
+        on_cpu.violating_rows,
+        on_cpu.benign_rows,
+        on_cpu.has_benign,
+    ):
+        assert tensor.device.type == "cpu"
+    assert on_cpu.text_matrix.shape == index.text_matrix.shape
+    cpu_index = build_policy_index(policy_set, CountingEncoder(), cache, torch.device("cpu"))
+    assert cpu_index.on_cpu is cpu_index
+    assert torch.equal(on_cpu.text_matrix, cpu_index.text_matrix)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from moderator.embeddings import EmbeddingCache, PolicyIndex, build_policy_index
 from moderator.errors import ImageErrorCode, InvalidImage
 from moderator.policies import PolicySet, parse_policy
 from moderator.rescoring import (
+    READ_CHUNK,
     ChangeSummary,
     Verdict,
     embedded_image,
@@ -30,13 +33,16 @@ from moderator.rescoring import (
 from moderator.scoring import Decision, ViewScores, score_views
 from moderator.v1 import moderator_pb2 as pb
 from moderator.v1 import moderator_pb2_grpc as pb_grpc
-from tests.conftest import RunningService, encode, shape_png
+from tests.conftest import demo_config, encode, shape_png, start_service
 from tests.test_engine import edit
 from tests.test_watcher import copy_demo_policies
 
 # Live scores come from a batched matmul on the server, rescores from another batch shape:
 # float32 rounding is all that may differ.
 SCORE_TOLERANCE = 1e-5
+LONGER_RED_DESCRIPTION = (
+    "  - a red circle\n  - a bright red circle drawn on a plain light background, seen head on\n"
+)
 
 
 def unit(*values: float) -> list[float]:
@@ -70,9 +76,10 @@ def test_score_embedded_equals_score_views_and_fails_bad_embeddings_alone() -> N
         embedded_image("nan", [float("nan"), 0.0, 0.0]),
         embedded_image("unnormalised", [3.0, 0.0, 0.0]),
         embedded_image("views", unit(0, 0, 1), [unit(0, 0, 1), unit(0, 1, 0)]),
+        embedded_image("too many views", unit(0, 0, 1), [unit(0, 0, 1)] * 3),
     ]
-    results = score_embedded(images, index)
-    good, short, nan, unnormalised, views = results
+    results = score_embedded(images, index, max_views=2)
+    good, short, nan, unnormalised, views, too_many = results
     assert isinstance(good, ViewScores)
     assert isinstance(views, ViewScores)
     expected, _ = score_views(torch.tensor([unit(1, 0, 0)]), index)
@@ -80,7 +87,12 @@ def test_score_embedded_equals_score_views_and_fails_bad_embeddings_alone() -> N
     assert good.scores.tolist() == [[pytest.approx(1.0)]]  # best description 1, no benign match
     assert views.scores.shape == (2, 1)
     assert views.scores[:, 0].tolist() == pytest.approx([-1.0, 1.0])  # z is the benign text
-    for failed, words in ((short, "2 values"), (nan, "NaN"), (unnormalised, "normalised")):
+    for failed, words in (
+        (short, "2 values"),
+        (nan, "NaN"),
+        (unnormalised, "normalised"),
+        (too_many, "3 views; Moderate returns 1 to 2"),
+    ):
         assert isinstance(failed, InvalidImage)
         assert failed.code is ImageErrorCode.INVALID_EMBEDDING
         assert words in failed.message
@@ -152,8 +164,8 @@ def test_change_summary_counts_decisions_and_policies() -> None:
 # -- end to end: live Moderate -> stored file -> rescore ---------------------------------------
 
 
-def animated_gif(*colours: str) -> bytes:
-    frames = [render_shape(colour, "circle", 128, 128) for colour in colours]
+def animated_gif(*colours: str, width: int = 128, height: int = 128) -> bytes:
+    frames = [render_shape(colour, "circle", width, height) for colour in colours]
     buffer = io.BytesIO()
     frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100)
     return buffer.getvalue()
@@ -167,19 +179,36 @@ def stored_images() -> list[pb.Image]:
         "orange-triangle": shape_png("orange", "triangle"),
         "wide-red-star": encode(render_shape("red", "star", 640, 128)),
         "blue-then-red": animated_gif("blue", "red"),
+        # 4 frames x (the whole frame + 4 tiles): the most views one image gets
+        "wide-animation": animated_gif("blue", "green", "yellow", "red", width=640, height=128),
         "corrupt": b"\x89PNG\r\n\x1a\nnope",
     }
     return [pb.Image(id=name, data=value) for name, value in data.items()]
 
 
 @pytest.fixture(scope="module")
+def served_policies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_demo_policies(tmp_path_factory.mktemp("served") / "policies")
+
+
+@pytest.fixture(scope="module")
 def live(
-    demo_service: RunningService,
+    served_policies: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[pb_grpc.ModeratorStub, pb.ModerateResponse]]:
-    with grpc.insecure_channel(demo_service.address) as channel:
-        stub = pb_grpc.ModeratorStub(channel)
-        request = pb.ModerateRequest(images=stored_images(), include_embeddings=True)
-        yield stub, stub.Moderate(request, timeout=60)
+    """The server's answers, after a reload: its text cache then holds prompts encoded in two
+    batches (start-up and reload), which a cold offline cache encodes in one."""
+    config = replace(
+        demo_config(tmp_path_factory.mktemp("live")),
+        policies_dir=served_policies,
+        policy_poll_seconds=0,
+    )
+    for running in start_service(config):
+        with grpc.insecure_channel(running.address) as channel:
+            stub = pb_grpc.ModeratorStub(channel)
+            edit(served_policies / "red.yaml", "  - a red circle\n", LONGER_RED_DESCRIPTION)
+            assert stub.ReloadPolicies(pb.ReloadPoliciesRequest(), timeout=60).status.ok
+            request = pb.ModerateRequest(images=stored_images(), include_embeddings=True)
+            yield stub, stub.Moderate(request, timeout=60)
 
 
 @pytest.fixture
@@ -216,6 +245,7 @@ def test_multi_view_images_return_every_view(
     views = {r.id: len(r.views) for r in response.results}
     assert views["wide-red-star"] > 1
     assert views["blue-then-red"] == 2
+    assert views["wide-animation"] == 20
     assert views["red-circle"] == 0  # one view: `embedding` is all there is
     gif = next(r for r in response.results if r.id == "blue-then-red")
     assert list(gif.views[0].values) == list(gif.embedding)
@@ -246,7 +276,7 @@ def test_score_embeddings_rpc_fails_a_bad_embedding_alone_and_refuses_another_mo
 ) -> None:
     stub, response = live
     good = response.results[0]
-    many_views = [pb.Embedding(values=good.embedding)] * 17
+    many_views = [pb.Embedding(values=good.embedding)] * 21
     request = pb.ScoreEmbeddingsRequest(
         images=[
             pb.EmbeddedImage(id="short", embedding=[1.0, 0.0]),
@@ -255,10 +285,13 @@ def test_score_embeddings_rpc_fails_a_bad_embedding_alone_and_refuses_another_mo
         ],
         policy_ids=["red"],
         model=response.model,
-        precision=response.precision,
     )
     results = stub.ScoreEmbeddings(request, timeout=60).results
-    for failed, words in ((results[0], "has 2 values; this model's have 64"), (results[2], "17")):
+    too_many = "21 views; Moderate returns 1 to 20"
+    for failed, words in (
+        (results[0], "has 2 values; this model's have 64"),
+        (results[2], too_many),
+    ):
         assert failed.decision == pb.DECISION_ERROR
         assert failed.error.code == pb.IMAGE_ERROR_CODE_INVALID_EMBEDDING
         assert words in failed.error.message
@@ -270,11 +303,10 @@ def test_score_embeddings_rpc_fails_a_bad_embedding_alone_and_refuses_another_mo
     ("change", "words"),
     [
         ({"model": "ViT-B-32/openai"}, "ViT-B-32/openai"),
-        ({"precision": "fp16"}, "made at fp16 precision"),
         ({"count": 4097}, "4097 embeddings; at most 4096"),
     ],
 )
-def test_score_embeddings_rpc_refuses_other_models_precisions_and_huge_requests(
+def test_score_embeddings_rpc_refuses_another_model_and_huge_requests(
     live: tuple[pb_grpc.ModeratorStub, pb.ModerateResponse], change: dict[str, Any], words: str
 ) -> None:
     stub, response = live
@@ -304,14 +336,15 @@ def read_lines(path: Path) -> list[pb.ImageResult]:
 
 def test_rescore_with_the_same_policies_changes_nothing_and_equals_live(
     live: tuple[pb_grpc.ModeratorStub, pb.ModerateResponse],
+    served_policies: Path,
     stored_file: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "rescored.jsonl"
-    assert rescore(stored_file, DEMO_POLICIES_DIR, tmp_path / "cache", "--out", str(out)) == 0
+    assert rescore(stored_file, served_policies, tmp_path / "cache", "--out", str(out)) == 0
     printed = capsys.readouterr().out
-    assert "6 images" in printed
+    assert "7 images" in printed
     assert "0 images changed decision" in printed
     assert "1 images that failed at moderation time were skipped" in printed
     _, response = live
@@ -320,28 +353,46 @@ def test_rescore_with_the_same_policies_changes_nothing_and_equals_live(
     )
 
 
-def test_rescore_summarises_what_a_policy_change_would_do(
-    stored_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_rescore_at_another_precision_scores_the_same(
+    live: tuple[pb_grpc.ModeratorStub, pb.ModerateResponse],
+    served_policies: Path,
+    stored_file: Path,
+    tmp_path: Path,
 ) -> None:
-    policies = copy_demo_policies(tmp_path / "policies")
+    """Policy text is embedded in fp32 whatever the image precision, so it does not matter."""
+    _, response = live
+    other = "fp32" if response.precision != "fp32" else "bf16"
+    out = tmp_path / "rescored.jsonl"
+    args = ("--precision", other, "--out", str(out))
+    assert rescore(stored_file, served_policies, tmp_path / "cache", *args) == 0
+    assert_same_results(
+        read_lines(out), [r for r in response.results if r.decision != pb.DECISION_ERROR]
+    )
+
+
+def test_rescore_summarises_what_a_policy_change_would_do(
+    served_policies: Path, stored_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policies = tmp_path / "policies"
+    shutil.copytree(served_policies, policies)
     edit(policies / "red.yaml", "mode: enforce", "mode: shadow")
     assert rescore(stored_file, policies, tmp_path / "cache") == 0
     printed = capsys.readouterr().out
-    # red blocked red-circle, blue-then-red and wide-red-star; the red star is still a star
+    # red alone blocked red-circle and blue-then-red; wide-red-star and wide-animation also
+    # violate stars (review)
     assert "BLOCK  -> ALLOW         2  (changed)" in printed
-    assert "BLOCK  -> REVIEW        1  (changed)" in printed
-    assert "changed: red-circle, wide-red-star, blue-then-red" in printed
+    assert "BLOCK  -> REVIEW        2  (changed)" in printed
+    assert "changed: red-circle, wide-red-star, blue-then-red, wide-animation" in printed
     red = next(line for line in printed.splitlines() if line.strip().startswith("red "))
-    assert red.split()[1:] == ["kept", "3", "3", "0", "0"]  # shadow still scores and flags
+    assert red.split()[1:] == ["kept", "4", "4", "0", "0"]  # shadow still scores and flags
 
     assert (
-        rescore(stored_file, DEMO_POLICIES_DIR, tmp_path / "cache", "--baseline", str(policies))
-        == 0
+        rescore(stored_file, served_policies, tmp_path / "cache", "--baseline", str(policies)) == 0
     )
     printed = capsys.readouterr().out
     assert "BLOCK  -> ALLOW" not in printed
     assert "ALLOW  -> BLOCK         2  (changed)" in printed
-    assert "REVIEW -> BLOCK         1  (changed)" in printed
+    assert "REVIEW -> BLOCK         2  (changed)" in printed
 
 
 def test_rescore_refuses_embeddings_of_another_model(
@@ -354,29 +405,52 @@ def test_rescore_refuses_embeddings_of_another_model(
     assert "made by ViT-B-32/openai" in capsys.readouterr().err
 
 
-def test_rescore_refuses_another_precision_and_follows_the_stored_one(
-    stored_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_rescore_compares_only_images_with_a_stored_decision(
+    served_policies: Path, stored_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     records = [json.loads(line) for line in stored_file.read_text().splitlines()]
-    for record in records:
-        record["precision"] = "fp16"
+    del records[0]["decision"]
     stored_file.write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert rescore(stored_file, DEMO_POLICIES_DIR, tmp_path / "cache", "--precision", "fp32") == 2
-    assert "made at fp16 precision, the model is loaded at fp32" in capsys.readouterr().err
+    out = tmp_path / "rescored.jsonl"
+    assert rescore(stored_file, served_policies, tmp_path / "cache", "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert "6 images:" in printed
+    assert "1 images have no stored decision: scored, not compared" in printed
+    assert len(out.read_text().splitlines()) == 7  # every scored image is written
 
 
 def test_rescore_reports_invalid_embeddings_and_exits_one(
-    stored_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    served_policies: Path, stored_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     records = [json.loads(line) for line in stored_file.read_text().splitlines()]
     records[1]["embedding"] = records[1]["embedding"][:10]
     records[2]["embedding"] = [2 * v for v in records[2]["embedding"]]
     stored_file.write_text("".join(json.dumps(r) + "\n" for r in records) + "{oops\n")
-    assert rescore(stored_file, DEMO_POLICIES_DIR, tmp_path / "cache") == 1
+    assert rescore(stored_file, served_policies, tmp_path / "cache") == 1
     captured = capsys.readouterr()
-    assert "4 images:" in captured.out  # the 3 left out are not counted as changes
+    assert "5 images:" in captured.out  # the 3 left out are not counted as changes
     assert "0 images changed decision" in captured.out
     assert "invalid embedding: blue-star: embedding has 10 values" in captured.err
     assert "invalid embedding: green-square: embedding is not L2-normalised" in captured.err
-    assert f"skipped {stored_file}:8: " in captured.err
-    assert "1 unreadable lines and 2 invalid embeddings were left out" in captured.err
+    assert f"skipped {stored_file}:9: " in captured.err
+    assert "1 unreadable lines (listed above) and 2 invalid embeddings (the first 2" in captured.err
+
+
+def test_rescore_reads_a_file_larger_than_one_chunk(
+    served_policies: Path, stored_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    records = [json.loads(line) for line in stored_file.read_text().splitlines()]
+    scored = [r for r in records if r.get("embedding")]
+    copies = READ_CHUNK // len(scored) + 1
+    with stored_file.open("w") as out:
+        for copy in range(copies):
+            for record in scored:
+                out.write(json.dumps({**record, "id": f"{record['id']}-{copy}"}) + "\n")
+    total = copies * len(scored)
+    assert total > READ_CHUNK
+    out_file = tmp_path / "rescored.jsonl"
+    assert rescore(stored_file, served_policies, tmp_path / "cache", "--out", str(out_file)) == 0
+    printed = capsys.readouterr().out
+    assert f"{total} images:" in printed
+    assert "0 images changed decision" in printed
+    assert len(out_file.read_text().splitlines()) == total

@@ -202,13 +202,11 @@ class EmbeddedImage(_message.Message):
     def __init__(self, id: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., views: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ...) -> None: ...
 
 class ScoreEmbeddingsRequest(_message.Message):
-    __slots__ = ("images", "policy_ids", "model", "precision")
+    __slots__ = ("images", "policy_ids", "model")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     POLICY_IDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
-    PRECISION_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[EmbeddedImage]
     policy_ids: _containers.RepeatedScalarFieldContainer[str]
     model: str
-    precision: str
-    def __init__(self, images: _Optional[_Iterable[_Union[EmbeddedImage, _Mapping]]] = ..., policy_ids: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
+    def __init__(self, images: _Optional[_Iterable[_Union[EmbeddedImage, _Mapping]]] = ..., policy_ids: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ...) -> None: ...
