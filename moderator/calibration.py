@@ -171,12 +171,14 @@ def suggested_threshold(curve: Sequence[OperatingPoint], point: OperatingPoint) 
 
 
 def tidy(value: float, low: float, high: float) -> float:
-    """`value` rounded to the fewest decimals that keep it in (low, high]."""
+    """`value` rounded to the fewest decimals that keep it in (low, high] as the service sees
+    it (in float32); `high` itself when no rounding does (scores only a few float32 steps
+    apart)."""
     for decimals in range(2, 10):
         rounded = round(value, decimals)
-        if low < rounded <= high:
+        if low < float(np.float32(rounded)) <= high:
             return rounded
-    return value
+    return high
 
 
 def calibrate_policy(

@@ -121,6 +121,12 @@ SERVE_OPTIONS = (
         "stored embeddings per ScoreEmbeddings request",
     ),
     Option(
+        "--max-rescore-requests",
+        int,
+        ServerConfig.max_rescore_requests,
+        "ScoreEmbeddings requests admitted at once (0 turns the RPC off)",
+    ),
+    Option(
         "--max-message-mb", int, ServerConfig.max_message_bytes // MIB, "largest gRPC message, MiB"
     ),
     Option("--max-image-mb", float, ImageConfig.max_bytes / MIB, "largest image, MiB"),
@@ -268,6 +274,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             max_message_bytes=args.max_message_mb * MIB,
             max_images_per_request=args.max_images_per_request,
             max_embeddings_per_request=args.max_embeddings_per_request,
+            max_rescore_requests=args.max_rescore_requests,
         ),
     )
 
@@ -285,6 +292,8 @@ def validate_config(config: Config) -> None:
     ):
         if value < 1:
             raise ConfigError(f"{flag} must be positive")
+    if config.server.max_rescore_requests < 0:
+        raise ConfigError("--max-rescore-requests must not be negative (0 turns it off)")
     if config.policy_poll_seconds < 0:
         raise ConfigError("--policy-poll-seconds must not be negative (0 turns watching off)")
     if batching.max_wait_ms < 0:
@@ -438,12 +447,18 @@ def run_rescore(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def written_on_success(path: Path) -> Iterator[TextIO]:
-    """A file to write `path` through; it appears only if the block completes."""
-    partial = path.with_name(f".{path.name}.partial")
+    """A file to write `path` through: a regular file (or a link to one) appears only if the
+    block completes; anything else (/dev/stdout, a pipe) is written directly."""
+    target = path.resolve()
+    if target.exists() and not target.is_file():
+        with target.open("w", encoding="utf-8") as out:
+            yield out
+        return
+    partial = target.with_name(f".{target.name}.partial")
     try:
         with partial.open("w", encoding="utf-8") as out:
             yield out
-        os.replace(partial, path)
+        os.replace(partial, target)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -478,9 +493,10 @@ class Rescore:
         after = self.after.score_embeddings(images)
         if out is not None:
             version = self.after.policy_set.version
-            for outcome in after:
-                line = format_json(image_result(outcome), version, info.model_id, info.precision)
-                out.write(line + "\n")
+            for stored, outcome in zip(chunk.images, after, strict=True):
+                # the precision that made the embedding, not this process's
+                record = (image_result(outcome), version, info.model_id, stored.precision)
+                out.write(format_json(*record) + "\n")
         befores: list[Verdict | None]
         if self.before is not None:
             befores = [verdict_of(o) for o in self.before.score_embeddings(images)]

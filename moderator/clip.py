@@ -57,8 +57,8 @@ def resolve_device(requested: str) -> torch.device:
 
 
 # open_clip's "fp16"/"bf16" cast the weights of linear, conv and attention layers (as OpenAI's
-# CLIP does) and keep layer norms in fp32; inputs are cast to the same dtype. Autocast was
-# slower on CPU. cast_image_tower applies that to the image tower only.
+# CLIP does) and compute layer norms in fp32 (timm towers are cast whole); inputs are cast to
+# the same dtype. Autocast was slower on CPU. cast_image_tower does that to the image tower only.
 TEXT_PRECISION = "fp32"
 _OPEN_CLIP_PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -278,9 +278,9 @@ def load_clip(config: ModelConfig) -> ClipModel:
 
 
 def cast_image_tower(model: Any, dtype: torch.dtype) -> None:
-    """Cast the image tower exactly as open_clip's create_model(precision="bf16"/"fp16") casts
-    it (same weights cast, layer norms computed in fp32, identical outputs); the text tower
-    stays fp32."""
+    """Cast the image tower as open_clip's create_model(precision="bf16"/"fp16") casts it: for
+    native towers the linear, conv and attention weights, with layer norms computed in fp32;
+    timm towers whole. The outputs are identical (tested). The text tower stays fp32."""
     if dtype == torch.float32:
         return
     visual = model.visual

@@ -50,8 +50,10 @@ class ImageConfig:
 
     @property
     def max_views(self) -> int:
-        """The most views one image can get: each frame whole, plus its tiles."""
-        return max(self.max_frames, 1) * (1 + self.max_tiles)
+        """The most views one image can get: each frame whole, plus its tiles (images.py makes
+        tiles only when at least 2 are allowed)."""
+        tiles = self.max_tiles if self.max_tiles >= 2 else 0
+        return max(self.max_frames, 1) * (1 + tiles)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ class ServerConfig:
     max_message_bytes: int = 128 * MIB
     max_images_per_request: int = 256
     max_embeddings_per_request: int = 4096
+    # ScoreEmbeddings requests admitted at once (one runs, the rest wait); 0 turns the RPC off.
+    max_rescore_requests: int = 4
     shutdown_grace_seconds: float = 30.0
 
 

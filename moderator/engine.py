@@ -21,7 +21,14 @@ from moderator.batching import Batcher
 from moderator.clip import TEXT_PRECISION, ClipModel, load_clip
 from moderator.config import Config, ModelConfig
 from moderator.embeddings import EmbeddingCache, PolicyIndex, build_policy_index
-from moderator.errors import InvalidImage, InvalidRequest, NotReady, Overloaded, PolicyError
+from moderator.errors import (
+    Disabled,
+    InvalidImage,
+    InvalidRequest,
+    NotReady,
+    Overloaded,
+    PolicyError,
+)
 from moderator.images import decode_views
 from moderator.metrics import Metrics
 from moderator.outcomes import (
@@ -37,8 +44,6 @@ from moderator.scoring import ViewScores
 log = logging.getLogger(__name__)
 
 WARMUP_TIMEOUT_SECONDS = 300.0
-# ScoreEmbeddings requests admitted at once (one runs, the rest wait); more is RESOURCE_EXHAUSTED.
-MAX_RESCORE_REQUESTS = 4
 
 
 @dataclass(frozen=True)
@@ -261,6 +266,9 @@ class ModerationEngine:
         """
         if not self._ready:
             raise NotReady("the service is still loading its model and policies")
+        admitted = self.config.server.max_rescore_requests
+        if admitted == 0:
+            raise Disabled("ScoreEmbeddings is turned off here (--max-rescore-requests 0)")
         if model_id and model_id != self.model_id:
             raise InvalidRequest(
                 f"the embeddings come from model {model_id}, this server runs {self.model_id}: "
@@ -271,7 +279,7 @@ class ModerationEngine:
             raise InvalidRequest(f"request has {len(images)} embeddings; at most {limit}")
         index = self.index
         selected = selected_policies(index.policy_set, policy_ids)
-        if self._rescoring >= MAX_RESCORE_REQUESTS:
+        if self._rescoring >= admitted:
             self.metrics.rejected_requests.labels(reason="overload").inc()
             raise Overloaded(
                 f"{self._rescoring} ScoreEmbeddings requests in flight: retry with backoff"

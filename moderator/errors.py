@@ -37,6 +37,10 @@ class DeadlineExceeded(ModeratorError):
     """The request's deadline passed before the model reached it."""
 
 
+class Disabled(ModeratorError):
+    """This server is configured to refuse the request (ScoreEmbeddings turned off)."""
+
+
 class NotReady(ModeratorError):
     """The engine is not started (or is stopping)."""
 

@@ -161,6 +161,7 @@ class Verdict:
 class StoredImage:
     image: EmbeddedImage
     model: str
+    precision: str  # of the image encoder that made the embedding
     policy_version: str
     verdict: Verdict | None  # the stored result, when the line has one
 
@@ -215,6 +216,7 @@ def _stored_image(record: Any) -> StoredImage | None:
     return StoredImage(
         image=embedded_image(image_id, _floats(embedding), views),
         model=str(record.get("model", "")),
+        precision=str(record.get("precision", "")),
         policy_version=str(record.get("policy_version", "")),
         verdict=_stored_verdict(record),
     )
@@ -226,7 +228,7 @@ def _floats(values: Any) -> npt.NDArray[np.float32]:
         array = np.asarray(values, dtype=np.float32) if isinstance(values, list) else None
     except (TypeError, ValueError):
         array = None
-    if array is None or array.ndim != 1:
+    if array is None or array.ndim != 1 or any(type(v) is bool for v in values):
         raise ValueError("an embedding must be a list of numbers")
     return array
 

@@ -14,6 +14,7 @@ import grpc
 from moderator.engine import ImageInput, ModerationEngine, ReloadStatus
 from moderator.errors import (
     DeadlineExceeded,
+    Disabled,
     ImageErrorCode,
     InvalidRequest,
     ModeratorError,
@@ -41,6 +42,7 @@ STATUS_FOR_ERROR: dict[type[ModeratorError], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
+    Disabled: grpc.StatusCode.FAILED_PRECONDITION,
 }
 DECISIONS = {
     Decision.ALLOW: pb.DECISION_ALLOW,

@@ -7,6 +7,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moderator.calibration import (
@@ -119,11 +120,25 @@ def test_an_unreachable_target_or_one_sided_labels_suggest_nothing() -> None:
     assert math.isnan(only_violating.current.precision)  # nothing flagged at 0.7
 
 
+def test_tidy_stays_inside_a_gap_of_a_few_float32_steps() -> None:
+    rng = np.random.default_rng(0)
+    for start in rng.uniform(-1, 1, 200).astype(np.float32):
+        low = float(start)
+        high = float(np.nextafter(np.nextafter(start, np.float32(2)), np.float32(2)))
+        chosen = float(np.float32(tidy((low + high) / 2, low, high)))
+        assert low < chosen <= high
+
+
+def f32(value: float) -> float:
+    """A score as the service computes it."""
+    return float(np.float32(value))
+
+
 def test_tidy_rounds_to_the_fewest_decimals_inside_the_gap() -> None:
-    assert tidy(0.75, 0.7, 0.8) == 0.75
-    assert tidy(0.71236, 0.7123, 0.7124) == 0.7124  # the upper end is inside
-    assert tidy(0.71231, 0.7123, 0.7124) == 0.71231
-    assert tidy(0.5, 0.2, 0.5) == 0.5
+    assert tidy(0.75, f32(0.7), f32(0.8)) == 0.75
+    assert tidy(0.71236, f32(0.7123), f32(0.7124)) == 0.7124  # the upper end is inside
+    assert tidy(0.71231, f32(0.7123), f32(0.7124)) == 0.71231
+    assert tidy(0.5, f32(0.2), f32(0.5)) == 0.5
 
 
 def test_labels_csv_resolves_paths_and_reports_every_bad_row(tmp_path: Path) -> None:

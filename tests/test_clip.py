@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import open_clip
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from moderator.clip import (
     resolve_precision,
 )
 from moderator.config import (
+    DEMO_CHECKPOINT_PATH,
     DEMO_CONFIG_PATH,
     DEMO_MODEL_NAME,
     ImageConfig,
@@ -152,6 +154,24 @@ def test_bf16_embeddings_stay_close_to_fp32(demo_clip: ClipModel) -> None:
     image_cosine = (bf16.encode_images(images) * demo_clip.encode_images(images)).sum(-1)
     assert image_cosine.dtype == torch.float32
     assert float(image_cosine.min()) > 0.995
+
+
+def test_the_image_tower_is_cast_as_open_clip_casts_a_bf16_model() -> None:
+    ours = load_clip(demo_model_config("cpu", "bf16"))
+    theirs = open_clip.create_model(
+        DEMO_MODEL_NAME, pretrained=str(DEMO_CHECKPOINT_PATH), device="cpu", precision="bf16"
+    ).eval()
+    our_modules = [type(m) for m in ours.model.visual.modules()]
+    assert our_modules == [type(m) for m in theirs.visual.modules()]
+    our_state, their_state = ours.model.visual.state_dict(), theirs.visual.state_dict()
+    assert our_state.keys() == their_state.keys()
+    for name, tensor in our_state.items():
+        assert tensor.dtype == their_state[name].dtype, name
+        assert torch.equal(tensor, their_state[name]), name
+    pixels = torch.rand(2, 3, ours.preprocessing.size, ours.preprocessing.size)
+    with torch.inference_mode():
+        expected = theirs.encode_image(pixels.to(torch.bfloat16))
+        assert torch.equal(ours.model.encode_image(pixels.to(torch.bfloat16)), expected)
 
 
 def test_text_is_embedded_in_fp32_at_every_precision_whatever_the_batch(

@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry
 
 from moderator.clip import ClipModel, load_clip
 from moderator.config import BatchConfig, Config, ServerConfig, demo_model_config
-from moderator.engine import MAX_RESCORE_REQUESTS, ImageInput, ModerationEngine
-from moderator.errors import InvalidRequest, NotReady, Overloaded
+from moderator.engine import ImageInput, ModerationEngine
+from moderator.errors import Disabled, InvalidRequest, NotReady, Overloaded
 from moderator.metrics import Metrics
 from moderator.outcomes import ModerationResult
 from moderator.rescoring import embedded_image
@@ -258,7 +258,7 @@ def test_rescoring_equals_moderation_and_extra_requests_fail_fast(
         blocker = engine._rescore_pool.submit(gate.wait, 30)  # hold the rescoring thread
         admitted = [
             asyncio.ensure_future(engine.score_embeddings([stored]))
-            for _ in range(MAX_RESCORE_REQUESTS)
+            for _ in range(ServerConfig.max_rescore_requests)
         ]
         await asyncio.sleep(0)
         with pytest.raises(Overloaded, match="ScoreEmbeddings requests in flight"):
@@ -280,5 +280,15 @@ def test_rescoring_equals_moderation_and_extra_requests_fail_fast(
         assert result.results[0].decision == Decision.BLOCK
         assert [p.score for p in result.results[0].policies] == pytest.approx(live_scores, abs=1e-6)
     scored = metrics.embeddings_scored.labels(result="scored")._value.get() - scored_before
-    assert scored == MAX_RESCORE_REQUESTS
+    assert scored == ServerConfig.max_rescore_requests
     assert metrics.rejected_requests.labels(reason="overload")._value.get() == rejected_before + 1
+
+
+def test_score_embeddings_can_be_turned_off(demo_clip: ClipModel, tmp_path: Path) -> None:
+    config = replace(demo_config(tmp_path), server=ServerConfig(max_rescore_requests=0))
+    engine = started_engine(config, demo_clip)
+    try:
+        with pytest.raises(Disabled, match="--max-rescore-requests 0"):
+            asyncio.run(engine.score_embeddings([embedded_image("x", [1.0])]))
+    finally:
+        engine.stop()

@@ -189,6 +189,15 @@ def test_animated_images_are_checked_beyond_the_first_frame() -> None:
     assert close_to(pixel(views, views.shape[0] - 1, 32, 32), RED, tolerance=20)
 
 
+@pytest.mark.parametrize("max_tiles", [4, 1])
+def test_max_views_is_the_most_views_an_image_gets(max_tiles: int) -> None:
+    limits = ImageConfig(max_tiles=max_tiles)
+    frames = [Image.new("RGB", (400, 40), (i * 50, 0, 0)) for i in range(6)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=50)
+    assert decode_views(buffer.getvalue(), limits, PREP).shape[0] == limits.max_views
+
+
 def test_every_page_of_a_multi_page_image_is_size_checked() -> None:
     buffer = io.BytesIO()
     small, huge = Image.new("RGB", (8, 8), RED), Image.new("L", (2000, 2000))

@@ -114,6 +114,7 @@ def test_the_embeddings_file_reports_bad_lines_and_skips_failed_images(tmp_path:
         {"embedding": [1.0]},
         {"id": "c", "embedding": ["x"]},
         {"id": "d", "embedding": [1.0], "decision": "DECISION_MAYBE"},
+        {"id": "e", "embedding": [True, 0.0]},
     ]
     text = "\n".join(json.dumps(line) for line in lines) + "\nnot json\n\n"
     path.write_bytes(text.encode() + b'{"id": "\xff"}\n')
@@ -128,11 +129,12 @@ def test_the_embeddings_file_reports_bad_lines_and_skips_failed_images(tmp_path:
     assert images[1].verdict is None
     assert len(images[1].image.views) == 1
     assert sum(chunk.without_embedding for chunk in chunks) == 1
-    assert [p.split(": ", 1)[0] for p in problems] == [f"{path}:{n}" for n in (4, 5, 6, 7, 9)]
+    assert [p.split(": ", 1)[0] for p in problems] == [f"{path}:{n}" for n in (4, 5, 6, 7, 8, 10)]
     assert "missing 'id'" in problems[0]
     assert "list of numbers" in problems[1]
     assert "DECISION_MAYBE" in problems[2]
-    assert "utf-8" in problems[4]
+    assert "list of numbers" in problems[3]
+    assert "utf-8" in problems[5]
 
 
 def test_change_summary_counts_decisions_and_policies() -> None:
@@ -362,12 +364,17 @@ def test_rescore_at_another_precision_scores_the_same(
     """Policy text is embedded in fp32 whatever the image precision, so it does not matter."""
     _, response = live
     other = "fp32" if response.precision != "fp32" else "bf16"
-    out = tmp_path / "rescored.jsonl"
+    target = tmp_path / "rescored.jsonl"
+    out = tmp_path / "link.jsonl"
+    out.symlink_to(target)
     args = ("--precision", other, "--out", str(out))
     assert rescore(stored_file, served_policies, tmp_path / "cache", *args) == 0
+    assert out.is_symlink()  # written through the link, not replaced
     assert_same_results(
-        read_lines(out), [r for r in response.results if r.decision != pb.DECISION_ERROR]
+        read_lines(target), [r for r in response.results if r.decision != pb.DECISION_ERROR]
     )
+    precisions = {json.loads(line)["precision"] for line in target.read_text().splitlines()}
+    assert precisions == {response.precision}  # the precision that made the embeddings
 
 
 def test_rescore_summarises_what_a_policy_change_would_do(
