@@ -21,7 +21,8 @@ import numpy as np
 from moderator.errors import PolicyError
 from moderator.offline import OfflineScorer
 from moderator.policies import PolicySet, format_threshold
-from moderator.regression import Example
+from moderator.regression import Example, run_examples
+from moderator.tables import aligned_rows
 
 # Below this many labelled images of either kind a threshold is a rough guess; the report says so.
 FEW_EXAMPLES = 20
@@ -279,22 +280,16 @@ def calibrate(
     scorer: OfflineScorer, examples: Sequence[Example], target: Target, value: float
 ) -> Calibration:
     """Score each labelled image once (the service's pipeline), then calibrate each policy."""
-    paths = list(dict.fromkeys(e.path for e in examples))
-    scored = dict(zip(paths, scorer.score_files(paths), strict=True))
     policy_set = scorer.policy_set
     samples: dict[str, list[LabelledScore]] = {pid: [] for pid in policy_set.ids}
-    for example in examples:
-        scores = scored[example.path].scores
-        if scores is not None:
-            score = float(scores[policy_set.index_of(example.policy_id)])
+    results = run_examples(scorer, examples)
+    for result in results:
+        example = result.example
+        if result.score is not None:
             samples[example.policy_id].append(
-                LabelledScore(example.path, score, example.should_violate)
+                LabelledScore(example.path, result.score, example.should_violate)
             )
-    unreadable = tuple(
-        (path, result.error.message if result.error else "unreadable")
-        for path, result in scored.items()
-        if result.scores is None
-    )
+    unreadable = tuple(dict.fromkeys((r.example.path, r.error) for r in results if r.score is None))
     policies = tuple(
         calibrate_policy(policy.id, samples[policy.id], policy.threshold, target, value)
         for policy in policy_set.policies
@@ -349,8 +344,7 @@ def format_calibration(calibration: Calibration) -> str:
                 f"{c.policy_id}: fewer than {FEW_EXAMPLES} violating or benign images; "
                 "treat the suggestion as rough"
             )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines = aligned_rows(rows)
     lines.insert(
         0,
         f"suggested thresholds: the highest "

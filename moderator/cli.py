@@ -39,6 +39,7 @@ from moderator.config import (
     demo_model_config,
 )
 from moderator.errors import ConfigError, ModeratorError, PolicyError
+from moderator.files import replaced_atomically
 from moderator.policies import load_policy_dir
 
 if TYPE_CHECKING:
@@ -454,14 +455,8 @@ def written_on_success(path: Path) -> Iterator[TextIO]:
         with target.open("w", encoding="utf-8") as out:
             yield out
         return
-    partial = target.with_name(f".{target.name}.partial")
-    try:
-        with partial.open("w", encoding="utf-8") as out:
-            yield out
-        os.replace(partial, target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    with replaced_atomically(target) as out:
+        yield out
 
 
 @dataclass

@@ -240,7 +240,7 @@ class ModerationEngine:
             raise NotReady("the service is still loading its model and policies")
         index = self.index
         selected = selected_policies(index.policy_set, policy_ids)
-        self._check_request_size(len(images))
+        _check_request_size(len(images), self.config.server.max_images_per_request, "images")
         self._admit(len(images))
         try:
             views = await self._embed_all(images, index, deadline)
@@ -274,9 +274,9 @@ class ModerationEngine:
                 f"the embeddings come from model {model_id}, this server runs {self.model_id}: "
                 "embeddings of another model cannot be scored"
             )
-        limit = self.config.server.max_embeddings_per_request
-        if len(images) > limit:
-            raise InvalidRequest(f"request has {len(images)} embeddings; at most {limit}")
+        _check_request_size(
+            len(images), self.config.server.max_embeddings_per_request, "embeddings"
+        )
         index = self.index
         selected = selected_policies(index.policy_set, policy_ids)
         if self._rescoring >= admitted:
@@ -309,11 +309,6 @@ class ModerationEngine:
             model_id=self.model_id,
             precision=self.clip.info.precision,
         )
-
-    def _check_request_size(self, count: int) -> None:
-        limit = self.config.server.max_images_per_request
-        if count > limit:
-            raise InvalidRequest(f"request has {count} images; at most {limit} are allowed")
 
     def _admit(self, count: int) -> None:
         limit = self.config.batching.max_queue_images
@@ -377,3 +372,8 @@ class ModerationEngine:
                     self.metrics.policy_violations.labels(
                         policy=p.policy.id, mode=p.policy.mode.value
                     ).inc()
+
+
+def _check_request_size(count: int, limit: int, what: str) -> None:
+    if count > limit:
+        raise InvalidRequest(f"request has {count} {what}; at most {limit} are allowed")

@@ -6,14 +6,11 @@ reported with its file, key and line, and all problems of a directory are report
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +19,7 @@ from typing import Any, TypeVar
 import yaml
 
 from moderator.errors import PolicyError
+from moderator.files import replaced_atomically
 
 # Prompt ensembling as in CLIP: each description is embedded through every template and averaged.
 DEFAULT_TEMPLATES: tuple[str, ...] = ("{}", "a photo of {}.", "a picture of {}.")
@@ -164,7 +162,8 @@ def write_thresholds(directory: Path, thresholds: dict[str, float]) -> dict[str,
         parse_policy(policy_id, updated, source=path.name)
         updates[policy_id] = (path, updated)
     for path, updated in updates.values():
-        _replace_file(path, updated)
+        with replaced_atomically(path) as out:
+            out.write(updated)
     return {policy_id: path for policy_id, (path, _) in updates.items()}
 
 
@@ -175,21 +174,6 @@ def _with_threshold(text: str, threshold: float, source: str) -> str:
         raise PolicyError([f"{source}: expected one 'threshold' key to update"])
     start, end = values[0].start_mark.index, values[0].end_mark.index
     return f"{text[:start]}{format_threshold(threshold)}{text[end:]}"
-
-
-def _replace_file(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, path.stat().st_mode & 0o777)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def parse_policy_file(path: Path) -> Policy:

@@ -9,12 +9,14 @@ so a trust-and-safety team can check a policy change in the CI of their policy r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from moderator.errors import PolicyError
 from moderator.offline import OfflineScorer
 from moderator.policies import PolicySet
+from moderator.tables import aligned_rows
 
 EXPECTATIONS = {"violating": True, "benign": False}
 
@@ -71,12 +73,15 @@ def discover_examples(directory: Path, policy_set: PolicySet) -> tuple[list[Exam
     return examples, skipped
 
 
-def run_examples(scorer: OfflineScorer, examples: list[Example]) -> list[ExampleResult]:
+def run_examples(scorer: OfflineScorer, examples: Sequence[Example]) -> list[ExampleResult]:
+    """Each example's score for its policy; an image labelled for several policies is scored
+    once."""
     policy_set = scorer.policy_set
+    paths = list(dict.fromkeys(e.path for e in examples))
+    scored_paths = dict(zip(paths, scorer.score_files(paths), strict=True))
     results = []
-    for example, scored in zip(
-        examples, scorer.score_files([e.path for e in examples]), strict=True
-    ):
+    for example in examples:
+        scored = scored_paths[example.path]
         column = policy_set.index_of(example.policy_id)
         threshold = policy_set.policies[column].threshold
         if scored.scores is None:
@@ -103,8 +108,7 @@ def format_table(results: list[ExampleResult], root: Path) -> str:
                 outcome,
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines = aligned_rows(rows)
     failed = sum(not r.passed for r in results)
     lines.append(f"{len(results) - failed} passed, {failed} failed")
-    return "\n".join(line.rstrip() for line in lines)
+    return "\n".join(lines)

@@ -35,6 +35,7 @@ from moderator.embeddings import PolicyIndex
 from moderator.errors import ImageErrorCode, InvalidImage
 from moderator.outcomes import ImageOutcome, build_outcomes
 from moderator.scoring import Decision, ViewScores, score_views
+from moderator.tables import aligned_rows
 
 # A stored embedding is L2-normalised; allow for float32 rounding and JSON round trips.
 NORM_TOLERANCE = 1e-3
@@ -339,8 +340,7 @@ def format_summary(summary: ChangeSummary, before: str, after: str) -> str:
         )
         for pid, c in sorted(summary.policies.items())
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines += aligned_rows(rows, indent="  ")
     lines += ["", f"{summary.changed} images changed decision"]
     if summary.changed:
         more = f" (first {summary.listed})" if summary.changed > summary.listed else ""
