@@ -21,8 +21,8 @@ import open_clip
 import torch
 from PIL import Image
 
-from moderator.clip import PRECISIONS
-from moderator.policies import load_policy_dir
+from moderator.core.clip import PRECISIONS
+from moderator.core.policies import load_policy_dir
 from moderator.v1 import moderator_pb2 as pb
 from moderator.v1 import moderator_pb2_grpc as pb_grpc
 

@@ -27,14 +27,15 @@ from throughput import (
     timed,
 )
 
-from moderator.cli import format_json
 from moderator.config import REPO_ROOT, ImageConfig
-from moderator.embeddings import EmbeddingCache, build_policy_index
-from moderator.outcomes import selected_policies
-from moderator.policies import build_policy_set, load_policy_dir
-from moderator.rescoring import EmbeddedImage, embedded_image, read_embeddings_file, rescore_images
+from moderator.core.embeddings import EmbeddingCache, build_policy_index
+from moderator.core.outcomes import selected_policies
+from moderator.core.policies import build_policy_set, load_policy_dir
+from moderator.core.rescoring import EmbeddedImage, embedded_image, rescore_images
+from moderator.tools.embeddings_file import read_embeddings_file
 from moderator.v1 import moderator_pb2 as pb
 from moderator.v1 import moderator_pb2_grpc as pb_grpc
+from moderator.wire import format_json
 
 STORED = 4096  # one ScoreEmbeddings request at the default limit
 MIB = 1024 * 1024

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from moderator.clip import ClipModel, load_clip
 from moderator.config import REPO_ROOT, ModelConfig
-from moderator.embeddings import EmbeddingCache, build_policy_index
-from moderator.policies import Policy, build_policy_set, load_policy_dir, parse_policy
-from moderator.scoring import score_views
+from moderator.core.clip import ClipModel, load_clip
+from moderator.core.embeddings import EmbeddingCache, build_policy_index
+from moderator.core.policies import Policy, build_policy_set, load_policy_dir, parse_policy
+from moderator.core.scoring import score_views
 from moderator.v1 import moderator_pb2 as pb
 from moderator.v1 import moderator_pb2_grpc as pb_grpc
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from moderator.cli import main
+from moderator.cli.main import main
 
 sys.exit(main())

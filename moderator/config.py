@@ -1,4 +1,9 @@
-"""Configuration: frozen dataclasses built once at start-up by the CLI."""
+"""Configuration: frozen dataclasses that validate themselves wherever they are built.
+
+Each setting has one default, here; the CLI reads its flag defaults from these classes. A bad
+value raises ConfigError naming the command-line flag that sets it (or the field, for settings
+without a flag).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moderator.errors import ConfigError
+
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
@@ -15,13 +23,21 @@ DEMO_MODEL_NAME = "moderator-shapes-demo"
 DEMO_CONFIG_PATH = DEMO_DIR / f"{DEMO_MODEL_NAME}.json"
 DEMO_CHECKPOINT_PATH = DEMO_DIR / f"{DEMO_MODEL_NAME}.pt"
 DEMO_POLICIES_DIR = REPO_ROOT / "policies" / "demo"
+DEFAULT_POLICIES_DIR = Path("policies")  # relative to the working directory
 
 MIB = 1024 * 1024
+MAX_PORT = 65535
 
 
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "moderator"
+
+
+def require(condition: bool, setting: str, rule: str) -> None:
+    """Raise ConfigError('SETTING RULE') unless `condition` holds."""
+    if not condition:
+        raise ConfigError(f"{setting} {rule}")
 
 
 @dataclass(frozen=True)
@@ -30,11 +46,19 @@ class ModelConfig:
     # An open_clip pretrained tag, a local checkpoint path, or None for random weights.
     pretrained: str | None = DEFAULT_PRETRAINED
     device: str = "auto"
-    # auto | fp32 | bf16 | fp16 (see clip.resolve_precision)
+    # auto | fp32 | bf16 | fp16 (see core.clip.resolve_precision)
     precision: str = "auto"
     allow_random_weights: bool = False
     # Extra open_clip model-config JSON to register before creating the model (demo model).
     config_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        require(bool(self.name), "--model", "must name a model")
+        require(
+            self.precision in PRECISION_CHOICES,
+            "--precision",
+            f"must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -48,12 +72,20 @@ class ImageConfig:
     tile_aspect_ratio: float = 2.0
     max_tiles: int = 4
 
+    def __post_init__(self) -> None:
+        require(self.max_bytes >= 1, "--max-image-mb", "must be positive")
+        require(self.max_pixels >= 1, "--max-image-pixels", "must be positive")
+        require(bool(self.formats), "ImageConfig.formats", "must name at least one format")
+        require(self.max_frames >= 1, "ImageConfig.max_frames", "must be at least 1")
+        require(self.tile_aspect_ratio >= 1, "ImageConfig.tile_aspect_ratio", "must be at least 1")
+        require(self.max_tiles >= 0, "ImageConfig.max_tiles", "must not be negative")
+
     @property
     def max_views(self) -> int:
-        """The most views one image can get: each frame whole, plus its tiles (images.py makes
-        tiles only when at least 2 are allowed)."""
+        """The most views one image can get: each frame whole, plus its tiles (core.images
+        makes tiles only when at least 2 are allowed)."""
         tiles = self.max_tiles if self.max_tiles >= 2 else 0
-        return max(self.max_frames, 1) * (1 + tiles)
+        return self.max_frames * (1 + tiles)
 
 
 @dataclass(frozen=True)
@@ -63,11 +95,18 @@ class BatchConfig:
     max_queue_images: int = 512
     decode_threads: int = 2
 
+    def __post_init__(self) -> None:
+        require(self.max_batch_size >= 1, "--max-batch-size", "must be at least 1")
+        require(self.max_wait_ms >= 0, "--max-wait-ms", "must not be negative")
+        require(self.max_queue_images >= 1, "--max-queue-images", "must be at least 1")
+        require(self.decode_threads >= 1, "--decode-threads", "must be at least 1")
+
 
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "[::]"
     port: int = 50051
+    # -1 turns the metrics endpoint off; 0 picks a free port (as for `port`).
     metrics_port: int = 9090
     max_message_bytes: int = 128 * MIB
     max_images_per_request: int = 256
@@ -76,10 +115,34 @@ class ServerConfig:
     max_rescore_requests: int = 4
     shutdown_grace_seconds: float = 30.0
 
+    def __post_init__(self) -> None:
+        require(bool(self.host), "--host", "must not be empty")
+        require(0 <= self.port <= MAX_PORT, "--port", f"must be 0 to {MAX_PORT}")
+        require(
+            -1 <= self.metrics_port <= MAX_PORT,
+            "--metrics-port",
+            f"must be -1 (off), 0 (any free port) or a port up to {MAX_PORT}",
+        )
+        require(self.max_message_bytes >= 1, "--max-message-mb", "must be positive")
+        require(self.max_images_per_request >= 1, "--max-images-per-request", "must be positive")
+        require(
+            self.max_embeddings_per_request >= 1, "--max-embeddings-per-request", "must be positive"
+        )
+        require(
+            self.max_rescore_requests >= 0,
+            "--max-rescore-requests",
+            "must not be negative (0 turns it off)",
+        )
+        require(
+            self.shutdown_grace_seconds >= 0,
+            "ServerConfig.shutdown_grace_seconds",
+            "must not be negative",
+        )
+
 
 @dataclass(frozen=True)
 class Config:
-    policies_dir: Path = REPO_ROOT / "policies"
+    policies_dir: Path = DEFAULT_POLICIES_DIR
     # Seconds between checks of the policy directory for changes; 0 turns watching off.
     policy_poll_seconds: float = 5.0
     embedding_cache_dir: Path = field(default_factory=default_cache_dir)
@@ -87,6 +150,18 @@ class Config:
     images: ImageConfig = field(default_factory=ImageConfig)
     batching: BatchConfig = field(default_factory=BatchConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+
+    def __post_init__(self) -> None:
+        require(
+            self.policy_poll_seconds >= 0,
+            "--policy-poll-seconds",
+            "must not be negative (0 turns watching off)",
+        )
+        require(
+            self.batching.max_queue_images >= self.server.max_images_per_request,
+            "--max-queue-images",
+            "must be at least --max-images-per-request",
+        )
 
 
 def demo_model_config(device: str = "auto", precision: str = "auto") -> ModelConfig:

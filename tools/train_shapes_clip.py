@@ -36,7 +36,6 @@ import open_clip
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from moderator.clip import ClipModel, load_clip
 from moderator.config import (
     DEMO_CONFIG_PATH,
     DEMO_DIR,
@@ -44,11 +43,12 @@ from moderator.config import (
     DEMO_POLICIES_DIR,
     ModelConfig,
 )
+from moderator.core.clip import ClipModel, load_clip
+from moderator.core.embeddings import EmbeddingCache, build_policy_index
+from moderator.core.images import Preprocessing, fit_to_square, to_chw_tensor
+from moderator.core.policies import Policy, PolicySet, load_policy_dir
+from moderator.core.scoring import score_views
 from moderator.demo.shapes import COLOURS, SHAPES, random_shape_image, render_shape
-from moderator.embeddings import EmbeddingCache, build_policy_index
-from moderator.images import Preprocessing, fit_to_square, to_chw_tensor
-from moderator.policies import Policy, PolicySet, load_policy_dir
-from moderator.scoring import score_views
 
 CLASSES: list[tuple[str, str]] = [(colour, shape) for colour in COLOURS for shape in SHAPES]
 # {phrase} is "a red circle" / "an orange star". The first three are the policy templates.

@@ -1,0 +1,1 @@
+"""The `moderator` command: options, and one module per command."""

@@ -1,0 +1,79 @@
+"""`moderator check`: moderate image files with a running server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import grpc
+
+from moderator.cli.options import Subparsers, env_name
+from moderator.config import MIB
+from moderator.v1 import moderator_pb2 as pb
+from moderator.v1 import moderator_pb2_grpc as pb_grpc
+
+CHECK_BATCH_SIZE = 16
+
+
+def add_parser(commands: Subparsers, env: Mapping[str, str]) -> None:
+    check = commands.add_parser("check", help="moderate image files with a running server")
+    check.add_argument("files", nargs="+", type=Path)
+    check.add_argument("--server", default=env.get(env_name("--server"), "localhost:50051"))
+    check.add_argument("--json", action="store_true", help="print one JSON object per image")
+    check.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="include image embeddings (implies --json): the file `moderator rescore` reads",
+    )
+    check.add_argument(
+        "--policy", action="append", default=[], help="only this policy id (repeatable)"
+    )
+    check.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    check.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moderator.wire import format_json
+
+    options = [
+        ("grpc.max_send_message_length", 256 * MIB),
+        ("grpc.max_receive_message_length", 256 * MIB),
+    ]
+    with grpc.insecure_channel(args.server, options=options) as channel:
+        stub = pb_grpc.ModeratorStub(channel)
+        for start in range(0, len(args.files), CHECK_BATCH_SIZE):
+            files: list[Path] = args.files[start : start + CHECK_BATCH_SIZE]
+            request = pb.ModerateRequest(
+                images=[pb.Image(id=str(path), data=path.read_bytes()) for path in files],
+                policy_ids=args.policy,
+                include_embeddings=args.embeddings,
+            )
+            try:
+                response = stub.Moderate(request, timeout=args.timeout)
+            except grpc.RpcError as exc:
+                print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                return 1
+            for result in response.results:
+                if args.json or args.embeddings:
+                    context = (response.policy_version, response.model, response.precision)
+                    print(format_json(result, *context))
+                else:
+                    print(format_line(result))
+    return 0
+
+
+def format_line(result: pb.ImageResult) -> str:
+    """One ImageResult as a tab-separated line: id, decision, violations (or the error)."""
+    decision = pb.Decision.Name(result.decision).removeprefix("DECISION_")
+    if result.decision == pb.DECISION_ERROR:
+        code = pb.ImageErrorCode.Name(result.error.code).removeprefix("IMAGE_ERROR_CODE_")
+        return f"{result.id}\t{decision}\t{code}: {result.error.message}"
+    violations = [
+        f"{p.policy_id}{'(shadow)' if p.mode == pb.POLICY_MODE_SHADOW else ''}="
+        f"{p.score:.3f}>={p.threshold:.3f} ({p.matched_description})"
+        for p in result.policies
+        if p.violated
+    ]
+    return f"{result.id}\t{decision}\t{', '.join(violations) or '-'}"

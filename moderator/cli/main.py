@@ -1,0 +1,58 @@
+"""Command line: argv + MODERATOR_* environment -> Config -> run. The only place that reads env.
+
+moderator serve [--demo] [--policies DIR] [--model NAME] [--pretrained TAG|PATH|none] ...
+moderator check [--server HOST:PORT] [--json] [--embeddings] FILE...
+moderator policies validate DIR
+moderator policies test POLICY_DIR EXAMPLES_DIR
+moderator calibrate POLICY_DIR LABELS [--target-precision P | --target-recall R] [--report F]
+moderator rescore EMBEDDINGS --policies DIR [--baseline DIR] [--out FILE]
+
+Each command is a module of this package with `add_parser` and its handlers; heavy imports
+(torch, the offline tools, the server) happen only in the handler that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+from moderator.cli import calibrate, check, policies, rescore, serve
+from moderator.errors import ModeratorError, PolicyError
+
+COMMANDS = (serve, check, policies, calibrate, rescore)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moderator", description="Image moderation with CLIP.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parser(commands, env)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    args = build_parser(os.environ if env is None else env).parse_args(argv)
+    level = getattr(args, "log_level", "INFO")
+    if level not in LOG_LEVELS:
+        print(f"error: --log-level {level}: use one of {', '.join(LOG_LEVELS)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        code: int = args.handler(args)
+    except PolicyError as exc:
+        print("error: invalid policies:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
+        return 2
+    except ModeratorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

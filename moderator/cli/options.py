@@ -1,0 +1,196 @@
+"""Flags, their MODERATOR_* environment variables, and the Config they build.
+
+Every default comes from the config dataclasses, so a setting has one default wherever it is
+read. The CLI is the only place that reads the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from moderator.config import (
+    DEFAULT_POLICIES_DIR,
+    DEMO_POLICIES_DIR,
+    MIB,
+    BatchConfig,
+    Config,
+    ImageConfig,
+    ModelConfig,
+    ServerConfig,
+    default_cache_dir,
+    demo_model_config,
+)
+
+if TYPE_CHECKING:
+    from moderator.core.clip import ClipModel
+    from moderator.core.embeddings import EmbeddingCache
+
+# what `ArgumentParser.add_subparsers` returns: each command module adds its parser to it
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+ENV_PREFIX = "MODERATOR_"
+TRUE_WORDS = ("1", "true", "yes", "on")
+
+
+def env_name(flag: str) -> str:
+    """--max-wait-ms -> MODERATOR_MAX_WAIT_MS"""
+    return ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper()
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    kind: Callable[[str], Any]
+    default: Any
+    help: str
+
+    @property
+    def env(self) -> str:
+        return env_name(self.flag)
+
+
+MODEL_OPTIONS = (
+    Option("--model", str, ModelConfig.name, "open_clip model name, or hf-hub:ORG/REPO"),
+    Option(
+        "--pretrained",
+        str,
+        ModelConfig.pretrained,
+        "open_clip pretrained tag, checkpoint PATH, or none",
+    ),
+    Option("--device", str, ModelConfig.device, "auto, cpu, cuda or cuda:N"),
+    Option(
+        "--precision",
+        str,
+        ModelConfig.precision,
+        "auto, fp32, bf16 or fp16 (auto: bf16 where fast)",
+    ),
+    Option(
+        "--cache-dir", Path, None, "text-embedding cache directory (default: ~/.cache/moderator)"
+    ),
+)
+SERVE_OPTIONS = (
+    Option(
+        "--policies",
+        Path,
+        None,
+        f"policy directory (default: ./{DEFAULT_POLICIES_DIR}, or policies/demo with --demo)",
+    ),
+    Option(
+        "--policy-poll-seconds",
+        float,
+        Config.policy_poll_seconds,
+        "check the policy directory this often (0: off)",
+    ),
+    Option("--host", str, ServerConfig.host, "address to listen on"),
+    Option("--port", int, ServerConfig.port, "gRPC port (0 picks a free one)"),
+    Option(
+        "--metrics-port", int, ServerConfig.metrics_port, "Prometheus port (0: free port, -1: off)"
+    ),
+    Option("--max-batch-size", int, BatchConfig.max_batch_size, "image views per forward pass"),
+    Option("--max-wait-ms", float, BatchConfig.max_wait_ms, "longest wait to fill a batch"),
+    Option(
+        "--max-queue-images",
+        int,
+        BatchConfig.max_queue_images,
+        "images in flight before RESOURCE_EXHAUSTED",
+    ),
+    Option("--decode-threads", int, BatchConfig.decode_threads, "image decoding threads"),
+    Option(
+        "--max-images-per-request", int, ServerConfig.max_images_per_request, "images per request"
+    ),
+    Option(
+        "--max-embeddings-per-request",
+        int,
+        ServerConfig.max_embeddings_per_request,
+        "stored embeddings per ScoreEmbeddings request",
+    ),
+    Option(
+        "--max-rescore-requests",
+        int,
+        ServerConfig.max_rescore_requests,
+        "ScoreEmbeddings requests admitted at once (0 turns the RPC off)",
+    ),
+    Option(
+        "--max-message-mb", int, ServerConfig.max_message_bytes // MIB, "largest gRPC message, MiB"
+    ),
+    Option("--max-image-mb", float, ImageConfig.max_bytes / MIB, "largest image, MiB"),
+    Option("--max-image-pixels", int, ImageConfig.max_pixels, "largest image, width x height"),
+    Option("--log-level", str.upper, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+)
+MODEL_SWITCHES = (
+    ("--demo", "use the bundled demo model (and policies/demo when serving); no network needed"),
+    ("--allow-random-weights", "allow --pretrained none (random weights; benchmarks only)"),
+)
+
+
+def add_options(
+    parser: argparse.ArgumentParser, options: Sequence[Option], env: Mapping[str, str]
+) -> None:
+    """Flags with defaults from MODERATOR_* variables, plus the model switches."""
+    for option in options:
+        # argparse converts a string default with `type`, so a bad value gets a clean usage error
+        default = env.get(option.env, option.default)
+        parser.add_argument(
+            option.flag, type=option.kind, default=default, help=f"{option.help} [{option.env}]"
+        )
+    for flag, text in MODEL_SWITCHES:
+        variable = env_name(flag)
+        default = env.get(variable, "").lower() in TRUE_WORDS
+        parser.add_argument(flag, action="store_true", default=default, help=f"{text} [{variable}]")
+
+
+def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
+    if args.demo:
+        return demo_model_config(args.device, args.precision)
+    return ModelConfig(
+        name=args.model,
+        pretrained=None if str(args.pretrained).lower() == "none" else args.pretrained,
+        device=args.device,
+        precision=args.precision,
+        allow_random_weights=args.allow_random_weights,
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The serve Config; raises ConfigError (naming the flag) for a value that cannot work."""
+    default_policies = DEMO_POLICIES_DIR if args.demo else DEFAULT_POLICIES_DIR
+    return Config(
+        policies_dir=args.policies or default_policies,
+        policy_poll_seconds=args.policy_poll_seconds,
+        embedding_cache_dir=args.cache_dir or default_cache_dir(),
+        model=model_config_from_args(args),
+        images=ImageConfig(
+            max_bytes=int(args.max_image_mb * MIB), max_pixels=args.max_image_pixels
+        ),
+        batching=BatchConfig(
+            max_batch_size=args.max_batch_size,
+            max_wait_ms=args.max_wait_ms,
+            max_queue_images=args.max_queue_images,
+            decode_threads=args.decode_threads,
+        ),
+        server=ServerConfig(
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port,
+            max_message_bytes=args.max_message_mb * MIB,
+            max_images_per_request=args.max_images_per_request,
+            max_embeddings_per_request=args.max_embeddings_per_request,
+            max_rescore_requests=args.max_rescore_requests,
+        ),
+    )
+
+
+def load_model(args: argparse.Namespace) -> tuple[ClipModel, EmbeddingCache]:
+    """The model named by the model options, and its text-embedding cache (offline tools)."""
+    from moderator.core.clip import TEXT_PRECISION, load_clip
+    from moderator.core.embeddings import EmbeddingCache
+
+    clip = load_clip(model_config_from_args(args))
+    cache = EmbeddingCache.for_model(
+        args.cache_dir or default_cache_dir(), clip.info.weights_key, TEXT_PRECISION
+    )
+    return clip, cache

@@ -1,0 +1,28 @@
+"""`moderator serve`: run the gRPC service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Mapping
+
+from moderator.cli.options import (
+    MODEL_OPTIONS,
+    SERVE_OPTIONS,
+    Subparsers,
+    add_options,
+    config_from_args,
+)
+
+
+def add_parser(commands: Subparsers, env: Mapping[str, str]) -> None:
+    serve = commands.add_parser("serve", help="run the gRPC service")
+    add_options(serve, (*MODEL_OPTIONS, *SERVE_OPTIONS), env)
+    serve.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moderator.serving.server import serve
+
+    asyncio.run(serve(config_from_args(args)))
+    return 0

@@ -1,0 +1,1 @@
+"""What every path shares: policies, the CLIP model, embeddings, images, scoring, outcomes."""

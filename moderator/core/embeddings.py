@@ -1,0 +1,197 @@
+"""Policy text embeddings: an on-disk cache and the PolicyIndex the scorer reads.
+
+A prompt is one template applied to one description ("a photo of a bloody knife."). Prompt
+embeddings are cached per (model, dtype, prompt); a description's embedding is the normalised
+mean of its prompts' embeddings (CLIP prompt ensembling).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moderator.core.policies import Action, Mode, Policy, PolicySet
+
+log = logging.getLogger(__name__)
+
+Encoder = Callable[[list[str]], torch.Tensor]
+
+
+class EmbeddingCache:
+    """Prompt embeddings for one model and dtype, kept in memory and persisted to one file."""
+
+    def __init__(self, directory: Path | None, model_key: str) -> None:
+        digest = hashlib.sha256(model_key.encode()).hexdigest()[:16]
+        self.path = directory / f"text-embeddings-{digest}.pt" if directory else None
+        self.model_key = model_key
+        self._embeddings: dict[str, torch.Tensor] = self._load()
+        self.encoded_total = 0
+
+    @classmethod
+    def for_model(
+        cls, directory: Path | None, weights_key: str | None, text_precision: str
+    ) -> EmbeddingCache:
+        """The cache for one model's weights and text precision; in memory only for random
+        weights."""
+        return cls(directory if weights_key else None, f"{weights_key}|{text_precision}")
+
+    def __len__(self) -> int:
+        return len(self._embeddings)
+
+    def lookup(self, prompts: list[str], encode: Encoder) -> torch.Tensor:
+        """Embeddings [N, E] (float32, CPU) for `prompts`; encodes only those not cached."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._embeddings))
+        if missing:
+            encoded = encode(missing).float().cpu()
+            self._embeddings.update(zip(missing, encoded, strict=True))
+            self.encoded_total += len(missing)
+            self._save()
+        return torch.stack([self._embeddings[p] for p in prompts])
+
+    def _load(self) -> dict[str, torch.Tensor]:
+        if self.path is None or not self.path.exists():
+            return {}
+        try:
+            stored = torch.load(self.path, map_location="cpu", weights_only=True)
+            if stored.get("model_key") != self.model_key:
+                return {}
+            return dict(zip(stored["prompts"], stored["embeddings"], strict=True))
+        except Exception as exc:  # a corrupt cache only costs re-encoding
+            log.warning("ignoring unreadable embedding cache %s: %s", self.path, exc)
+            return {}
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        prompts = list(self._embeddings)
+        payload = {
+            "model_key": self.model_key,
+            "prompts": prompts,
+            "embeddings": torch.stack([self._embeddings[p] for p in prompts]),
+        }
+        tmp: str | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+            os.replace(tmp, self.path)
+            tmp = None
+        except Exception as exc:  # a cache that cannot be written only costs re-encoding later
+            log.warning(
+                "cannot write embedding cache %s: %s (continuing in memory)", self.path, exc
+            )
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+
+
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity
+class PolicyIndex:
+    """Everything the scorer needs for one PolicySet, as tensors.
+
+    `text_matrix` holds one row per description and benign text of every policy. The gather
+    tables map each policy to its rows, padded with `pad_row` (a column of -inf added at
+    scoring time), so the per-policy max is one gather and one reduction for all policies.
+    """
+
+    policy_set: PolicySet
+    text_matrix: torch.Tensor  # [D, E] on the model device
+    violating_rows: torch.Tensor  # [P, K] long, on the model device
+    benign_rows: torch.Tensor  # [P, Kb] long, on the model device
+    has_benign: torch.Tensor  # [P] bool, on the model device
+    thresholds: torch.Tensor  # [P] float32, CPU
+    enforced: torch.Tensor  # [P] bool, CPU
+    blocks: torch.Tensor  # [P] bool, CPU
+
+    @property
+    def pad_row(self) -> int:
+        return int(self.text_matrix.shape[0])
+
+    cpu_copy: PolicyIndex | None = None  # when the tensors above are on a GPU
+
+    @property
+    def on_cpu(self) -> PolicyIndex:
+        """This index with every tensor on the CPU: stored embeddings are rescored there, so
+        rescoring never takes the model device from live traffic."""
+        return self.cpu_copy or self
+
+
+def build_policy_index(
+    policy_set: PolicySet, encode: Encoder, cache: EmbeddingCache, device: torch.device
+) -> PolicyIndex:
+    policies = policy_set.policies
+    texts, violating, benign = _text_layout(policies)
+    on_cpu = PolicyIndex(
+        policy_set=policy_set,
+        text_matrix=embed_texts(texts, encode, cache),
+        violating_rows=_padded(violating, len(texts)),
+        benign_rows=_padded(benign, len(texts)),
+        has_benign=torch.tensor([bool(rows) for rows in benign], dtype=torch.bool),
+        thresholds=torch.tensor([p.threshold for p in policies], dtype=torch.float32),
+        enforced=torch.tensor([p.mode is Mode.ENFORCE for p in policies], dtype=torch.bool),
+        blocks=torch.tensor([p.action is Action.BLOCK for p in policies], dtype=torch.bool),
+    )
+    if device.type == "cpu":
+        return on_cpu
+    return dataclasses.replace(
+        on_cpu,
+        text_matrix=on_cpu.text_matrix.to(device),
+        violating_rows=on_cpu.violating_rows.to(device),
+        benign_rows=on_cpu.benign_rows.to(device),
+        has_benign=on_cpu.has_benign.to(device),
+        cpu_copy=on_cpu,
+    )
+
+
+def embed_texts(
+    texts: Sequence[tuple[str, tuple[str, ...]]], encode: Encoder, cache: EmbeddingCache
+) -> torch.Tensor:
+    """(text, templates) pairs -> normalised template-ensembled embeddings [T, E]."""
+    prompts = [template.format(text) for text, templates in texts for template in templates]
+    owners = torch.tensor(
+        [i for i, (_, templates) in enumerate(texts) for _ in templates], dtype=torch.long
+    )
+    prompt_embeddings = cache.lookup(prompts, encode) if prompts else torch.zeros(0, 1)
+    summed = torch.zeros(len(texts), prompt_embeddings.shape[1]).index_add_(
+        0, owners, prompt_embeddings
+    )
+    return F.normalize(summed, dim=-1)
+
+
+def _text_layout(
+    policies: tuple[Policy, ...],
+) -> tuple[list[tuple[str, tuple[str, ...]]], list[list[int]], list[list[int]]]:
+    texts: list[tuple[str, tuple[str, ...]]] = []
+    violating: list[list[int]] = []
+    benign: list[list[int]] = []
+    for policy in policies:
+        violating.append(_append_rows(texts, policy.descriptions, policy.templates))
+        benign.append(_append_rows(texts, policy.benign, policy.templates))
+    return texts, violating, benign
+
+
+def _append_rows(
+    texts: list[tuple[str, tuple[str, ...]]], new: tuple[str, ...], templates: tuple[str, ...]
+) -> list[int]:
+    start = len(texts)
+    texts.extend((text, templates) for text in new)
+    return list(range(start, len(texts)))
+
+
+def _padded(rows: list[list[int]], pad: int) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0) or 1
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long).view(
+        len(rows), width
+    )

@@ -1,0 +1,129 @@
+"""Scoring stored image embeddings against a policy set, without the images.
+
+`Moderate` with `include_embeddings` returns each image's embedding (and, for an image scored
+on several views, every view). Scoring those against a policy index is the same matrix product
+and reduction the live path runs, so a rescore equals what `Moderate` would return for the same
+images and policies (to float32 rounding). ScoreEmbeddings and `moderator rescore` both use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from moderator.core.embeddings import PolicyIndex
+from moderator.core.outcomes import ImageOutcome, build_outcomes
+from moderator.core.scoring import ViewScores, score_views
+from moderator.errors import ImageErrorCode, InvalidImage
+
+# A stored embedding is L2-normalised; allow for float32 rounding and JSON round trips.
+NORM_TOLERANCE = 1e-3
+
+Vector: TypeAlias = Sequence[float] | npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, eq=False)
+class EmbeddedImage:
+    """A stored image: one embedding per view, the whole image first.
+
+    The values stay as given (a list, a protobuf repeated field) until `score_embedded`
+    converts them, so a request's conversion runs where its scoring runs, off the event loop.
+    """
+
+    id: str
+    views: tuple[Vector, ...]
+
+
+def embedded_image(image_id: str, embedding: Vector, views: Sequence[Vector] = ()) -> EmbeddedImage:
+    """The image as Moderate returned it: `views` when it had several, else `embedding`."""
+    return EmbeddedImage(image_id, tuple(views) if views else (embedding,))
+
+
+def score_embedded(
+    images: Sequence[EmbeddedImage], index: PolicyIndex, max_views: int
+) -> list[ViewScores | InvalidImage]:
+    """Per-view scores of every image against `index`; an invalid embedding fails alone.
+
+    `max_views`: the most views Moderate gives one image (ImageConfig.max_views).
+    """
+    dim = int(index.text_matrix.shape[1])
+    failed: dict[int, InvalidImage] = {}
+    rows: list[npt.NDArray[np.float32]] = []
+    owners: list[int] = []  # the image of each row
+    for i, image in enumerate(images):
+        views = _view_arrays(image, dim, max_views)
+        if isinstance(views, InvalidImage):
+            failed[i] = views
+        else:
+            rows.extend(views)
+            owners.extend([i] * len(views))
+    matrix = torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, dim)
+    _fail_unnormalised(matrix, owners, failed)
+    keep = torch.tensor([owner not in failed for owner in owners], dtype=torch.bool)
+    if not bool(keep.any()):
+        return [failed[i] for i in range(len(images))]
+    kept = matrix[keep]
+    scores, matched = score_views(kept.to(index.text_matrix.device), index)
+    scores, matched = scores.cpu(), matched.cpu()
+    results: list[ViewScores | InvalidImage] = []
+    offset = 0
+    for i, image in enumerate(images):
+        if i in failed:
+            results.append(failed[i])
+            continue
+        end = offset + len(image.views)
+        results.append(ViewScores(kept[offset:end], scores[offset:end], matched[offset:end]))
+        offset = end
+    return results
+
+
+def rescore_images(
+    images: Sequence[EmbeddedImage], index: PolicyIndex, selected: torch.Tensor, max_views: int
+) -> tuple[ImageOutcome, ...]:
+    """Stored embeddings -> the outcomes Moderate would return for their images, scored on the
+    CPU copy of `index`."""
+    views = score_embedded(images, index.on_cpu, max_views)
+    return build_outcomes([image.id for image in images], views, index, selected)
+
+
+def _view_arrays(
+    image: EmbeddedImage, dim: int, max_views: int
+) -> list[npt.NDArray[np.float32]] | InvalidImage:
+    if not 1 <= len(image.views) <= max_views:
+        return _invalid(f"{len(image.views)} views; Moderate returns 1 to {max_views}")
+    try:
+        views = [np.asarray(view, dtype=np.float32) for view in image.views]
+    except (TypeError, ValueError):
+        return _invalid("an embedding must be a list of numbers")
+    if any(view.shape != (dim,) for view in views):
+        found = ", ".join(str(n) for n in sorted({view.size for view in views}))
+        return _invalid(f"embedding has {found} values; this model's have {dim}")
+    return views
+
+
+def _fail_unnormalised(
+    matrix: torch.Tensor, owners: list[int], failed: dict[int, InvalidImage]
+) -> None:
+    """Record each image with a view that is not finite or not L2-normalised."""
+    finite = torch.isfinite(matrix).all(dim=1)
+    norms = torch.where(finite.unsqueeze(1), matrix, 0.0).norm(dim=1)
+    bad = ~finite | ((norms - 1).abs() > NORM_TOLERANCE)
+    for row in bad.nonzero().flatten().tolist():
+        if owners[row] in failed:
+            continue
+        if not finite[row]:
+            failed[owners[row]] = _invalid("embedding has NaN or infinite values")
+        else:
+            failed[owners[row]] = _invalid(
+                f"embedding is not L2-normalised (norm {float(norms[row]):.4f}); "
+                "pass the embedding Moderate returned"
+            )
+
+
+def _invalid(message: str) -> InvalidImage:
+    return InvalidImage(ImageErrorCode.INVALID_EMBEDDING, message)

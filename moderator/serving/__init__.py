@@ -1,0 +1,1 @@
+"""The live service: engine, admission, reload, batching, servicer, server, metrics."""

@@ -1,0 +1,217 @@
+"""The dynamic batcher and the model worker thread that owns the device.
+
+Callers submit one image (its views) at a time and get a concurrent Future back. The worker
+takes the first waiting image, then keeps collecting until the batch holds `max_batch_size`
+views, or `max_wait_ms` has passed since that first image arrived, or no other image is on its
+way (so an idle server adds no wait to a lone request), and runs one forward pass
+and one scoring matmul for all of them. Images whose deadline passed or whose caller gave up
+are dropped before the forward pass.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from moderator.config import BatchConfig
+from moderator.core.embeddings import PolicyIndex
+from moderator.core.scoring import ViewScores, score_views
+from moderator.errors import DeadlineExceeded, NotReady
+from moderator.serving.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+EncodeImages = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class WorkItem:
+    pixels: torch.Tensor  # uint8 [V, 3, S, S]
+    index: PolicyIndex
+    deadline: float | None  # time.monotonic() seconds
+    enqueued: float = field(default_factory=time.monotonic)
+    future: Future[ViewScores] = field(default_factory=Future)
+
+    @property
+    def views(self) -> int:
+        return int(self.pixels.shape[0])
+
+
+class Batcher:
+    """Coalesces images from concurrent requests into forward passes on one worker thread."""
+
+    def __init__(
+        self,
+        encode_images: EncodeImages,
+        config: BatchConfig,
+        metrics: Metrics,
+        expected: Callable[[], int] = lambda: 1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`expected` counts images on their way to the queue (being decoded): a batch waits
+        for more only while some are; a lone request on an idle server runs at once."""
+        self._encode_images = encode_images
+        self._expected = expected
+        self._config = config
+        self._metrics = metrics
+        self._clock = clock
+        self._queue: collections.deque[WorkItem] = collections.deque()
+        self._cond = threading.Condition()
+        self._queued_views = 0
+        self._running = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        with self._cond:
+            if self._running:
+                return
+            self._running = True
+        self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish what is queued, then stop the worker."""
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def submit(
+        self, pixels: torch.Tensor, index: PolicyIndex, deadline: float | None
+    ) -> Future[ViewScores]:
+        item = WorkItem(pixels=pixels, index=index, deadline=deadline, enqueued=self._clock())
+        with self._cond:
+            if not self._running:
+                raise NotReady("the model worker is not running")
+            self._queue.append(item)
+            self._queued_views += item.views
+            self._metrics.queue_images.inc()
+            self._cond.notify()
+        return item.future
+
+    def notify(self) -> None:
+        """Wake the worker to re-check `expected` (an image left the pipeline without a submit)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def queued_images(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def _run(self) -> None:
+        while True:
+            batch = self.next_batch()
+            if batch is None:
+                return
+            self.run_batch(batch)
+
+    def next_batch(self) -> list[WorkItem] | None:
+        """Block for the next batch to run; None once stopped and drained."""
+        max_views = self._config.max_batch_size
+        with self._cond:
+            while not self._queue:
+                if not self._running:
+                    return None
+                self._cond.wait()
+            first_arrival = self._queue[0].enqueued
+            close_at = first_arrival + self._config.max_wait_ms / 1000.0
+            while self._running and self._queued_views < max_views and self._expected() > 0:
+                remaining = close_at - self._clock()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return self._take(max_views)
+
+    def _take(self, max_views: int) -> list[WorkItem]:
+        batch: list[WorkItem] = []
+        views = 0
+        while self._queue:
+            item = self._queue[0]
+            if batch and views + item.views > max_views:
+                break
+            self._queue.popleft()
+            self._queued_views -= item.views
+            self._metrics.queue_images.dec()
+            batch.append(item)
+            views += item.views
+        return batch
+
+    def run_batch(self, batch: list[WorkItem]) -> None:
+        live = self._drop_dead(batch)
+        if not live:
+            return
+        started = self._clock()
+        for item in live:
+            self._metrics.queue_wait.observe(max(0.0, started - item.enqueued))
+        try:
+            results = self._forward(live)
+        except Exception as exc:  # the model failed: fail these images, keep serving
+            log.exception("forward pass failed for a batch of %d images", len(live))
+            for item in live:
+                item.future.set_exception(exc)
+            return
+        self._metrics.inference_duration.observe(self._clock() - started)
+        self._metrics.batch_images.observe(sum(item.views for item in live))
+        for item, result in zip(live, results, strict=True):
+            item.future.set_result(result)
+
+    def _drop_dead(self, batch: list[WorkItem]) -> list[WorkItem]:
+        now = self._clock()
+        live = []
+        for item in batch:
+            if not item.future.set_running_or_notify_cancel():
+                self._metrics.rejected_requests.labels(reason="cancelled").inc()
+            elif item.deadline is not None and item.deadline <= now:
+                self._metrics.rejected_requests.labels(reason="deadline").inc()
+                item.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+            else:
+                live.append(item)
+        return live
+
+    def _forward(self, items: list[WorkItem]) -> list[ViewScores]:
+        pixels = torch.cat([item.pixels for item in items])
+        embeddings = self._encode_images(pixels)
+        bounds = _item_bounds(items)
+        results: dict[int, ViewScores] = {}
+        # Items normally share one policy index; during a policy reload a batch can hold two,
+        # and each image is scored against the set its request started with.
+        for index, positions in _group_by_index(items).items():
+            rows = torch.cat([torch.arange(*bounds[i]) for i in positions])
+            scores, matched = score_views(embeddings[rows.to(embeddings.device)], index)
+            group_embeddings = embeddings[rows.to(embeddings.device)].cpu()
+            scores, matched = scores.cpu(), matched.cpu()
+            offset = 0
+            for i in positions:
+                end = offset + items[i].views
+                results[i] = ViewScores(
+                    embeddings=group_embeddings[offset:end],
+                    scores=scores[offset:end],
+                    matched=matched[offset:end],
+                )
+                offset = end
+        return [results[i] for i in range(len(items))]
+
+
+def _item_bounds(items: list[WorkItem]) -> list[tuple[int, int]]:
+    bounds = []
+    offset = 0
+    for item in items:
+        bounds.append((offset, offset + item.views))
+        offset += item.views
+    return bounds
+
+
+def _group_by_index(items: list[WorkItem]) -> dict[PolicyIndex, list[int]]:
+    groups: dict[PolicyIndex, list[int]] = {}
+    for position, item in enumerate(items):
+        groups.setdefault(item.index, []).append(position)
+    return groups

@@ -1,0 +1,203 @@
+"""The grpc.aio server: Moderator service, health, reflection, metrics, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from moderator.config import Config, ModelConfig, ServerConfig
+from moderator.core.clip import ClipModel, load_clip
+from moderator.core.policies import ReloadStatus
+from moderator.serving.engine import ModerationEngine
+from moderator.serving.metrics import Metrics
+from moderator.serving.servicer import ModeratorServicer
+from moderator.serving.watcher import PolicyWatcher
+from moderator.v1 import moderator_pb2 as pb
+from moderator.v1 import moderator_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Moderator"].full_name
+HEALTH_SERVICES = ("", SERVICE_NAME)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def create_server(
+    config: ServerConfig,
+    engine: ModerationEngine,
+    metrics: Metrics,
+    health_servicer: HealthServicer,
+) -> tuple[grpc.aio.Server, int]:
+    """Build the server and bind its port (0 picks a free one). Returns (server, port)."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ]
+    )
+    pb_grpc.add_ModeratorServicer_to_server(ModeratorServicer(engine, metrics), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {config.host}:{config.port}")
+    return server, port
+
+
+async def set_health(health_servicer: HealthServicer, status: int) -> None:
+    for name in HEALTH_SERVICES:
+        await health_servicer.set(name, status)
+
+
+class Service:
+    """The whole running service: metrics endpoint, gRPC server, engine."""
+
+    def __init__(
+        self,
+        config: Config,
+        registry: CollectorRegistry | None = None,
+        load_model: Callable[[ModelConfig], ClipModel] = load_clip,
+    ) -> None:
+        self.config = config
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.engine = ModerationEngine(config, self.metrics, load_model)
+        self.health = HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._metrics_server: object | None = None
+        self._watcher_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Serve NOT_SERVING at once, load the engine off the loop, then serve SERVING."""
+        self._start_metrics_endpoint()
+        await set_health(self.health, NOT_SERVING)
+        self.server, self.port = create_server(
+            self.config.server, self.engine, self.metrics, self.health
+        )
+        await self.server.start()
+        log.info(
+            "gRPC listening on %s:%d (NOT_SERVING until loaded)", self.config.server.host, self.port
+        )
+        # Fingerprint before loading, so an edit made during start-up is picked up.
+        watcher = PolicyWatcher(
+            self.config.policies_dir, self.config.policy_poll_seconds, self.engine.reload
+        )
+        try:
+            await run_in_daemon_thread(self.engine.start)
+        except BaseException:
+            await self.server.stop(grace=None)
+            self._stop_metrics_endpoint()
+            raise
+        if self.config.policy_poll_seconds > 0:
+            self._watcher_task = asyncio.ensure_future(watcher.run())
+        await set_health(self.health, SERVING)
+        log.info("SERVING on port %d; metrics on port %d", self.port, self.metrics_port)
+
+    async def stop(self) -> None:
+        """NOT_SERVING first, let in-flight requests finish, then stop the worker."""
+        await set_health(self.health, NOT_SERVING)
+        if self._watcher_task is not None:
+            self._watcher_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher_task
+        if self.server is not None:
+            await self.server.stop(grace=self.config.server.shutdown_grace_seconds)
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
+        self._stop_metrics_endpoint()
+        log.info("stopped")
+
+    def _start_metrics_endpoint(self) -> None:
+        port = self.config.server.metrics_port
+        if port < 0:
+            return
+        host = "::" if self.config.server.host in ("[::]", "::") else self.config.server.host
+        httpd, _thread = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
+        self._metrics_server = httpd
+        self.metrics_port = int(httpd.server_port)
+
+    def _stop_metrics_endpoint(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()  # type: ignore[attr-defined]
+            self._metrics_server.server_close()  # type: ignore[attr-defined]
+            self._metrics_server = None
+
+
+async def run_until_signal(service: Service) -> None:
+    """Start, serve until SIGTERM or SIGINT (SIGHUP reloads the policies), then drain."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload_on_signal(service))
+    starting = asyncio.ensure_future(service.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log.info("signal received while loading: exiting without serving")
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return
+    starting.result()  # start-up errors propagate to the CLI
+    await stopping
+    log.info("signal received: draining")
+    await service.stop()
+
+
+def run_in_daemon_thread(fn: Callable[[], None]) -> asyncio.Future[None]:
+    """Run blocking `fn` on a daemon thread, so a signal during a long model load can still
+    end the process (an executor thread would be joined at exit)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            fn()
+        except BaseException as exc:
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop may be closed by now
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name="engine-start", daemon=True).start()
+    return future
+
+
+def _reload_on_signal(service: Service) -> None:
+    if not service.engine.ready:
+        log.warning("SIGHUP ignored: still loading")
+        return
+    log.info("SIGHUP: reloading policies")
+    task = asyncio.ensure_future(service.engine.reload())
+    _background.add(task)  # keep a reference until it is done
+    task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Task[ReloadStatus]] = set()
+
+
+async def serve(config: Config) -> None:
+    await run_until_signal(Service(config))

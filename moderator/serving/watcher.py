@@ -1,0 +1,47 @@
+"""Watches the policy directory and asks for a reload when its content changes.
+
+Polling the content (not inotify, not mtimes) works the same on a local directory, a network
+mount and a Kubernetes ConfigMap mount, where an update swaps the `..data` symlink and every
+policy file changes at once, possibly keeping its mtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from moderator.core.policies import directory_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+class PolicyWatcher:
+    """Calls `reload` whenever the directory's fingerprint differs from the last one seen."""
+
+    def __init__(
+        self, directory: Path, interval: float, reload: Callable[[], Awaitable[object]]
+    ) -> None:
+        self.directory = directory
+        self.interval = interval
+        self._reload = reload
+        self._seen = directory_fingerprint(directory)
+
+    async def check(self) -> bool:
+        """Reload if the content changed since the last check. True if it reloaded."""
+        current = await asyncio.to_thread(directory_fingerprint, self.directory)
+        if current == self._seen:
+            return False
+        self._seen = current
+        log.info("policy directory %s changed: reloading", self.directory)
+        await self._reload()
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.check()
+            except Exception:  # a watcher that dies silently is worse than a noisy one
+                log.exception("policy watcher check failed")

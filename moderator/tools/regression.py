@@ -1,0 +1,114 @@
+"""Regression examples for policies: images that must (or must not) violate a policy.
+
+    EXAMPLES_DIR/<policy_id>/violating/*   each must violate <policy_id>
+    EXAMPLES_DIR/<policy_id>/benign/*      none may violate <policy_id>
+
+`moderator policies test POLICY_DIR EXAMPLES_DIR` runs them with the service's own scoring,
+so a trust-and-safety team can check a policy change in the CI of their policy repository.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from moderator.core.policies import PolicySet
+from moderator.errors import PolicyError
+from moderator.tools.offline import OfflineScorer
+from moderator.tools.tables import aligned_rows
+
+EXPECTATIONS = {"violating": True, "benign": False}
+
+
+@dataclass(frozen=True)
+class Example:
+    policy_id: str
+    path: Path
+    should_violate: bool
+
+
+@dataclass(frozen=True)
+class ExampleResult:
+    example: Example
+    score: float | None
+    threshold: float
+    error: str = ""
+
+    @property
+    def violated(self) -> bool:
+        return self.score is not None and self.score >= self.threshold
+
+    @property
+    def passed(self) -> bool:
+        return not self.error and self.violated == self.example.should_violate
+
+
+def discover_examples(directory: Path, policy_set: PolicySet) -> tuple[list[Example], list[str]]:
+    """(examples, ids of disabled policies skipped). Raises PolicyError for unknown ids."""
+    if not directory.is_dir():
+        raise PolicyError([f"{directory}: examples directory does not exist"])
+    examples: list[Example] = []
+    skipped: list[str] = []
+    problems: list[str] = []
+    for policy_dir in sorted(p for p in directory.iterdir() if p.is_dir()):
+        policy_id = policy_dir.name
+        if policy_id in policy_set.disabled:
+            skipped.append(policy_id)
+            continue
+        if policy_id not in policy_set.ids:
+            problems.append(f"{policy_dir}: no active policy with id '{policy_id}'")
+            continue
+        for kind, should_violate in EXPECTATIONS.items():
+            files = sorted(
+                f
+                for f in (policy_dir / kind).glob("*")
+                if f.is_file() and not f.name.startswith(".")
+            )
+            examples.extend(Example(policy_id, f, should_violate) for f in files)
+    if problems:
+        raise PolicyError(problems)
+    if not examples:
+        raise PolicyError([f"{directory}: no examples (<policy_id>/violating/* or benign/*)"])
+    return examples, skipped
+
+
+def run_examples(scorer: OfflineScorer, examples: Sequence[Example]) -> list[ExampleResult]:
+    """Each example's score for its policy; an image labelled for several policies is scored
+    once."""
+    policy_set = scorer.policy_set
+    paths = list(dict.fromkeys(e.path for e in examples))
+    scored_paths = dict(zip(paths, scorer.score_files(paths), strict=True))
+    results = []
+    for example in examples:
+        scored = scored_paths[example.path]
+        column = policy_set.index_of(example.policy_id)
+        threshold = policy_set.policies[column].threshold
+        if scored.scores is None:
+            error = scored.error.message if scored.error else "unreadable"
+            results.append(ExampleResult(example, None, threshold, error=error))
+        else:
+            results.append(ExampleResult(example, float(scored.scores[column]), threshold))
+    return results
+
+
+def format_table(results: list[ExampleResult], root: Path) -> str:
+    header = ("example", "expected", "score", "threshold", "result")
+    rows = [header]
+    for r in results:
+        score = "-" if r.score is None else f"{r.score:.3f}"
+        outcome = "pass" if r.passed else f"FAIL{': ' + r.error if r.error else ''}"
+        expected = "violates" if r.example.should_violate else "benign"
+        rows.append(
+            (
+                str(r.example.path.relative_to(root)),
+                expected,
+                score,
+                f"{r.threshold:.3f}",
+                outcome,
+            )
+        )
+    lines = aligned_rows(rows)
+    failed = sum(not r.passed for r in results)
+    lines.append(f"{len(results) - failed} passed, {failed} failed")
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""The protobuf mapping, in one place: domain results to messages and back, and JSON lines.
+
+Used by the servicer (responses), the CLI (`check --json`) and `moderator rescore --out`, so a
+result reads the same wherever it is written.
+"""
+
+from __future__ import annotations
+
+import json
+
+from google.protobuf.json_format import MessageToDict
+
+from moderator.core.outcomes import ImageOutcome, ModerationResult, PolicyOutcome
+from moderator.core.policies import Action, Mode, Policy, ReloadStatus
+from moderator.core.rescoring import EmbeddedImage, embedded_image
+from moderator.core.scoring import Decision
+from moderator.errors import ImageErrorCode
+from moderator.v1 import moderator_pb2 as pb
+
+DECISIONS = {
+    Decision.ALLOW: pb.DECISION_ALLOW,
+    Decision.REVIEW: pb.DECISION_REVIEW,
+    Decision.BLOCK: pb.DECISION_BLOCK,
+    Decision.ERROR: pb.DECISION_ERROR,
+}
+ACTIONS = {Action.REVIEW: pb.ACTION_REVIEW, Action.BLOCK: pb.ACTION_BLOCK}
+MODES = {Mode.ENFORCE: pb.POLICY_MODE_ENFORCE, Mode.SHADOW: pb.POLICY_MODE_SHADOW}
+IMAGE_ERROR_CODES = {
+    ImageErrorCode.EMPTY: pb.IMAGE_ERROR_CODE_EMPTY,
+    ImageErrorCode.TOO_MANY_BYTES: pb.IMAGE_ERROR_CODE_TOO_MANY_BYTES,
+    ImageErrorCode.TOO_MANY_PIXELS: pb.IMAGE_ERROR_CODE_TOO_MANY_PIXELS,
+    ImageErrorCode.UNSUPPORTED_FORMAT: pb.IMAGE_ERROR_CODE_UNSUPPORTED_FORMAT,
+    ImageErrorCode.CORRUPT: pb.IMAGE_ERROR_CODE_CORRUPT,
+    ImageErrorCode.INVALID_EMBEDDING: pb.IMAGE_ERROR_CODE_INVALID_EMBEDDING,
+}
+
+
+def moderate_response(result: ModerationResult) -> pb.ModerateResponse:
+    return pb.ModerateResponse(
+        results=[image_result(outcome) for outcome in result.results],
+        policy_version=result.policy_version,
+        model=result.model_id,
+        precision=result.precision,
+    )
+
+
+def image_result(outcome: ImageOutcome) -> pb.ImageResult:
+    result = pb.ImageResult(
+        id=outcome.id,
+        decision=DECISIONS[outcome.decision],
+        policies=[policy_result(p) for p in outcome.policies],
+        embedding=outcome.embedding,
+        views=[pb.Embedding(values=view) for view in outcome.views],
+    )
+    if outcome.error is not None:
+        result.error.code = IMAGE_ERROR_CODES[outcome.error.code]
+        result.error.message = outcome.error.message
+    return result
+
+
+def policy_result(outcome: PolicyOutcome) -> pb.PolicyResult:
+    policy = outcome.policy
+    return pb.PolicyResult(
+        policy_id=policy.id,
+        score=outcome.score,
+        threshold=policy.threshold,
+        violated=outcome.violated,
+        action=ACTIONS[policy.action],
+        mode=MODES[policy.mode],
+        matched_description=outcome.matched_description,
+        policy_version=policy.version,
+    )
+
+
+def embedded(image: pb.EmbeddedImage) -> EmbeddedImage:
+    """A ScoreEmbeddings image as the domain's stored image (values converted later)."""
+    return embedded_image(image.id, image.embedding, [view.values for view in image.views])
+
+
+def policy_info(policy: Policy) -> pb.PolicyInfo:
+    return pb.PolicyInfo(
+        id=policy.id,
+        title=policy.title,
+        action=ACTIONS[policy.action],
+        mode=MODES[policy.mode],
+        threshold=policy.threshold,
+        description_count=len(policy.descriptions),
+        benign_count=len(policy.benign),
+        version=policy.version,
+    )
+
+
+def reload_status(status: ReloadStatus) -> pb.ReloadStatus:
+    return pb.ReloadStatus(ok=status.ok, message=status.message, unix_time=int(status.unix_time))
+
+
+def format_json(result: pb.ImageResult, policy_version: str, model: str, precision: str) -> str:
+    """One ImageResult as a JSON line (protobuf's JSON mapping) with its response's context:
+    the line `moderator rescore` reads back."""
+    record = MessageToDict(result, preserving_proto_field_name=True)
+    record.update(policy_version=policy_version, model=model, precision=precision)
+    return json.dumps(record, sort_keys=True)

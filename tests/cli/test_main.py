@@ -1,0 +1,215 @@
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from moderator.cli.main import build_parser, main
+from moderator.cli.options import config_from_args
+from moderator.config import DEMO_CHECKPOINT_PATH, DEMO_POLICIES_DIR
+from moderator.v1 import moderator_pb2 as pb
+from moderator.v1 import moderator_pb2_grpc as pb_grpc
+from tests.helpers import copy_demo_policies, edit, shape_png
+
+SERVE_TIMEOUT = 120
+
+
+@dataclass
+class DemoServer:
+    process: subprocess.Popen[str]
+    port: int
+    policies: Path
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "moderator", *args],
+        capture_output=True,
+        text=True,
+        timeout=SERVE_TIMEOUT,
+        check=False,
+    )
+
+
+def test_flags_mirror_environment_variables() -> None:
+    env = {"MODERATOR_PORT": "6000", "MODERATOR_MAX_WAIT_MS": "2.5", "MODERATOR_DEMO": "true"}
+    args = build_parser(env).parse_args(["serve"])
+    assert args.port == 6000
+    assert args.max_wait_ms == 2.5
+    assert args.demo
+    assert build_parser(env).parse_args(["serve", "--port", "7000"]).port == 7000
+
+
+def test_bad_environment_values_get_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser({"MODERATOR_PORT": "fifty"}).parse_args(["serve"])
+    assert info.value.code == 2
+    assert "--port" in capsys.readouterr().err
+    assert main(["serve", "--log-level", "loud"]) == 2
+
+
+def test_demo_flag_selects_the_bundled_model_and_policies() -> None:
+    config = config_from_args(build_parser({}).parse_args(["serve", "--demo"]))
+    assert config.model.pretrained == str(DEMO_CHECKPOINT_PATH)
+    assert config.policies_dir == DEMO_POLICIES_DIR
+    default = config_from_args(build_parser({}).parse_args(["serve"]))
+    assert default.model.name == "ViT-B-32"
+    assert default.model.pretrained == "laion2b_s34b_b79k"
+    assert (
+        config_from_args(
+            build_parser({}).parse_args(["serve", "--pretrained", "none"])
+        ).model.pretrained
+        is None
+    )
+
+
+def test_validate_accepts_good_policies(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["policies", "validate", str(DEMO_POLICIES_DIR)]) == 0
+    assert "ok: 3 active policies" in capsys.readouterr().out
+
+
+def test_validate_lists_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a.yaml").write_text("title: A\naction: nuke\nthreshold: 0.2\ndescriptions: [x]\n")
+    (tmp_path / "b.yaml").write_text("title: B\naction: block\nthreshold: 0.2\ndescriptions: []\n")
+    assert main(["policies", "validate", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "a.yaml:2: key 'action'" in out
+    assert "b.yaml:4: key 'descriptions'" in out
+    assert "2 problem(s)" in out
+
+
+def test_random_weights_are_refused_without_the_flag() -> None:
+    done = run_cli("serve", "--pretrained", "none", "--port", "0", "--metrics-port", "-1")
+    assert done.returncode == 2
+    assert "--allow-random-weights" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_missing_weights_fail_with_one_clear_message(tmp_path: Path) -> None:
+    done = run_cli(
+        "serve", "--pretrained", str(tmp_path / "missing.pt"), "--port", "0", "--metrics-port", "-1"
+    )
+    assert done.returncode == 2
+    assert "--pretrained PATH" in done.stderr
+    assert "--demo" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def demo_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[DemoServer]:
+    cache = tmp_path_factory.mktemp("cli-cache")
+    policies = copy_demo_policies(tmp_path_factory.mktemp("cli") / "policies")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "moderator",
+            "serve",
+            "--demo",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--cache-dir",
+            str(cache),
+            "--policies",
+            str(policies),
+            "--policy-poll-seconds",
+            "0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stderr is not None
+    port = 0
+    for line in process.stderr:
+        match = re.search(r"SERVING on port (\d+)", line)
+        if match:
+            port = int(match.group(1))
+            break
+    assert port, "the server never reported SERVING"
+    yield DemoServer(process, port, policies)
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def test_check_prints_one_line_per_image(demo_server: DemoServer, tmp_path: Path) -> None:
+    port = demo_server.port
+    red = tmp_path / "red.png"
+    red.write_bytes(shape_png("red", "circle"))
+    blue = tmp_path / "blue.png"
+    blue.write_bytes(shape_png("blue", "square"))
+    done = run_cli("check", "--server", f"127.0.0.1:{port}", str(red), str(blue))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{red}\tBLOCK\tred=")
+    assert lines[1] == f"{blue}\tALLOW\t-"
+
+    done = run_cli("check", "--json", "--server", f"127.0.0.1:{port}", str(red))
+    record = json.loads(done.stdout)
+    assert record["decision"] == "DECISION_BLOCK"
+    assert record["model"] == "moderator-shapes-demo/moderator-shapes-demo.pt"
+    assert {p["policy_id"] for p in record["policies"]} == {"red", "stars", "green_squares"}
+    assert "embedding" not in record
+
+
+def test_check_embeddings_writes_the_file_rescore_reads(
+    demo_server: DemoServer, tmp_path: Path
+) -> None:
+    red = tmp_path / "red.png"
+    red.write_bytes(shape_png("red", "circle"))
+    done = run_cli("check", "--embeddings", "--server", f"127.0.0.1:{demo_server.port}", str(red))
+    assert done.returncode == 0, done.stderr
+    stored = tmp_path / "stored.jsonl"
+    stored.write_text(done.stdout)
+    done = run_cli(
+        "rescore",
+        str(stored),
+        "--policies",
+        str(demo_server.policies),
+        "--demo",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "BLOCK  -> BLOCK         1" in done.stdout
+    assert "0 images changed decision" in done.stdout
+
+
+def test_sighup_reloads_the_policies(demo_server: DemoServer) -> None:
+    process, port = demo_server.process, demo_server.port
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.ModeratorStub(channel)
+        listed = stub.ListPolicies(pb.ListPoliciesRequest(), timeout=10)
+        edit(demo_server.policies / "stars.yaml", "threshold: 0.74", "threshold: 0.79")
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while stub.ListPolicies(pb.ListPoliciesRequest(), timeout=10).policy_version == (
+            listed.policy_version
+        ):
+            assert time.monotonic() < deadline, "SIGHUP did not reload"
+            time.sleep(0.05)
+        assert process.poll() is None
+
+
+def test_sigterm_drains_and_exits_zero(demo_server: DemoServer) -> None:
+    process = demo_server.process
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0

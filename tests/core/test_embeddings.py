@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from moderator.config import DEMO_POLICIES_DIR
+from moderator.core.embeddings import EmbeddingCache, build_policy_index, embed_texts
+from moderator.core.policies import build_policy_set, load_policy_dir, parse_policy
+from tests.helpers import DIM, CountingEncoder, vector
+
+
+def policy_yaml(descriptions: list[str], benign: list[str] | None = None) -> str:
+    lines = ["title: T", "action: block", "threshold: 0.2", "templates: ['{}', 'a photo of {}.']"]
+    lines += ["descriptions:"] + [f"  - {d}" for d in descriptions]
+    if benign:
+        lines += ["benign:"] + [f"  - {b}" for b in benign]
+    return "\n".join(lines) + "\n"
+
+
+def test_cache_encodes_each_prompt_once_and_persists(tmp_path: Path) -> None:
+    encoder = CountingEncoder()
+    cache = EmbeddingCache(tmp_path, "model-a|float32")
+    first = cache.lookup(["a", "b", "a"], encoder)
+    assert encoder.encoded == ["a", "b"]
+    assert torch.allclose(first[0], first[2])
+    cache.lookup(["b", "c"], encoder)
+    assert encoder.encoded == ["a", "b", "c"]
+
+    restarted = EmbeddingCache(tmp_path, "model-a|float32")
+    again = CountingEncoder()
+    assert torch.allclose(restarted.lookup(["a", "b"], again), first[:2])
+    assert again.encoded == []
+    assert restarted.encoded_total == 0
+
+
+def test_cache_is_keyed_by_model(tmp_path: Path) -> None:
+    EmbeddingCache(tmp_path, "model-a|float32").lookup(["a"], CountingEncoder())
+    other = CountingEncoder()
+    EmbeddingCache(tmp_path, "model-b|float32").lookup(["a"], other)
+    assert other.encoded == ["a"]
+
+
+def test_corrupt_cache_file_costs_only_re_encoding(tmp_path: Path) -> None:
+    cache = EmbeddingCache(tmp_path, "m")
+    cache.lookup(["a"], CountingEncoder())
+    assert cache.path is not None
+    cache.path.write_bytes(b"garbage")
+    encoder = CountingEncoder()
+    EmbeddingCache(tmp_path, "m").lookup(["a"], encoder)
+    assert encoder.encoded == ["a"]
+
+
+def test_unwritable_cache_directory_still_works(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    cache = EmbeddingCache(blocker / "cache", "m")
+    assert cache.lookup(["a"], CountingEncoder()).shape == (1, DIM)
+
+
+def test_descriptions_are_template_ensembles() -> None:
+    cache = EmbeddingCache(None, "m")
+    texts = [("a knife", ("{}", "a photo of {}."))]
+    embedded = embed_texts(texts, CountingEncoder(), cache)
+    expected = vector("a knife") + vector("a photo of a knife.")
+    assert torch.allclose(embedded[0], expected / expected.norm(), atol=1e-6)
+
+
+def test_policy_index_layout() -> None:
+    policies = [
+        parse_policy("knives", policy_yaml(["a knife", "a dagger", "a sword"], ["a spoon"]), "k"),
+        parse_policy("guns", policy_yaml(["a gun"]), "g"),
+    ]
+    policy_set = build_policy_set(policies)
+    assert policy_set.ids == ("guns", "knives")
+    encoder = CountingEncoder()
+    index = build_policy_index(policy_set, encoder, EmbeddingCache(None, "m"), torch.device("cpu"))
+    assert index.text_matrix.shape == (5, DIM)  # 4 descriptions + 1 benign text
+    assert index.violating_rows.tolist() == [[0, 5, 5], [1, 2, 3]]  # 5 is the padding row
+    assert index.benign_rows.tolist() == [[5], [4]]
+    assert index.has_benign.tolist() == [False, True]
+    assert index.thresholds.tolist() == pytest.approx([0.2, 0.2])
+    assert len(encoder.encoded) == 10  # 5 texts x 2 templates
+
+
+def test_an_index_on_another_device_keeps_a_cpu_copy_for_rescoring() -> None:
+    policy_set = load_policy_dir(DEMO_POLICIES_DIR)
+    cache = EmbeddingCache(None, "test")
+    index = build_policy_index(policy_set, CountingEncoder(), cache, torch.device("meta"))
+    assert index.text_matrix.device.type == "meta"
+    assert index.cpu_copy is not None
+    on_cpu = index.on_cpu
+    for tensor in (
+        on_cpu.text_matrix,
+        on_cpu.violating_rows,
+        on_cpu.benign_rows,
+        on_cpu.has_benign,
+    ):
+        assert tensor.device.type == "cpu"
+    assert on_cpu.text_matrix.shape == index.text_matrix.shape
+    cpu_index = build_policy_index(policy_set, CountingEncoder(), cache, torch.device("cpu"))
+    assert cpu_index.on_cpu is cpu_index
+    assert torch.equal(on_cpu.text_matrix, cpu_index.text_matrix)

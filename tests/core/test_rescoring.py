@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moderator.core.embeddings import EmbeddingCache, PolicyIndex, build_policy_index
+from moderator.core.policies import PolicySet, parse_policy
+from moderator.core.rescoring import embedded_image, score_embedded
+from moderator.core.scoring import ViewScores, score_views
+from moderator.errors import ImageErrorCode, InvalidImage
+from tests.helpers import unit
+
+
+def toy_index() -> PolicyIndex:
+    policy = parse_policy(
+        "toy",
+        "title: Toy\naction: block\nthreshold: 0.5\ndescriptions: [x, y]\nbenign: [z]\n"
+        'templates: ["{}"]\n',
+        source="toy.yaml",
+    )
+    vectors = {"x": unit(1, 0, 0), "y": unit(0, 1, 0), "z": unit(0, 0, 1)}
+
+    def encode_texts(texts: list[str]) -> torch.Tensor:
+        return torch.tensor([vectors[t] for t in texts])
+
+    policy_set = PolicySet(policies=(policy,), version="v")
+    return build_policy_index(
+        policy_set, encode_texts, EmbeddingCache(None, "toy"), torch.device("cpu")
+    )
+
+
+def test_score_embedded_equals_score_views_and_fails_bad_embeddings_alone() -> None:
+    index = toy_index()
+    images = [
+        embedded_image("good", unit(1, 0, 0)),
+        embedded_image("short", unit(1, 0)),
+        embedded_image("nan", [float("nan"), 0.0, 0.0]),
+        embedded_image("unnormalised", [3.0, 0.0, 0.0]),
+        embedded_image("views", unit(0, 0, 1), [unit(0, 0, 1), unit(0, 1, 0)]),
+        embedded_image("too many views", unit(0, 0, 1), [unit(0, 0, 1)] * 3),
+    ]
+    results = score_embedded(images, index, max_views=2)
+    good, short, nan, unnormalised, views, too_many = results
+    assert isinstance(good, ViewScores)
+    assert isinstance(views, ViewScores)
+    expected, _ = score_views(torch.tensor([unit(1, 0, 0)]), index)
+    assert torch.equal(good.scores, expected)
+    assert good.scores.tolist() == [[pytest.approx(1.0)]]  # best description 1, no benign match
+    assert views.scores.shape == (2, 1)
+    assert views.scores[:, 0].tolist() == pytest.approx([-1.0, 1.0])  # z is the benign text
+    for failed, words in (
+        (short, "2 values"),
+        (nan, "NaN"),
+        (unnormalised, "normalised"),
+        (too_many, "3 views; Moderate returns 1 to 2"),
+    ):
+        assert isinstance(failed, InvalidImage)
+        assert failed.code is ImageErrorCode.INVALID_EMBEDDING
+        assert words in failed.message

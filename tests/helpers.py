@@ -1,0 +1,145 @@
+"""Helpers shared by the tests: images, configs, policies, a real service on a free port."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import math
+import shutil
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from prometheus_client import CollectorRegistry
+
+from moderator.config import (
+    DEMO_POLICIES_DIR,
+    BatchConfig,
+    Config,
+    ServerConfig,
+    demo_model_config,
+)
+from moderator.core.embeddings import EmbeddingCache, PolicyIndex, build_policy_index
+from moderator.core.policies import build_policy_set, parse_policy
+from moderator.demo.shapes import render_shape
+from moderator.serving.server import Service
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **save_args: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save_args)
+    return buffer.getvalue()
+
+
+def shape_png(colour: str, shape: str, width: int = 160, height: int = 160) -> bytes:
+    return encode(render_shape(colour, shape, width, height))
+
+
+def demo_config(
+    tmp_path: Path, batching: BatchConfig | None = None, server: ServerConfig | None = None
+) -> Config:
+    return Config(
+        policies_dir=DEMO_POLICIES_DIR,
+        embedding_cache_dir=tmp_path / "cache",
+        model=demo_model_config("cpu"),
+        batching=batching or BatchConfig(),
+        server=server
+        or ServerConfig(host="127.0.0.1", port=0, metrics_port=0, shutdown_grace_seconds=5),
+    )
+
+
+@dataclass
+class RunningService:
+    service: Service
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.service.port}"
+
+    def call(self, coroutine: object) -> object:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(60)  # type: ignore[arg-type]
+
+
+def start_service(config: Config) -> Iterator[RunningService]:
+    """Run the real service on its own event loop thread; yield once it is SERVING."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    service = Service(config, CollectorRegistry())
+    running = RunningService(service, loop)
+    running.call(service.start())
+    try:
+        yield running
+    finally:
+        running.call(service.stop())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+DIM = 8
+
+
+class CountingEncoder:
+    """A deterministic stand-in text encoder that records what it was asked to encode."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        self.calls.append(list(texts))
+        return torch.stack([vector(t) for t in texts])
+
+    @property
+    def encoded(self) -> list[str]:
+        return [t for call in self.calls for t in call]
+
+
+def vector(text: str) -> torch.Tensor:
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+    v = torch.randn(DIM, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.normalize(v, dim=0)
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+def make_index(*policies: tuple[str, str]) -> PolicyIndex:
+    parsed = [parse_policy(pid, text, pid) for pid, text in policies]
+    return build_policy_index(
+        build_policy_set(parsed), CountingEncoder(), EmbeddingCache(None, "m"), torch.device("cpu")
+    )
+
+
+def policy_doc(
+    action: str,
+    descriptions: list[str],
+    benign: Sequence[str] = (),
+    mode: str = "enforce",
+    threshold: float = 0.5,
+) -> str:
+    """A policy file with one template, so each description is its own text embedding."""
+    text = (
+        f"title: T\naction: {action}\nmode: {mode}\nthreshold: {threshold}\ntemplates: ['{{}}']\n"
+    )
+    text += "descriptions:\n" + "".join(f"  - {d}\n" for d in descriptions)
+    if benign:
+        text += "benign:\n" + "".join(f"  - {b}\n" for b in benign)
+    return text
+
+
+def copy_demo_policies(directory: Path) -> Path:
+    shutil.copytree(DEMO_POLICIES_DIR, directory)
+    return directory
+
+
+def unit(*values: float) -> list[float]:
+    norm = math.sqrt(sum(v * v for v in values))
+    return [v / norm for v in values]
