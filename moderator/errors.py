@@ -1,4 +1,4 @@
-"""Domain errors. They know nothing of gRPC: servicer.py maps them to status codes."""
+"""Domain errors. They know nothing of gRPC: serving/servicer.py maps them to status codes."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ when the aspect ratio is extreme, for each sampled frame of an animation. The mo
 every view and a policy's score for the image is its maximum over the views.
 
 Normalisation (mean/std) and the cast to the model's dtype happen on the model's device, on the
-whole batch at once (see clip.py), so the host moves 1 byte per channel instead of 4.
+whole batch at once (see core/clip.py), so the host moves 1 byte per channel instead of 4.
 """
 
 from __future__ import annotations

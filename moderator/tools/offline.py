@@ -2,7 +2,7 @@
 
 `moderator policies test`, `calibrate` and `rescore` must score exactly as the service does,
 so this reuses its pieces: images.decode_views, ClipModel, build_policy_index, score_views,
-reduce_views and build_outcomes (through rescoring.rescore_images).
+reduce_views and build_outcomes (through core.rescoring.rescore_images).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""End to end: policy reloads on a running server, over gRPC, under load."""
+"""Policy reloads: the single-flight reloader alone, then on a running server over gRPC."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -10,7 +11,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 
+from moderator.core.policies import PolicySet, ReloadStatus, load_policy_dir
+from moderator.errors import NotReady
+from moderator.serving.metrics import Metrics
+from moderator.serving.reload import PolicyReloader
 from moderator.v1 import moderator_pb2 as pb
 from moderator.v1 import moderator_pb2_grpc as pb_grpc
 from tests.helpers import (
@@ -24,6 +30,93 @@ from tests.helpers import (
 
 POLL_SECONDS = 0.1
 WAIT_SECONDS = 60.0
+
+
+class RecordingInstaller:
+    """Stands in for the engine: records each set it is asked to install and can hold an
+    install until released, so a test can line up callers behind a reload in progress."""
+
+    def __init__(self, running: PolicySet | None) -> None:
+        self.running = running
+        self.installed: list[str] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+
+    def current(self) -> PolicySet:
+        if self.running is None:
+            raise NotReady("not loaded")
+        return self.running
+
+    def install(self, policy_set: PolicySet) -> ReloadStatus:
+        self.entered.set()
+        assert self.release.wait(30)
+        self.installed.append(policy_set.version)
+        self.running = policy_set
+        return ReloadStatus(ok=True, message=f"loaded {policy_set.version}", unix_time=time.time())
+
+
+def reloader_for(policies: Path, installer: RecordingInstaller) -> PolicyReloader:
+    metrics = Metrics(CollectorRegistry())
+    return PolicyReloader(policies, installer.current, installer.install, metrics)
+
+
+async def wait_for(event: threading.Event) -> None:
+    assert await asyncio.to_thread(event.wait, 30)
+
+
+def test_concurrent_reloads_share_the_one_in_progress(tmp_path: Path) -> None:
+    policies = copy_demo_policies(tmp_path / "policies")
+    installer = RecordingInstaller(load_policy_dir(policies))
+    reloader = reloader_for(policies, installer)
+    edit(policies / "stars.yaml", "threshold: 0.74", "threshold: 0.8")
+    installer.release.clear()
+
+    async def scenario() -> list[ReloadStatus]:
+        first = asyncio.ensure_future(reloader.reload())
+        await wait_for(installer.entered)
+        others = [asyncio.ensure_future(reloader.reload()) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        installer.release.set()
+        return await asyncio.gather(first, *others)
+
+    statuses = asyncio.run(scenario())
+    assert len(installer.installed) == 1
+    assert all(status is statuses[0] for status in statuses)
+    assert statuses[0].ok
+    assert reloader.last is statuses[0]
+
+
+def test_a_caller_behind_a_stale_reload_gets_a_fresh_one(tmp_path: Path) -> None:
+    """An edit made after the running reload read the directory is not reported as loaded."""
+    policies = copy_demo_policies(tmp_path / "policies")
+    installer = RecordingInstaller(load_policy_dir(policies))
+    reloader = reloader_for(policies, installer)
+    edit(policies / "stars.yaml", "threshold: 0.74", "threshold: 0.8")
+    installer.release.clear()
+
+    async def scenario() -> tuple[ReloadStatus, ReloadStatus]:
+        first = asyncio.ensure_future(reloader.reload())
+        await wait_for(installer.entered)
+        edit(policies / "stars.yaml", "threshold: 0.8", "threshold: 0.9")
+        second = asyncio.ensure_future(reloader.reload())
+        await asyncio.sleep(0.05)
+        installer.release.set()
+        return await first, await second
+
+    first, second = asyncio.run(scenario())
+    final = load_policy_dir(policies).version
+    assert len(installer.installed) == 2
+    assert installer.installed[-1] == final
+    assert first.message != second.message
+    assert second.message == f"loaded {final}"
+
+
+def test_a_reload_before_the_first_load_is_not_ready(tmp_path: Path) -> None:
+    policies = copy_demo_policies(tmp_path / "policies")
+    reloader = reloader_for(policies, RecordingInstaller(None))
+    with pytest.raises(NotReady):
+        asyncio.run(reloader.reload())
 
 
 @pytest.fixture

@@ -1,0 +1,78 @@
+"""Config validates itself wherever it is built, and names the flag that sets a bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from moderator.cli.main import build_parser, main
+from moderator.cli.options import SERVE_OPTIONS, config_from_args
+from moderator.config import (
+    DEFAULT_POLICIES_DIR,
+    BatchConfig,
+    Config,
+    ImageConfig,
+    ModelConfig,
+    ServerConfig,
+)
+from moderator.errors import ConfigError
+
+BAD_VALUES: list[tuple[type[Any], dict[str, Any], str]] = [
+    (BatchConfig, {"max_batch_size": 0}, "--max-batch-size"),
+    (BatchConfig, {"max_wait_ms": -1}, "--max-wait-ms"),
+    (BatchConfig, {"decode_threads": 0}, "--decode-threads"),
+    (BatchConfig, {"max_queue_images": 0}, "--max-queue-images"),
+    (ServerConfig, {"port": 70000}, "--port"),
+    (ServerConfig, {"metrics_port": -2}, "--metrics-port"),
+    (ServerConfig, {"max_message_bytes": 0}, "--max-message-mb"),
+    (ServerConfig, {"max_images_per_request": 0}, "--max-images-per-request"),
+    (ServerConfig, {"max_embeddings_per_request": 0}, "--max-embeddings-per-request"),
+    (ServerConfig, {"max_rescore_requests": -1}, "--max-rescore-requests"),
+    (ImageConfig, {"max_bytes": 0}, "--max-image-mb"),
+    (ImageConfig, {"max_pixels": 0}, "--max-image-pixels"),
+    (ImageConfig, {"max_frames": 0}, "ImageConfig.max_frames"),
+    (ModelConfig, {"precision": "fp8"}, "--precision"),
+    (Config, {"policy_poll_seconds": -1}, "--policy-poll-seconds"),
+]
+
+
+@pytest.mark.parametrize(("kind", "values", "flag"), BAD_VALUES)
+def test_a_bad_value_is_refused_where_it_is_built(
+    kind: type[Any], values: dict[str, Any], flag: str
+) -> None:
+    with pytest.raises(ConfigError, match=flag):
+        kind(**values)
+
+
+def test_settings_that_must_agree_are_checked_together() -> None:
+    with pytest.raises(ConfigError, match="--max-queue-images must be at least"):
+        Config(
+            batching=BatchConfig(max_queue_images=8),
+            server=ServerConfig(max_images_per_request=16),
+        )
+    Config(
+        batching=BatchConfig(max_queue_images=16), server=ServerConfig(max_images_per_request=16)
+    )
+
+
+def test_flag_defaults_are_the_config_defaults() -> None:
+    config = config_from_args(build_parser({}).parse_args(["serve"]))
+    assert config.policies_dir == DEFAULT_POLICIES_DIR == Config().policies_dir
+    assert config.batching == BatchConfig()
+    assert config.images == ImageConfig()
+    assert config.model == ModelConfig()
+    assert config.policy_poll_seconds == Config().policy_poll_seconds
+    server = config.server
+    assert (server.host, server.port, server.metrics_port) == ("[::]", 50051, 9090)
+    assert server == ServerConfig()
+    assert {option.flag for option in SERVE_OPTIONS} >= {"--policies", "--max-batch-size"}
+
+
+def test_serve_names_the_bad_flag_before_loading_anything(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code = main(["serve", "--max-batch-size", "0", "--cache-dir", str(tmp_path)])
+    assert code == 2
+    assert "--max-batch-size must be at least 1" in capsys.readouterr().err
