@@ -71,6 +71,12 @@ class ImageConfig:
     # Images whose long/short side ratio exceeds this are also scored as square tiles.
     tile_aspect_ratio: float = 2.0
     max_tiles: int = 4
+    # What decoding may cost, checked before decoding: every frame of an animation is composed
+    # on its full canvas, so frames x canvas area bounds the work; progressive JPEG scans and
+    # TIFF pages are counted from the raw bytes. No ordinary photo, GIF or scan comes close.
+    max_animation_pixels: int = 500_000_000
+    max_jpeg_scans: int = 100
+    max_tiff_pages: int = 256
 
     def __post_init__(self) -> None:
         require(self.max_bytes >= 1, "--max-image-mb", "must be positive")
@@ -79,6 +85,9 @@ class ImageConfig:
         require(self.max_frames >= 1, "ImageConfig.max_frames", "must be at least 1")
         require(self.tile_aspect_ratio >= 1, "ImageConfig.tile_aspect_ratio", "must be at least 1")
         require(self.max_tiles >= 0, "ImageConfig.max_tiles", "must not be negative")
+        require(self.max_animation_pixels >= 1, "--max-animation-pixels", "must be positive")
+        require(self.max_jpeg_scans >= 1, "--max-jpeg-scans", "must be at least 1")
+        require(self.max_tiff_pages >= 1, "--max-tiff-pages", "must be at least 1")
 
     @property
     def max_views(self) -> int:

@@ -51,6 +51,7 @@ class ImageErrorCode(enum.Enum):
     TOO_MANY_PIXELS = "too_many_pixels"
     UNSUPPORTED_FORMAT = "unsupported_format"
     CORRUPT = "corrupt"
+    TOO_COMPLEX = "too_complex"  # would cost more to decode than the limits allow
     INVALID_EMBEDDING = "invalid_embedding"
 
 

@@ -119,6 +119,24 @@ SERVE_OPTIONS = (
     ),
     Option("--max-image-mb", float, ImageConfig.max_bytes / MIB, "largest image, MiB"),
     Option("--max-image-pixels", int, ImageConfig.max_pixels, "largest image, width x height"),
+    Option(
+        "--max-animation-pixels",
+        int,
+        ImageConfig.max_animation_pixels,
+        "largest animation, frames x canvas width x height (TOO_COMPLEX above)",
+    ),
+    Option(
+        "--max-jpeg-scans",
+        int,
+        ImageConfig.max_jpeg_scans,
+        "most scans in a progressive JPEG (TOO_COMPLEX above)",
+    ),
+    Option(
+        "--max-tiff-pages",
+        int,
+        ImageConfig.max_tiff_pages,
+        "most pages in a TIFF (TOO_COMPLEX above)",
+    ),
     Option("--log-level", str.upper, "INFO", "DEBUG, INFO, WARNING or ERROR"),
 )
 MODEL_SWITCHES = (
@@ -164,7 +182,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         embedding_cache_dir=args.cache_dir or default_cache_dir(),
         model=model_config_from_args(args),
         images=ImageConfig(
-            max_bytes=int(args.max_image_mb * MIB), max_pixels=args.max_image_pixels
+            max_bytes=int(args.max_image_mb * MIB),
+            max_pixels=args.max_image_pixels,
+            max_animation_pixels=args.max_animation_pixels,
+            max_jpeg_scans=args.max_jpeg_scans,
+            max_tiff_pages=args.max_tiff_pages,
         ),
         batching=BatchConfig(
             max_batch_size=args.max_batch_size,

@@ -22,10 +22,13 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from moderator.config import ImageConfig
+from moderator.core.structure import count_jpeg_scans, count_tiff_pages
 from moderator.errors import ImageErrorCode, InvalidImage
 
-# Our own pixel limit is checked from each frame's header before it is decoded; Pillow's bomb
-# check (at its default limit) stays as a second line of defence.
+# Our own pixel limit is checked from each frame's header before it is decoded (check_pixels:
+# what Pillow's bomb warning would say, with the sizes). Pillow's bomb check stays as a second
+# line of defence with MAX_IMAGE_PIXELS set to the service's limit (open_image): it raises
+# DecompressionBombError at twice that in any path we do not check ourselves.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -73,6 +76,7 @@ def decode_views(data: bytes, limits: ImageConfig, prep: Preprocessing) -> torch
     """
     check_byte_size(data, limits)
     image = open_image(data, limits)
+    check_structure(data, image.format, limits)
     try:
         views = [to_chw_tensor(view) for view in iter_views(image, limits, prep)]
     except InvalidImage:
@@ -95,20 +99,26 @@ def check_byte_size(data: bytes, limits: ImageConfig) -> None:
 
 
 def open_image(data: bytes, limits: ImageConfig) -> Image.Image:
-    """Identify the format and read the header only: nothing is decoded yet."""
+    """Identify the format and read the header only: nothing is decoded yet.
+
+    Only the accepted formats' plugins ever see the bytes: Pillow would otherwise run the header
+    parser of every format it knows (PSD, FITS, DDS, ...) until one claims them.
+    """
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=_plugins_for(limits.formats))
     except Image.DecompressionBombError as exc:
         raise InvalidImage(
             ImageErrorCode.TOO_MANY_PIXELS,
-            f"image has more pixels than Pillow's safety limit; the limit is {limits.max_pixels}",
+            f"image has more pixels than the limit of {limits.max_pixels}",
         ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         known = sniff_format(data)
-        if known:
+        if known in limits.formats:
             raise InvalidImage(ImageErrorCode.CORRUPT, f"broken {known} header: {exc}") from exc
         raise InvalidImage(
-            ImageErrorCode.UNSUPPORTED_FORMAT, "not an image in a supported format"
+            ImageErrorCode.UNSUPPORTED_FORMAT,
+            f"not an image in an accepted format (accepted: {', '.join(sorted(limits.formats))})",
         ) from exc
     if image.format not in limits.formats:
         raise InvalidImage(
@@ -118,6 +128,29 @@ def open_image(data: bytes, limits: ImageConfig) -> Image.Image:
         )
     check_pixels(image.size, limits)
     return image
+
+
+def _plugins_for(formats: frozenset[str]) -> list[str]:
+    """Pillow's openers for `formats`: MPO files are opened by the JPEG plugin."""
+    Image.init()
+    wanted = set(formats) | ({"JPEG"} if "MPO" in formats else set())
+    return sorted(f for f in wanted if f in Image.OPEN)
+
+
+def check_structure(data: bytes, image_format: str | None, limits: ImageConfig) -> None:
+    """Refuse, before decoding, a file whose structure would cost too much to decode."""
+    if image_format in ("JPEG", "MPO"):
+        scans = count_jpeg_scans(data, limits.max_jpeg_scans)
+        if scans > limits.max_jpeg_scans:
+            raise _too_complex(f"JPEG has over {limits.max_jpeg_scans} scans")
+    elif image_format == "TIFF":
+        pages = count_tiff_pages(data, limits.max_tiff_pages)
+        if pages > limits.max_tiff_pages:
+            raise _too_complex(f"TIFF has over {limits.max_tiff_pages} pages")
+
+
+def _too_complex(reason: str) -> InvalidImage:
+    return InvalidImage(ImageErrorCode.TOO_COMPLEX, f"{reason}; the limit is set by the service")
 
 
 def check_pixels(size: tuple[int, int], limits: ImageConfig) -> None:
@@ -174,6 +207,13 @@ def iter_frames(image: Image.Image, max_frames: int, limits: ImageConfig) -> Ite
     if n_frames <= 1 or max_frames <= 1:
         yield image
         return
+    # Reaching a frame composes every frame before it on the full canvas.
+    width, height = image.size
+    if n_frames * width * height > limits.max_animation_pixels:
+        raise _too_complex(
+            f"animation of {n_frames} frames on a {width}x{height} canvas is over "
+            f"{limits.max_animation_pixels} frame pixels"
+        )
     count = min(max_frames, n_frames)
     for index in sorted({round(i * (n_frames - 1) / (count - 1)) for i in range(count)}):
         image.seek(index)
@@ -199,13 +239,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
-    pixels = np.asarray(image, dtype=np.float64)
+    """16-bit, 32-bit integer and float grey to 8-bit RGB, never through float64: a 50 MP
+    16-bit image costs 150 MB here, not 1.5 GB."""
+    pixels = np.asarray(image)
     if image.mode.startswith("I;16"):
-        scaled = pixels / 65535.0
+        gray = (pixels.astype(np.uint16, copy=False) >> 8).astype(np.uint8)
     else:
-        low, high = float(pixels.min()), float(pixels.max())
-        scaled = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
-    gray = np.clip(scaled * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        values = pixels.astype(np.float32, copy=False)
+        finite = np.isfinite(values)
+        low = float(values[finite].min()) if finite.any() else 0.0
+        high = float(values[finite].max()) if finite.any() else 0.0
+        scale = 255.0 / (high - low) if high > low else 0.0
+        values = np.where(finite, values, low)
+        gray = np.clip((values - low) * scale + 0.5, 0, 255).astype(np.uint8)
     return Image.fromarray(gray, mode="L").convert("RGB")
 
 

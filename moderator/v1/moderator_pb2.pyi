@@ -36,6 +36,7 @@ class ImageErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     IMAGE_ERROR_CODE_UNSUPPORTED_FORMAT: _ClassVar[ImageErrorCode]
     IMAGE_ERROR_CODE_CORRUPT: _ClassVar[ImageErrorCode]
     IMAGE_ERROR_CODE_INVALID_EMBEDDING: _ClassVar[ImageErrorCode]
+    IMAGE_ERROR_CODE_TOO_COMPLEX: _ClassVar[ImageErrorCode]
 DECISION_UNSPECIFIED: Decision
 DECISION_ALLOW: Decision
 DECISION_REVIEW: Decision
@@ -54,6 +55,7 @@ IMAGE_ERROR_CODE_TOO_MANY_PIXELS: ImageErrorCode
 IMAGE_ERROR_CODE_UNSUPPORTED_FORMAT: ImageErrorCode
 IMAGE_ERROR_CODE_CORRUPT: ImageErrorCode
 IMAGE_ERROR_CODE_INVALID_EMBEDDING: ImageErrorCode
+IMAGE_ERROR_CODE_TOO_COMPLEX: ImageErrorCode
 
 class Image(_message.Message):
     __slots__ = ("id", "data")

@@ -212,3 +212,65 @@ def test_transparent_colour_of_an_rgb_png_is_shown_as_white() -> None:
     image = Image.new("RGB", (32, 32), RED)
     views = decode_views(encode(image, transparency=RED), LIMITS, PREP)
     assert close_to(pixel(views, 0, 32, 32), WHITE)
+
+
+def gif_of_tiny_frames(frames: int, canvas: int) -> bytes:
+    """A few hundred bytes: 1x1 frames on a huge logical screen, each composed on all of it."""
+    out = bytearray(b"GIF89a" + struct.pack("<HH", canvas, canvas) + bytes([0x80, 0, 0]))
+    out += bytes([0, 0, 0, 255, 255, 255])
+    for i in range(frames):
+        out += b"\x21\xf9\x04\x00\x01\x00\x00\x00"  # graphic control: 10 ms
+        out += b"\x2c" + struct.pack("<HHHH", i % 100, 0, 1, 1) + b"\x00"
+        out += bytes([2, 2, 0x4C, 0x01, 0])  # LZW minimum code size 2, one data sub-block
+    return bytes(out + b"\x3b")
+
+
+def test_an_animation_over_the_frame_pixel_budget_is_too_complex() -> None:
+    bomb = gif_of_tiny_frames(frames=20, canvas=6000)
+    assert len(bomb) < 1000
+    with pytest.raises(InvalidImage, match="20 frames on a 6000x6000 canvas") as info:
+        decode_views(bomb, LIMITS, PREP)
+    assert info.value.code is ImageErrorCode.TOO_COMPLEX
+    small = gif_of_tiny_frames(frames=20, canvas=64)
+    assert decode_views(small, LIMITS, PREP).shape[0] == LIMITS.max_frames
+
+
+def test_a_jpeg_with_too_many_scans_is_too_complex() -> None:
+    image = Image.effect_noise((96, 96), 40).convert("RGB")
+    progressive = encode(image, "JPEG", progressive=True)
+    assert decode_views(progressive, LIMITS, PREP).shape[0] == 1
+    assert error_code(progressive, ImageConfig(max_jpeg_scans=3)) is ImageErrorCode.TOO_COMPLEX
+
+
+def test_a_tiff_with_too_many_pages_is_too_complex() -> None:
+    pages = [Image.new("RGB", (16, 16), colour) for colour in ("red", "green", "blue")]
+    data = encode(pages[0], "TIFF", save_all=True, append_images=pages[1:])
+    assert decode_views(data, LIMITS, PREP).shape[0] == 3
+    assert error_code(data, ImageConfig(max_tiff_pages=2)) is ImageErrorCode.TOO_COMPLEX
+
+
+def test_only_accepted_formats_are_ever_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import PcxImagePlugin
+
+    def must_not_run(self: object) -> None:
+        raise AssertionError("the PCX header parser ran for a format that is not accepted")
+
+    pcx = encode(Image.new("RGB", (8, 8), "red"), "PCX")
+    monkeypatch.setattr(PcxImagePlugin.PcxImageFile, "_open", must_not_run)
+    assert error_code(pcx) is ImageErrorCode.UNSUPPORTED_FORMAT
+
+
+def test_sixteen_bit_images_are_reduced_without_float64_copies() -> None:
+    import tracemalloc
+
+    side = 1500
+    ramp = np.tile(np.linspace(0, 65535, side, dtype=np.uint16), (side, 1))
+    data = encode(Image.fromarray(ramp), "PNG")
+    tracemalloc.start()
+    try:
+        decode_views(data, LIMITS, PREP)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    float64_copy = side * side * 8
+    assert peak < float64_copy
