@@ -115,7 +115,7 @@ class BatchConfig:
 class ServerConfig:
     host: str = "[::]"
     port: int = 50051
-    # -1 turns the metrics endpoint off; 0 picks a free port (as for `port`).
+    # negative turns the metrics endpoint off; 0 picks a free port (as for `port`).
     metrics_port: int = 9090
     max_message_bytes: int = 128 * MIB
     max_images_per_request: int = 256
@@ -128,9 +128,9 @@ class ServerConfig:
         require(bool(self.host), "--host", "must not be empty")
         require(0 <= self.port <= MAX_PORT, "--port", f"must be 0 to {MAX_PORT}")
         require(
-            -1 <= self.metrics_port <= MAX_PORT,
+            self.metrics_port <= MAX_PORT,
             "--metrics-port",
-            f"must be -1 (off), 0 (any free port) or a port up to {MAX_PORT}",
+            f"must be negative (off), 0 (any free port) or a port up to {MAX_PORT}",
         )
         require(self.max_message_bytes >= 1, "--max-message-mb", "must be positive")
         require(self.max_images_per_request >= 1, "--max-images-per-request", "must be positive")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 
-from moderator.cli.main import build_parser, main
+from moderator.cli.main import build_parser
 from moderator.cli.options import SERVE_OPTIONS, config_from_args
 from moderator.config import (
     DEFAULT_POLICIES_DIR,
@@ -25,7 +26,7 @@ BAD_VALUES: list[tuple[type[Any], dict[str, Any], str]] = [
     (BatchConfig, {"decode_threads": 0}, "--decode-threads"),
     (BatchConfig, {"max_queue_images": 0}, "--max-queue-images"),
     (ServerConfig, {"port": 70000}, "--port"),
-    (ServerConfig, {"metrics_port": -2}, "--metrics-port"),
+    (ServerConfig, {"metrics_port": 70000}, "--metrics-port"),
     (ServerConfig, {"max_message_bytes": 0}, "--max-message-mb"),
     (ServerConfig, {"max_images_per_request": 0}, "--max-images-per-request"),
     (ServerConfig, {"max_embeddings_per_request": 0}, "--max-embeddings-per-request"),
@@ -70,9 +71,15 @@ def test_flag_defaults_are_the_config_defaults() -> None:
     assert {option.flag for option in SERVE_OPTIONS} >= {"--policies", "--max-batch-size"}
 
 
-def test_serve_names_the_bad_flag_before_loading_anything(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    code = main(["serve", "--max-batch-size", "0", "--cache-dir", str(tmp_path)])
-    assert code == 2
-    assert "--max-batch-size must be at least 1" in capsys.readouterr().err
+def test_serve_names_the_bad_flag_before_loading_anything() -> None:
+    code = (
+        "import sys; from moderator.cli.main import main; "
+        "code = main(['serve', '--max-batch-size', '0']); "
+        "served = any(m.startswith('moderator.serving') for m in sys.modules); "
+        "print(code, 'torch' in sys.modules, served)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert done.stdout.split() == ["2", "False", "False"]
+    assert "--max-batch-size must be at least 1" in done.stderr

@@ -35,8 +35,6 @@ def add_parser(commands: Subparsers, env: Mapping[str, str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moderator.wire import format_json
-
     options = [
         ("grpc.max_send_message_length", 256 * MIB),
         ("grpc.max_receive_message_length", 256 * MIB),
@@ -57,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
                 return 1
             for result in response.results:
                 if args.json or args.embeddings:
+                    from moderator.wire import format_json  # loads torch: only when asked
+
                     context = (response.policy_version, response.model, response.precision)
                     print(format_json(result, *context))
                 else:

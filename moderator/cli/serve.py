@@ -22,7 +22,8 @@ def add_parser(commands: Subparsers, env: Mapping[str, str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)  # a bad flag is named before torch is even imported
     from moderator.serving.server import serve
 
-    asyncio.run(serve(config_from_args(args)))
+    asyncio.run(serve(config))
     return 0

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 from moderator.core.policies import (
@@ -26,8 +27,9 @@ from moderator.serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-# (status, fingerprint of the directory as that reload found it)
-_Flight = asyncio.Future[tuple[ReloadStatus, str]]
+# (status, fingerprint of the directory as that reload found it); a thread-safe future, so
+# callers on any event loop (or none) can share one reload
+_Flight = Future[tuple[ReloadStatus, str]]
 
 
 class PolicyReloader:
@@ -44,27 +46,42 @@ class PolicyReloader:
         self._current = current
         self._install = install
         self._metrics = metrics
-        self._lock = threading.Lock()  # one reload at a time, whichever event loop asks
+        self._lock = threading.Lock()  # one reload at a time, whoever asks
+        self._flights = threading.Lock()  # guards _flight
         self._flight: _Flight | None = None
         self.last = ReloadStatus(ok=False, message="not loaded yet", unix_time=0.0)
 
     async def reload(self) -> ReloadStatus:
-        """Reload off the event loop, sharing a reload already in progress (see module doc)."""
+        """Reload off the event loop, sharing a reload already in progress (see module doc).
+
+        A caller that gives up (cancelled) leaves the reload running for the others."""
         flight = self._in_progress()
         if flight is not None:
-            status, seen = await asyncio.shield(flight)
+            status, seen = await asyncio.shield(asyncio.wrap_future(flight))
             if await asyncio.to_thread(directory_fingerprint, self.directory) == seen:
                 return status
         # A reload that started after this call sees every edit made before it.
-        return (await asyncio.shield(self._in_progress() or self._start()))[0]
+        return (await asyncio.shield(asyncio.wrap_future(self._joined_or_started())))[0]
 
     def _in_progress(self) -> _Flight | None:
-        flight = self._flight
+        with self._flights:
+            flight = self._flight
         return None if flight is None or flight.done() else flight
 
-    def _start(self) -> _Flight:
-        self._flight = asyncio.ensure_future(asyncio.to_thread(self.reload_blocking))
-        return self._flight
+    def _joined_or_started(self) -> _Flight:
+        with self._flights:
+            if self._flight is None or self._flight.done():
+                self._flight = Future()
+                threading.Thread(
+                    target=self._fly, args=(self._flight,), name="policy-reload", daemon=True
+                ).start()
+            return self._flight
+
+    def _fly(self, flight: _Flight) -> None:
+        try:
+            flight.set_result(self.reload_blocking())
+        except BaseException as exc:  # NotReady, or anything else: every waiter gets it
+            flight.set_exception(exc)
 
     def reload_blocking(self) -> tuple[ReloadStatus, str]:
         """One reload, now: (its status, the directory's fingerprint before it was read).

@@ -112,6 +112,32 @@ def test_a_caller_behind_a_stale_reload_gets_a_fresh_one(tmp_path: Path) -> None
     assert second.message == f"loaded {final}"
 
 
+def test_callers_on_other_event_loops_share_a_reload_and_a_cancelled_one_stops_nothing(
+    tmp_path: Path,
+) -> None:
+    policies = copy_demo_policies(tmp_path / "policies")
+    installer = RecordingInstaller(load_policy_dir(policies))
+    reloader = reloader_for(policies, installer)
+    edit(policies / "stars.yaml", "threshold: 0.74", "threshold: 0.8")
+    installer.release.clear()
+
+    async def first_caller_gives_up() -> None:
+        task = asyncio.ensure_future(reloader.reload())
+        await wait_for(installer.entered)
+        task.cancel()
+
+    asyncio.run(first_caller_gives_up())  # its event loop is closed, the reload goes on
+    results: list[ReloadStatus] = []
+    other_loop = threading.Thread(target=lambda: results.append(asyncio.run(reloader.reload())))
+    other_loop.start()
+    time.sleep(0.05)
+    installer.release.set()
+    other_loop.join(30)
+    assert len(installer.installed) == 1
+    assert results == [reloader.last]
+    assert results[0].ok
+
+
 def test_a_reload_before_the_first_load_is_not_ready(tmp_path: Path) -> None:
     policies = copy_demo_policies(tmp_path / "policies")
     reloader = reloader_for(policies, RecordingInstaller(None))
