@@ -61,16 +61,23 @@ def reloader_for(policies: Path, installer: RecordingInstaller) -> PolicyReloade
     return PolicyReloader(policies, installer.current, installer.install, metrics)
 
 
-async def wait_for(event: threading.Event) -> None:
-    assert await asyncio.to_thread(event.wait, 30)
-
-
-def test_concurrent_reloads_share_the_one_in_progress(tmp_path: Path) -> None:
+def edited_with_install_held(tmp_path: Path) -> tuple[Path, RecordingInstaller, PolicyReloader]:
+    """A loaded policy copy with one edit waiting, and an installer that holds the next install
+    until `installer.release` is set."""
     policies = copy_demo_policies(tmp_path / "policies")
     installer = RecordingInstaller(load_policy_dir(policies))
     reloader = reloader_for(policies, installer)
     edit(policies / "stars.yaml", "threshold: 0.74", "threshold: 0.8")
     installer.release.clear()
+    return policies, installer, reloader
+
+
+async def wait_for(event: threading.Event) -> None:
+    assert await asyncio.to_thread(event.wait, 30)
+
+
+def test_concurrent_reloads_share_the_one_in_progress(tmp_path: Path) -> None:
+    _policies, installer, reloader = edited_with_install_held(tmp_path)
 
     async def scenario() -> list[ReloadStatus]:
         first = asyncio.ensure_future(reloader.reload())
@@ -89,11 +96,7 @@ def test_concurrent_reloads_share_the_one_in_progress(tmp_path: Path) -> None:
 
 def test_a_caller_behind_a_stale_reload_gets_a_fresh_one(tmp_path: Path) -> None:
     """An edit made after the running reload read the directory is not reported as loaded."""
-    policies = copy_demo_policies(tmp_path / "policies")
-    installer = RecordingInstaller(load_policy_dir(policies))
-    reloader = reloader_for(policies, installer)
-    edit(policies / "stars.yaml", "threshold: 0.74", "threshold: 0.8")
-    installer.release.clear()
+    policies, installer, reloader = edited_with_install_held(tmp_path)
 
     async def scenario() -> tuple[ReloadStatus, ReloadStatus]:
         first = asyncio.ensure_future(reloader.reload())
@@ -115,11 +118,7 @@ def test_a_caller_behind_a_stale_reload_gets_a_fresh_one(tmp_path: Path) -> None
 def test_callers_on_other_event_loops_share_a_reload_and_a_cancelled_one_stops_nothing(
     tmp_path: Path,
 ) -> None:
-    policies = copy_demo_policies(tmp_path / "policies")
-    installer = RecordingInstaller(load_policy_dir(policies))
-    reloader = reloader_for(policies, installer)
-    edit(policies / "stars.yaml", "threshold: 0.74", "threshold: 0.8")
-    installer.release.clear()
+    _policies, installer, reloader = edited_with_install_held(tmp_path)
 
     async def first_caller_gives_up() -> None:
         task = asyncio.ensure_future(reloader.reload())
