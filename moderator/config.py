@@ -27,6 +27,8 @@ DEFAULT_POLICIES_DIR = Path("policies")  # relative to the working directory
 
 MIB = 1024 * 1024
 MAX_PORT = 65535
+# A worker process with numpy and Pillow loaded maps about 100 MB before it decodes anything.
+MIN_DECODE_MEMORY_MB = 256
 
 
 def default_cache_dir() -> Path:
@@ -66,15 +68,21 @@ class ImageConfig:
     max_bytes: int = 20 * MIB
     max_pixels: int = 50_000_000
     formats: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
-    # Animated images are checked on up to this many frames spread over the animation.
-    max_frames: int = 4
-    # Images whose long/short side ratio exceeds this are also scored as square tiles.
+    # Animations with up to this many frames have every frame scored; longer ones this many,
+    # sampled by display time.
+    max_frames: int = 16
+    # Images whose long/short side ratio exceeds this are also scored as tiles no longer than
+    # this ratio, covering the whole length; an image needing more than max_tiles is refused.
     tile_aspect_ratio: float = 2.0
-    max_tiles: int = 4
+    max_tiles: int = 12
+    # The most views one image is scored on (frames x transparency layers x (1 + tiles)); fewer
+    # frames are sampled when an animation needs more.
+    max_views: int = 48
     # What decoding may cost, checked before decoding: every frame of an animation is composed
     # on its full canvas, so frames x canvas area bounds the work; progressive JPEG scans and
     # TIFF pages are counted from the raw bytes. No ordinary photo, GIF or scan comes close.
     max_animation_pixels: int = 500_000_000
+    max_animation_frames: int = 10_000
     max_jpeg_scans: int = 100
     max_tiff_pages: int = 256
 
@@ -82,19 +90,34 @@ class ImageConfig:
         require(self.max_bytes >= 1, "--max-image-mb", "must be positive")
         require(self.max_pixels >= 1, "--max-image-pixels", "must be positive")
         require(bool(self.formats), "ImageConfig.formats", "must name at least one format")
-        require(self.max_frames >= 1, "ImageConfig.max_frames", "must be at least 1")
+        require(self.max_frames >= 1, "--max-frames", "must be at least 1")
         require(self.tile_aspect_ratio >= 1, "ImageConfig.tile_aspect_ratio", "must be at least 1")
-        require(self.max_tiles >= 0, "ImageConfig.max_tiles", "must not be negative")
+        require(self.max_tiles >= 2, "--max-tiles", "must be at least 2")
+        require(self.max_views >= 1, "--max-views", "must be at least 1")
         require(self.max_animation_pixels >= 1, "--max-animation-pixels", "must be positive")
+        require(self.max_animation_frames >= 1, "--max-animation-frames", "must be at least 1")
         require(self.max_jpeg_scans >= 1, "--max-jpeg-scans", "must be at least 1")
         require(self.max_tiff_pages >= 1, "--max-tiff-pages", "must be at least 1")
 
-    @property
-    def max_views(self) -> int:
-        """The most views one image can get: each frame whole, plus its tiles (core.images
-        makes tiles only when at least 2 are allowed)."""
-        tiles = self.max_tiles if self.max_tiles >= 2 else 0
-        return self.max_frames * (1 + tiles)
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """The decode worker processes: how many, and what one image may cost them."""
+
+    # 0: one per CPU this process may use (affinity and cgroup quota).
+    workers: int = 0
+    timeout_ms: float = 5000.0
+    # Address-space ceiling of each worker process (RLIMIT_AS); 0 leaves it unlimited.
+    memory_mb: int = 2048
+
+    def __post_init__(self) -> None:
+        require(self.workers >= 0, "--decode-workers", "must not be negative (0: one per CPU)")
+        require(self.timeout_ms > 0, "--decode-timeout-ms", "must be positive")
+        require(
+            self.memory_mb == 0 or self.memory_mb >= MIN_DECODE_MEMORY_MB,
+            "--decode-memory-mb",
+            f"must be 0 (unlimited) or at least {MIN_DECODE_MEMORY_MB}",
+        )
 
 
 @dataclass(frozen=True)
@@ -102,13 +125,11 @@ class BatchConfig:
     max_batch_size: int = 16
     max_wait_ms: float = 5.0
     max_queue_images: int = 512
-    decode_threads: int = 2
 
     def __post_init__(self) -> None:
         require(self.max_batch_size >= 1, "--max-batch-size", "must be at least 1")
         require(self.max_wait_ms >= 0, "--max-wait-ms", "must not be negative")
         require(self.max_queue_images >= 1, "--max-queue-images", "must be at least 1")
-        require(self.decode_threads >= 1, "--decode-threads", "must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -158,6 +179,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     images: ImageConfig = field(default_factory=ImageConfig)
     batching: BatchConfig = field(default_factory=BatchConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self) -> None:

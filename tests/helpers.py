@@ -35,6 +35,15 @@ def encode(image: Image.Image, fmt: str = "PNG", **save_args: object) -> bytes:
     return buffer.getvalue()
 
 
+def pixel(views: object, view: int, x: int, y: int) -> tuple[int, ...]:
+    """The RGB of one pixel of one view in a [V, 3, H, W] array or tensor."""
+    return tuple(int(v) for v in views[view, :, y, x])  # type: ignore[index]
+
+
+def close_to(actual: tuple[int, ...], expected: tuple[int, ...], tolerance: int = 12) -> bool:
+    return all(abs(a - e) <= tolerance for a, e in zip(actual, expected, strict=True))
+
+
 def shape_png(colour: str, shape: str, width: int = 160, height: int = 160) -> bytes:
     return encode(render_shape(colour, shape, width, height))
 

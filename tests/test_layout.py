@@ -44,6 +44,13 @@ def test_the_server_loads_no_offline_tool_and_no_cli() -> None:
     assert not {m for m in loaded if m.startswith(("moderator.tools", "moderator.cli"))}
 
 
+def test_the_decode_worker_loads_no_torch() -> None:
+    """Workers start in a fraction of a second and are replaced after every runaway decode."""
+    code = "import sys, moderator.serving.decode_worker; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_the_tools_load_nothing_of_the_live_service() -> None:
     tools = package_modules("tools")
     loaded = modules_loaded_by(*tools)

@@ -5,7 +5,7 @@
 
 Deterministic on CPU for a given --seed and --threads: the weights are initialised after
 `torch.manual_seed(seed)` and every image comes from `random.Random` with a fixed seed. Images go
-through exactly the service's preprocessing (letterbox with `fit_to_square`, `to_chw_tensor`,
+through exactly the service's preprocessing (letterbox with `fit_to_square`, `to_chw_array`,
 then CLIP mean/std), generated once up front. Captions use several English templates, among them
 the three the demo policies use. Many captions in a batch name the same colour and shape, so
 the contrastive loss spreads its target uniformly over every same-class pair instead of the
@@ -45,9 +45,9 @@ from moderator.config import (
 )
 from moderator.core.clip import ClipModel, load_clip
 from moderator.core.embeddings import EmbeddingCache, build_policy_index
-from moderator.core.images import Preprocessing, fit_to_square, to_chw_tensor
 from moderator.core.policies import Policy, PolicySet, load_policy_dir
 from moderator.core.scoring import score_views
+from moderator.core.views import Preprocessing, fit_to_square, to_chw_array
 from moderator.demo.shapes import COLOURS, SHAPES, random_shape_image, render_shape
 
 CLASSES: list[tuple[str, str]] = [(colour, shape) for colour in COLOURS for shape in SHAPES]
@@ -131,7 +131,7 @@ def make_dataset(seed: int, count: int, prep: Preprocessing) -> Dataset:
     labels = torch.empty(count, dtype=torch.int64)
     for i in range(count):
         image, colour, shape = random_shape_image(rng)
-        pixels[i] = to_chw_tensor(fit_to_square(image, prep))
+        pixels[i] = torch.from_numpy(to_chw_array(fit_to_square(image, prep)))
         labels[i] = index[(colour, shape)]
     return Dataset(pixels, labels)
 
@@ -350,7 +350,10 @@ def check_default_images(clip: ClipModel, policy_set: PolicySet) -> bool:
     """Every default render_shape image must be on the right side of every threshold."""
     prep = clip.preprocessing
     pixels = torch.stack(
-        [to_chw_tensor(fit_to_square(render_shape(c, s), prep)) for c, s in CLASSES]
+        [
+            torch.from_numpy(to_chw_array(fit_to_square(render_shape(c, s), prep)))
+            for c, s in CLASSES
+        ]
     )
     all_scores = service_scores(clip, policy_set, pixels)
     all_ok = True

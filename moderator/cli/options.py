@@ -18,6 +18,7 @@ from moderator.config import (
     MIB,
     BatchConfig,
     Config,
+    DecodeConfig,
     ImageConfig,
     ModelConfig,
     ServerConfig,
@@ -98,7 +99,24 @@ SERVE_OPTIONS = (
         BatchConfig.max_queue_images,
         "images in flight before RESOURCE_EXHAUSTED",
     ),
-    Option("--decode-threads", int, BatchConfig.decode_threads, "image decoding threads"),
+    Option(
+        "--decode-workers",
+        int,
+        DecodeConfig.workers,
+        "image decoding processes (0: one per CPU this container may use)",
+    ),
+    Option(
+        "--decode-timeout-ms",
+        float,
+        DecodeConfig.timeout_ms,
+        "time budget to decode one image (TOO_COMPLEX above; its worker is replaced)",
+    ),
+    Option(
+        "--decode-memory-mb",
+        int,
+        DecodeConfig.memory_mb,
+        "address-space ceiling of each decode worker (0: none)",
+    ),
     Option(
         "--max-images-per-request", int, ServerConfig.max_images_per_request, "images per request"
     ),
@@ -119,6 +137,25 @@ SERVE_OPTIONS = (
     ),
     Option("--max-image-mb", float, ImageConfig.max_bytes / MIB, "largest image, MiB"),
     Option("--max-image-pixels", int, ImageConfig.max_pixels, "largest image, width x height"),
+    Option(
+        "--max-frames",
+        int,
+        ImageConfig.max_frames,
+        "animation frames scored: all up to this, this many by display time beyond",
+    ),
+    Option(
+        "--max-tiles",
+        int,
+        ImageConfig.max_tiles,
+        "tiles to see an extreme aspect ratio whole (TOO_COMPLEX above)",
+    ),
+    Option("--max-views", int, ImageConfig.max_views, "views scored per image, at most"),
+    Option(
+        "--max-animation-frames",
+        int,
+        ImageConfig.max_animation_frames,
+        "most frames in an animation (TOO_COMPLEX above)",
+    ),
     Option(
         "--max-animation-pixels",
         int,
@@ -184,6 +221,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         images=ImageConfig(
             max_bytes=int(args.max_image_mb * MIB),
             max_pixels=args.max_image_pixels,
+            max_frames=args.max_frames,
+            max_tiles=args.max_tiles,
+            max_views=args.max_views,
+            max_animation_frames=args.max_animation_frames,
             max_animation_pixels=args.max_animation_pixels,
             max_jpeg_scans=args.max_jpeg_scans,
             max_tiff_pages=args.max_tiff_pages,
@@ -192,7 +233,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
             max_batch_size=args.max_batch_size,
             max_wait_ms=args.max_wait_ms,
             max_queue_images=args.max_queue_images,
-            decode_threads=args.decode_threads,
+        ),
+        decode=DecodeConfig(
+            workers=args.decode_workers,
+            timeout_ms=args.decode_timeout_ms,
+            memory_mb=args.decode_memory_mb,
         ),
         server=ServerConfig(
             host=args.host,

@@ -26,7 +26,7 @@ from open_clip.timm_model import TimmModel
 from open_clip.transformer import LayerNorm, LayerNormFp32
 
 from moderator.config import ModelConfig
-from moderator.core.images import Preprocessing
+from moderator.core.views import Preprocessing
 from moderator.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)

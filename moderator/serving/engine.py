@@ -1,8 +1,8 @@
 """ModerationEngine: images in, decisions out. Knows nothing of gRPC.
 
-Each image is decoded on the decode pool, then queued for the batcher as soon as it is ready,
-so decoding overlaps the forward passes of earlier images. A request snapshots the policy index
-when it starts and is scored against that set to the end.
+Each image is decoded in a decode worker process (serving/decode_pool.py), then queued for the
+batcher as soon as it is ready, so decoding overlaps the forward passes of earlier images. A
+request snapshots the policy index when it starts and is scored against that set to the end.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import torch
 from moderator.config import Config, ModelConfig
 from moderator.core.clip import TEXT_PRECISION, ClipModel, load_clip
 from moderator.core.embeddings import EmbeddingCache, PolicyIndex, build_policy_index
-from moderator.core.images import decode_views
 from moderator.core.outcomes import (
     ImageOutcome,
     ModerationResult,
@@ -32,6 +31,7 @@ from moderator.core.scoring import ViewScores
 from moderator.errors import Disabled, InvalidImage, InvalidRequest, NotReady
 from moderator.serving.admission import Admission
 from moderator.serving.batching import Batcher
+from moderator.serving.decode_pool import DecodePool
 from moderator.serving.metrics import Metrics
 from moderator.serving.reload import PolicyReloader
 
@@ -59,7 +59,7 @@ class ModerationEngine:
         self._clip: ClipModel | None = None
         self._index: PolicyIndex | None = None
         self._batcher: Batcher | None = None
-        self._decode_pool: ThreadPoolExecutor | None = None
+        self._decode_pool: DecodePool | None = None
         self._rescore_pool: ThreadPoolExecutor | None = None
         self._images_admission = Admission(config.batching.max_queue_images, "images", metrics)
         self._rescore_admission = Admission(
@@ -91,9 +91,10 @@ class ModerationEngine:
             self.config.embedding_cache_dir, clip.info.weights_key, TEXT_PRECISION
         )
         self._reloader.last = self._install_policies(load_policy_dir(self.config.policies_dir))
-        self._decode_pool = ThreadPoolExecutor(
-            max_workers=self.config.batching.decode_threads, thread_name_prefix="decode"
+        self._decode_pool = DecodePool(
+            self.config.decode, self.config.images, clip.preprocessing, self.metrics
         )
+        self._decode_pool.start()
         self._rescore_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rescore")
         self._batcher = Batcher(
             clip.encode_images,
@@ -110,9 +111,14 @@ class ModerationEngine:
         self._ready = False
         if self._batcher is not None:
             self._batcher.stop()
-        for pool in (self._decode_pool, self._rescore_pool):
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+        if self._rescore_pool is not None:
+            self._rescore_pool.shutdown(wait=True, cancel_futures=True)
+        if self._decode_pool is not None:
+            self._decode_pool.stop()
+
+    @property
+    def decode_worker_pids(self) -> list[int]:
+        return self._decode_pool.worker_pids() if self._decode_pool is not None else []
 
     @property
     def ready(self) -> bool:
@@ -272,16 +278,9 @@ class ModerationEngine:
     ) -> ViewScores | InvalidImage:
         assert self._decode_pool is not None
         assert self._batcher is not None
-        loop = asyncio.get_running_loop()
         self._decoding_images += 1
         try:
-            pixels = await loop.run_in_executor(
-                self._decode_pool,
-                decode_views,
-                image.data,
-                self.config.images,
-                self.clip.preprocessing,
-            )
+            pixels = torch.from_numpy(await self._decode_pool.decode(image.data, deadline))
             future = self._batcher.submit(pixels, index, deadline)
         except InvalidImage as exc:
             return exc

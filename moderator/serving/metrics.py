@@ -95,6 +95,27 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.decode_duration = Histogram(
+            "decode_duration_seconds",
+            "Time to decode one image into its views in a decode worker, refusals included.",
+            namespace=NAMESPACE,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.decode_workers = Gauge(
+            "decode_workers",
+            "Decode worker processes.",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.decode_worker_restarts = Counter(
+            "decode_worker_restarts",
+            "Decode workers killed and replaced: 'timeout' (an image ran past the decode budget) "
+            "or 'crash' (the worker died).",
+            ["reason"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
         self.inference_duration = Histogram(
             "inference_duration_seconds",
             "Forward pass plus scoring time per batch.",

@@ -15,11 +15,11 @@ import torch
 from moderator.config import ImageConfig
 from moderator.core.clip import ClipModel
 from moderator.core.embeddings import EmbeddingCache, PolicyIndex, build_policy_index
-from moderator.core.images import decode_views
 from moderator.core.outcomes import ImageOutcome, selected_policies
 from moderator.core.policies import PolicySet
 from moderator.core.rescoring import EmbeddedImage, rescore_images
 from moderator.core.scoring import ViewScores, reduce_views, score_views
+from moderator.core.views import decode_views
 from moderator.errors import InvalidImage
 
 
@@ -55,7 +55,9 @@ class OfflineScorer:
 
     def score_file(self, path: Path) -> ImageScores:
         try:
-            views = decode_views(path.read_bytes(), self.limits, self.clip.preprocessing)
+            views = torch.from_numpy(
+                decode_views(path.read_bytes(), self.limits, self.clip.preprocessing)
+            )
         except InvalidImage as exc:
             return ImageScores(path=path, scores=None, error=exc)
         embeddings = self.clip.encode_images(views)

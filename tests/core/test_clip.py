@@ -20,7 +20,7 @@ from moderator.core.clip import (
     resolve_device,
     resolve_precision,
 )
-from moderator.core.images import decode_views
+from moderator.core.views import decode_views
 from moderator.errors import ConfigError, ModelLoadError
 from tests.helpers import shape_png
 
@@ -146,7 +146,9 @@ def test_bf16_embeddings_stay_close_to_fp32(demo_clip: ClipModel) -> None:
     assert bf16.model.visual.conv1.weight.dtype == torch.bfloat16
     images = torch.stack(
         [
-            decode_views(shape_png(c, s), ImageConfig(), demo_clip.preprocessing)[0]
+            torch.from_numpy(decode_views(shape_png(c, s), ImageConfig(), demo_clip.preprocessing))[
+                0
+            ]
             for c in ("red", "blue", "yellow")
             for s in ("circle", "star")
         ]

@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -20,7 +21,7 @@ from moderator.config import (
     DEMO_MODEL_NAME,
     DEMO_POLICIES_DIR,
 )
-from moderator.core.images import Preprocessing, fit_to_square, to_chw_tensor
+from moderator.core.views import Preprocessing, fit_to_square, to_chw_array
 from moderator.demo.shapes import COLOURS, SHAPES, random_shape_image, render_shape
 
 MAX_CHECKPOINT_BYTES = 10_000_000
@@ -56,7 +57,8 @@ def prep(model: Any) -> Preprocessing:
 @torch.no_grad()
 def embed_images(model: Any, images: list[Image.Image], prep: Preprocessing) -> torch.Tensor:
     """The service's path: letterbox, uint8 CHW, CLIP mean/std, normalised image features."""
-    pixels = torch.stack([to_chw_tensor(fit_to_square(image, prep)) for image in images])
+    arrays = [to_chw_array(fit_to_square(image, prep)) for image in images]
+    pixels = torch.from_numpy(np.stack(arrays))
     mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
     features: torch.Tensor = model.encode_image((pixels.float() / 255 - mean) / std)

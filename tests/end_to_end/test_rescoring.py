@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from moderator.cli.main import main
-from moderator.config import DEMO_POLICIES_DIR
+from moderator.config import DEMO_POLICIES_DIR, ImageConfig
 from moderator.demo.shapes import render_shape
 from moderator.tools.embeddings_file import READ_CHUNK
 from moderator.v1 import moderator_pb2 as pb
@@ -48,7 +48,7 @@ def stored_images() -> list[pb.Image]:
         "orange-triangle": shape_png("orange", "triangle"),
         "wide-red-star": encode(render_shape("red", "star", 640, 128)),
         "blue-then-red": animated_gif("blue", "red"),
-        # 4 frames x (the whole frame + 4 tiles): the most views one image gets
+        # 4 frames x (the whole frame + 3 tiles of 256 x 128)
         "wide-animation": animated_gif("blue", "green", "yellow", "red", width=640, height=128),
         "corrupt": b"\x89PNG\r\n\x1a\nnope",
     }
@@ -114,7 +114,7 @@ def test_multi_view_images_return_every_view(
     views = {r.id: len(r.views) for r in response.results}
     assert views["wide-red-star"] > 1
     assert views["blue-then-red"] == 2
-    assert views["wide-animation"] == 20
+    assert views["wide-animation"] == 16
     assert views["red-circle"] == 0  # one view: `embedding` is all there is
     gif = next(r for r in response.results if r.id == "blue-then-red")
     assert list(gif.views[0].values) == list(gif.embedding)
@@ -145,7 +145,8 @@ def test_score_embeddings_rpc_fails_a_bad_embedding_alone_and_refuses_another_mo
 ) -> None:
     stub, response = live
     good = response.results[0]
-    many_views = [pb.Embedding(values=good.embedding)] * 21
+    too_many = ImageConfig().max_views + 1
+    many_views = [pb.Embedding(values=good.embedding)] * too_many
     request = pb.ScoreEmbeddingsRequest(
         images=[
             pb.EmbeddedImage(id="short", embedding=[1.0, 0.0]),
@@ -156,10 +157,10 @@ def test_score_embeddings_rpc_fails_a_bad_embedding_alone_and_refuses_another_mo
         model=response.model,
     )
     results = stub.ScoreEmbeddings(request, timeout=60).results
-    too_many = "21 views; Moderate returns 1 to 20"
+    too_many_views = f"{too_many} views; Moderate returns 1 to {too_many - 1}"
     for failed, words in (
         (results[0], "has 2 values; this model's have 64"),
-        (results[2], too_many),
+        (results[2], too_many_views),
     ):
         assert failed.decision == pb.DECISION_ERROR
         assert failed.error.code == pb.IMAGE_ERROR_CODE_INVALID_EMBEDDING

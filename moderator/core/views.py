@@ -1,0 +1,351 @@
+"""What the model is shown of an image: its views.
+
+Every image becomes one or more square *views* of `size` x `size` uint8 RGB pixels, and the
+model scores each; a policy's score for the image is its maximum over the views. The views are
+chosen so the model sees what people can see:
+
+- the whole picture letterboxed (never a centre crop), plus tiles along the long side when the
+  aspect ratio is extreme, covering its whole length;
+- every frame of a short animation, or frames sampled by display time from a long one (first
+  and last included);
+- a picture with transparency composited on white and on black (viewers use either), plus its
+  raw RGB when nearly transparent pixels carry content (a thumbnailer that drops alpha shows it);
+- colours converted to sRGB when the file carries an ICC profile.
+
+Like core/images.py (opening and checks before decoding), this module needs no torch: it runs
+in the decode worker processes (serving/decode_pool.py). Normalisation and the cast to the
+model's dtype happen on the model's device, on the whole
+batch at once (see core/clip.py), so the host moves 1 byte per channel instead of 4.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import io
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageCms
+
+from moderator.config import ImageConfig
+from moderator.core.images import (
+    check_byte_size,
+    check_pixels,
+    check_structure,
+    open_image,
+    too_complex,
+)
+from moderator.core.structure import read_timeline
+from moderator.errors import ImageErrorCode, InvalidImage
+
+_EXIF_ORIENTATION = 0x0112
+_ORIENTATION_TRANSPOSE: dict[int, tuple[Image.Transpose, ...]] = {
+    2: (Image.Transpose.FLIP_LEFT_RIGHT,),
+    3: (Image.Transpose.ROTATE_180,),
+    4: (Image.Transpose.FLIP_TOP_BOTTOM,),
+    5: (Image.Transpose.TRANSPOSE,),
+    6: (Image.Transpose.ROTATE_270,),
+    7: (Image.Transpose.TRANSVERSE,),
+    8: (Image.Transpose.ROTATE_90,),
+}
+# Formats whose extra frames are content (animations, pages). MPO's extra frames are depth or
+# gain maps and stereo pairs, so MPO is scored on its first frame like a JPEG.
+_MULTI_FRAME_FORMATS = frozenset({"GIF", "WEBP", "PNG", "TIFF"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
+_WHITE, _BLACK = (255, 255, 255), (0, 0, 0)
+# Pixels at most this opaque barely show when composited; RGB that varies under them is content
+# someone hid, and is scored raw as well.
+_HIDDEN_ALPHA = 31
+_HIDDEN_RGB_SPREAD = 16
+# Composited on white, on black, and raw: the most layers one frame can give.
+_MAX_LAYERS = 3
+_SRGB = ImageCms.createProfile("sRGB")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the model needs from the image pipeline: input size and letterbox fill colour."""
+
+    size: int
+    fill: tuple[int, int, int]
+
+
+Box = tuple[int, int, int, int]
+
+
+def decode_views(data: bytes, limits: ImageConfig, prep: Preprocessing) -> np.ndarray:
+    """Decode one image into its views, a uint8 array [V, 3, size, size], V <= limits.max_views.
+
+    Raises InvalidImage with a specific code; never anything else for bad bytes.
+    """
+    check_byte_size(data, limits)
+    image = open_image(data, limits)
+    check_structure(data, image.format, limits)
+    try:
+        views: list[np.ndarray] = []
+        for view in iter_views(image, data, limits, prep):
+            if len(views) == limits.max_views:  # pages of a TIFF need not share a size
+                raise too_complex(f"the image needs over {limits.max_views} views")
+            views.append(to_chw_array(view))
+    except InvalidImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidImage(ImageErrorCode.TOO_MANY_PIXELS, str(exc)) from exc
+    except MemoryError as exc:
+        raise too_complex("decoding it needs more memory than the budget") from exc
+    except Exception as exc:  # Pillow's decoders raise many types; one image must not fail a batch
+        raise InvalidImage(ImageErrorCode.CORRUPT, f"cannot decode {image.format}: {exc}") from exc
+    return np.stack(views)
+
+
+# -- frames ----------------------------------------------------------------------------------
+
+
+def iter_views(
+    image: Image.Image, data: bytes, limits: ImageConfig, prep: Preprocessing
+) -> Iterator[Image.Image]:
+    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    if image.format in ("JPEG", "MPO"):
+        request_draft(image, limits, prep.size)
+    durations, canvas = frame_plan(image, data, limits)
+    width, height = _oriented_size(canvas, orientation)
+    layers = _MAX_LAYERS if len(durations) > 1 or _may_be_transparent(image) else 1
+    per_frame = layers * len(view_boxes(width, height, limits))
+    if per_frame > limits.max_views:
+        raise too_complex(
+            f"a {width}x{height} image needs {per_frame} views, over the {limits.max_views} allowed"
+        )
+    count = min(limits.max_frames, limits.max_views // per_frame)
+    to_srgb = srgb_transform(image.info.get("icc_profile"))
+    for index in frames_by_display_time(durations, count):
+        for unoriented in visible_layers(select_frame(image, index, len(durations), limits)):
+            layer = apply_orientation(unoriented, orientation)
+            for box in view_boxes(layer.width, layer.height, limits):
+                crop = layer.crop(box) if box != (0, 0, *layer.size) else layer
+                yield fit_to_square(crop, prep, to_srgb)
+
+
+def _oriented_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
+
+
+def request_draft(image: Image.Image, limits: ImageConfig, size: int) -> None:
+    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the views still get enough pixels."""
+    width, height = image.size
+    long_side, short_side = max(width, height), min(width, height)
+    needs_tiles = long_side / short_side > limits.tile_aspect_ratio
+    scale = size / (short_side if needs_tiles else long_side)
+    if scale < 1:
+        image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
+
+
+def frame_plan(
+    image: Image.Image, data: bytes, limits: ImageConfig
+) -> tuple[Sequence[int], tuple[int, int]]:
+    """Each frame's display time and the canvas they are composed on: one frame for a still.
+
+    For animations both come from the file's structure, read without decoding: Pillow composes
+    every frame before the one it seeks to on the full canvas (a GIF's canvas grows when a
+    frame reaches past it), and an APNG's declared frame count can lie. What that work would
+    cost is refused here, before any frame is decoded. TIFF pages count as frames.
+    """
+    if image.format not in _MULTI_FRAME_FORMATS:
+        return [1], image.size
+    if image.format == "TIFF":  # pages already counted (check_structure)
+        return [1] * getattr(image, "n_frames", 1), image.size
+    most = min(limits.max_animation_frames, limits.max_animation_pixels // _area(image.size))
+    timeline = read_timeline(data, image.format or "", most)
+    if timeline is None:
+        return [1], image.size
+    frames, canvas = timeline.frames, timeline.canvas
+    if frames > limits.max_animation_frames:
+        raise too_complex(f"animation has over {limits.max_animation_frames} frames")
+    if frames * _area(canvas) > limits.max_animation_pixels:
+        raise too_complex(
+            f"animation on a {canvas[0]}x{canvas[1]} canvas has over "
+            f"{limits.max_animation_pixels // _area(canvas)} frames, over "
+            f"{limits.max_animation_pixels} frame pixels"
+        )
+    check_pixels(canvas, limits)
+    return timeline.durations_ms, canvas
+
+
+def select_frame(image: Image.Image, index: int, frames: int, limits: ImageConfig) -> Image.Image:
+    """Frame `index`, its size checked before it is decoded."""
+    if frames == 1:
+        return image
+    image.seek(index)
+    check_pixels(image.size, limits)
+    return image.copy()
+
+
+def _area(size: tuple[int, int]) -> int:
+    return max(1, size[0] * size[1])
+
+
+def frames_by_display_time(durations: Sequence[int], count: int) -> list[int]:
+    """Every frame if there are at most `count`; otherwise the frames on screen at `count`
+    instants spread evenly over the animation's running time, first and last frame included.
+
+    Frames that stay up longer are likelier picked, as they are likelier seen; if instants fall
+    on the same frame, the longest-shown frames not yet picked fill the remaining places.
+    """
+    frames = len(durations)
+    if frames <= count:
+        return list(range(frames))
+    starts = [0] * frames
+    for i in range(1, frames):
+        starts[i] = starts[i - 1] + max(0, durations[i - 1])
+    total = starts[-1] + max(0, durations[-1])
+    picked = {0, frames - 1}
+    for i in range(1, count - 1):
+        picked.add(bisect.bisect_right(starts, i * total / (count - 1)) - 1)
+    by_time_shown = sorted(range(frames), key=lambda i: (-durations[i], i))
+    for index in by_time_shown:
+        if len(picked) >= count:
+            break
+        picked.add(index)
+    return sorted(picked)
+
+
+# -- colour and transparency -------------------------------------------------------------------
+
+
+def _may_be_transparent(image: Image.Image) -> bool:
+    return image.mode in _ALPHA_MODES or "transparency" in image.info
+
+
+def visible_layers(frame: Image.Image) -> list[Image.Image]:
+    """The frame as people may see it, in 8-bit RGB: opaque as is; with transparency composited
+    on white and on black, plus its raw RGB when hidden pixels carry content."""
+    if frame.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return [_high_depth_to_rgb(frame)]
+    if frame.mode in _ALPHA_MODES or "transparency" in frame.info:
+        rgba = frame.convert("RGBA")
+        alpha = rgba.getchannel("A")
+        if alpha.getextrema()[0] != 255:
+            layers = [_composite(rgba, alpha, _WHITE), _composite(rgba, alpha, _BLACK)]
+            raw = rgba.convert("RGB")
+            if carries_hidden_content(raw, alpha):
+                layers.append(raw)
+            return layers
+        frame = rgba
+    if frame.mode != "RGB":
+        return [frame.convert("RGB")]
+    frame.load()
+    return [frame]
+
+
+def _composite(rgba: Image.Image, alpha: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
+    background = Image.new("RGB", rgba.size, colour)
+    background.paste(rgba, mask=alpha)
+    return background
+
+
+def carries_hidden_content(raw: Image.Image, alpha: Image.Image) -> bool:
+    """Whether the RGB under (nearly) transparent pixels varies: a uniform colour there is how
+    encoders store empty space; anything else was drawn where compositing hides it."""
+    hidden = np.asarray(alpha) <= _HIDDEN_ALPHA
+    if not hidden.any():
+        return False
+    colours = np.asarray(raw)[hidden]
+    spread = colours.max(axis=0).astype(np.int16) - colours.min(axis=0)
+    return bool((spread > _HIDDEN_RGB_SPREAD).any())
+
+
+def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float grey to 8-bit RGB, never through float64: a 50 MP
+    16-bit image costs 150 MB here, not 1.5 GB."""
+    pixels = np.asarray(image)
+    if image.mode.startswith("I;16"):
+        gray = (pixels.astype(np.uint16, copy=False) >> 8).astype(np.uint8)
+    else:
+        values = pixels.astype(np.float32, copy=False)
+        finite = np.isfinite(values)
+        low = float(values[finite].min()) if finite.any() else 0.0
+        high = float(values[finite].max()) if finite.any() else 0.0
+        scale = 255.0 / (high - low) if high > low else 0.0
+        values = np.where(finite, values, low)
+        gray = np.clip((values - low) * scale + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, mode="L").convert("RGB")
+
+
+@functools.lru_cache(maxsize=32)
+def srgb_transform(icc_profile: bytes | None) -> ImageCms.ImageCmsTransform | None:
+    """The RGB -> sRGB transform of an embedded ICC profile; None without one, for a profile of
+    another colour space, or one littleCMS cannot read (viewers then show the raw values too)."""
+    if not icc_profile:
+        return None
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
+        if profile.profile.xcolor_space.strip() != "RGB":
+            return None
+        return ImageCms.buildTransform(profile, _SRGB, "RGB", "RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return None
+
+
+def apply_orientation(image: Image.Image, orientation: int) -> Image.Image:
+    for method in _ORIENTATION_TRANSPOSE.get(orientation, ()):
+        image = image.transpose(method)
+    return image
+
+
+# -- geometry ----------------------------------------------------------------------------------
+
+
+def view_boxes(width: int, height: int, limits: ImageConfig) -> list[Box]:
+    """The whole image, plus tiles along the long side if it is extreme: each tile at most
+    `tile_aspect_ratio` long, overlapping, together covering the whole length.
+
+    An image that needs more than `max_tiles` tiles is refused, never partly seen.
+    """
+    boxes: list[Box] = [(0, 0, width, height)]
+    long_side, short_side = max(width, height), min(width, height)
+    if long_side / short_side <= limits.tile_aspect_ratio:
+        return boxes
+    tile_long = math.floor(short_side * limits.tile_aspect_ratio)
+    count = math.ceil(long_side / tile_long)
+    if count > limits.max_tiles:
+        raise too_complex(
+            f"a {width}x{height} image needs {count} tiles to be seen whole, over the "
+            f"{limits.max_tiles} allowed"
+        )
+    step = (long_side - tile_long) / (count - 1)
+    for i in range(count):
+        start = round(i * step)
+        if width >= height:
+            boxes.append((start, 0, start + tile_long, height))
+        else:
+            boxes.append((0, start, width, start + tile_long))
+    return boxes
+
+
+def fit_to_square(
+    image: Image.Image,
+    prep: Preprocessing,
+    to_srgb: ImageCms.ImageCmsTransform | None = None,
+) -> Image.Image:
+    """Resize the longer side to `size` and pad the shorter one: the whole image stays. Colours
+    go to sRGB after resizing (the same result to within rounding, at a fraction of the cost)."""
+    size = prep.size
+    width, height = image.size
+    scale = size / max(width, height)
+    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if new_size != image.size:
+        image = image.resize(new_size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if to_srgb is not None:
+        image = ImageCms.applyTransform(image, to_srgb) or image
+    if new_size == (size, size):
+        return image
+    canvas = Image.new("RGB", (size, size), prep.fill)
+    canvas.paste(image, ((size - new_size[0]) // 2, (size - new_size[1]) // 2))
+    return canvas
+
+
+def to_chw_array(image: Image.Image) -> np.ndarray:
+    """An RGB image as a contiguous uint8 array [3, H, W], the model's layout."""
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
