@@ -20,6 +20,7 @@ from moderator.config import (
     DEMO_POLICIES_DIR,
     BatchConfig,
     Config,
+    DecodeConfig,
     ServerConfig,
     demo_model_config,
 )
@@ -44,18 +45,32 @@ def close_to(actual: tuple[int, ...], expected: tuple[int, ...], tolerance: int 
     return all(abs(a - e) <= tolerance for a, e in zip(actual, expected, strict=True))
 
 
+def process_rss_bytes(pid: int) -> int:
+    """Resident memory of one process, from /proc (0 once it is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    line = next((row for row in status.splitlines() if row.startswith("VmRSS:")), "VmRSS: 0 kB")
+    return int(line.split()[1]) * 1024
+
+
 def shape_png(colour: str, shape: str, width: int = 160, height: int = 160) -> bytes:
     return encode(render_shape(colour, shape, width, height))
 
 
 def demo_config(
-    tmp_path: Path, batching: BatchConfig | None = None, server: ServerConfig | None = None
+    tmp_path: Path,
+    batching: BatchConfig | None = None,
+    server: ServerConfig | None = None,
+    decode: DecodeConfig | None = None,
 ) -> Config:
     return Config(
         policies_dir=DEMO_POLICIES_DIR,
         embedding_cache_dir=tmp_path / "cache",
         model=demo_model_config("cpu"),
         batching=batching or BatchConfig(),
+        decode=decode or DecodeConfig(),
         server=server
         or ServerConfig(host="127.0.0.1", port=0, metrics_port=0, shutdown_grace_seconds=5),
     )
