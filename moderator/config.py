@@ -93,7 +93,11 @@ class ImageConfig:
         require(self.max_frames >= 1, "--max-frames", "must be at least 1")
         require(self.tile_aspect_ratio >= 1, "ImageConfig.tile_aspect_ratio", "must be at least 1")
         require(self.max_tiles >= 2, "--max-tiles", "must be at least 2")
-        require(self.max_views >= 1, "--max-views", "must be at least 1")
+        require(
+            self.max_views >= 3,
+            "--max-views",
+            "must be at least 3 (an image with transparency is shown on white, on black and raw)",
+        )
         require(self.max_animation_pixels >= 1, "--max-animation-pixels", "must be positive")
         require(self.max_animation_frames >= 1, "--max-animation-frames", "must be at least 1")
         require(self.max_jpeg_scans >= 1, "--max-jpeg-scans", "must be at least 1")

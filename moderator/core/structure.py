@@ -306,8 +306,8 @@ def _read_png(data: bytes, frames: _Frames) -> bool:
 def _read_webp(data: bytes, frames: _Frames) -> bool:
     """Walk an animated WebP's chunks (VP8X, ANIM, then ANMF frames) as libwebp's demuxer does.
 
-    Only the first 8 + RIFF size bytes are the file, as libwebp reads it. A frame before ANIM or
-    off the canvas makes libwebp refuse the file, so the walk stops there.
+    Only the first 8 + RIFF size bytes are the file, as libwebp reads it. A frame before ANIM
+    makes libwebp refuse the file, so the walk stops there.
     """
     if len(data) < 30 or data[:4] != b"RIFF" or data[8:16] != b"WEBPVP8X" or not data[20] & 2:
         return False  # not an extended WebP with the animation flag
@@ -326,10 +326,10 @@ def _read_webp(data: bytes, frames: _Frames) -> bool:
         elif kind == b"ANMF":
             if not animation or length < 16:
                 break
-            x, y = 2 * _le24(data, body), 2 * _le24(data, body + 3)
-            width, height = _le24(data, body + 6) + 1, _le24(data, body + 9) + 1
-            if x + width > canvas_width or y + height > canvas_height:
-                break
+            # libwebp draws a frame at its own encoded size, whatever the ANMF header says, so
+            # a header claiming more than the canvas must not end the walk (frames would hide).
+            width = min(_le24(data, body + 6) + 1, canvas_width)
+            height = min(_le24(data, body + 9) + 1, canvas_height)
             frames.add(_le24(data, body + 12), width, height)
             if frames.full:
                 break

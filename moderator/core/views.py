@@ -21,16 +21,15 @@ batch at once (see core/clip.py), so the host moves 1 byte per channel instead o
 from __future__ import annotations
 
 import bisect
-import functools
-import io
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageCms
 
 from moderator.config import ImageConfig
+from moderator.core.colour import srgb_transform
 from moderator.core.images import (
     check_byte_size,
     check_pixels,
@@ -56,13 +55,12 @@ _ORIENTATION_TRANSPOSE: dict[int, tuple[Image.Transpose, ...]] = {
 _MULTI_FRAME_FORMATS = frozenset({"GIF", "WEBP", "PNG", "TIFF"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
 _WHITE, _BLACK = (255, 255, 255), (0, 0, 0)
-# Pixels at most this opaque barely show when composited; RGB that varies under them is content
-# someone hid, and is scored raw as well.
-_HIDDEN_ALPHA = 31
+_UNKNOWN_DURATION_MS = 100
+# Pixels at most half opaque show faintly or not at all when composited; RGB that varies under
+# them may be content someone hid, and is scored raw as well (so are anti-aliased edges: one
+# extra view for some logos is the price).
+_HIDDEN_ALPHA = 127
 _HIDDEN_RGB_SPREAD = 16
-# Composited on white, on black, and raw: the most layers one frame can give.
-_MAX_LAYERS = 3
-_SRGB = ImageCms.createProfile("sRGB")
 
 
 @dataclass(frozen=True)
@@ -85,11 +83,7 @@ def decode_views(data: bytes, limits: ImageConfig, prep: Preprocessing) -> np.nd
     image = open_image(data, limits)
     check_structure(data, image.format, limits)
     try:
-        views: list[np.ndarray] = []
-        for view in iter_views(image, data, limits, prep):
-            if len(views) == limits.max_views:  # pages of a TIFF need not share a size
-                raise too_complex(f"the image needs over {limits.max_views} views")
-            views.append(to_chw_array(view))
+        views = [to_chw_array(view) for view in image_views(image, data, limits, prep)]
     except InvalidImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -104,28 +98,56 @@ def decode_views(data: bytes, limits: ImageConfig, prep: Preprocessing) -> np.nd
 # -- frames ----------------------------------------------------------------------------------
 
 
-def iter_views(
+def image_views(
     image: Image.Image, data: bytes, limits: ImageConfig, prep: Preprocessing
-) -> Iterator[Image.Image]:
+) -> list[Image.Image]:
+    """Every view of the image, at most `limits.max_views`."""
     orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
     if image.format in ("JPEG", "MPO"):
         request_draft(image, limits, prep.size)
     durations, canvas = frame_plan(image, data, limits)
     width, height = _oriented_size(canvas, orientation)
-    layers = _MAX_LAYERS if len(durations) > 1 or _may_be_transparent(image) else 1
-    per_frame = layers * len(view_boxes(width, height, limits))
-    if per_frame > limits.max_views:
+    boxes = len(view_boxes(width, height, limits))
+    if boxes > limits.max_views:
         raise too_complex(
-            f"a {width}x{height} image needs {per_frame} views, over the {limits.max_views} allowed"
+            f"a {width}x{height} image needs {boxes} views, over the {limits.max_views} allowed"
         )
-    count = min(limits.max_frames, limits.max_views // per_frame)
     to_srgb = srgb_transform(image.info.get("icc_profile"))
-    for index in frames_by_display_time(durations, count):
-        for unoriented in visible_layers(select_frame(image, index, len(durations), limits)):
-            layer = apply_orientation(unoriented, orientation)
-            for box in view_boxes(layer.width, layer.height, limits):
-                crop = layer.crop(box) if box != (0, 0, *layer.size) else layer
-                yield fit_to_square(crop, prep, to_srgb)
+    picked = frames_by_display_time(durations, min(limits.max_frames, limits.max_views // boxes))
+    per_frame = []
+    for index in picked:
+        frame = select_frame(image, index, len(durations), limits)
+        per_frame.append(frame_views(frame, orientation, limits, prep, to_srgb))
+    return fit_views(per_frame, [durations[i] for i in picked], limits.max_views)
+
+
+def frame_views(
+    frame: Image.Image,
+    orientation: int,
+    limits: ImageConfig,
+    prep: Preprocessing,
+    to_srgb: ImageCms.ImageCmsTransform | None,
+) -> list[Image.Image]:
+    """One frame's views: for each visible layer, the whole layer and its tiles."""
+    views = []
+    for unoriented in visible_layers(frame):
+        layer = apply_orientation(unoriented, orientation)
+        for box in view_boxes(layer.width, layer.height, limits):
+            crop = layer.crop(box) if box != (0, 0, *layer.size) else layer
+            views.append(fit_to_square(crop, prep, to_srgb))
+    return views
+
+
+def fit_views(
+    per_frame: list[list[Image.Image]], durations: Sequence[int], max_views: int
+) -> list[Image.Image]:
+    """All views if they fit in `max_views`; else those of fewer frames, picked again by
+    display time (frames with transparency have 2-3 layers, known only once decoded)."""
+    for count in range(len(per_frame), 0, -1):
+        kept = frames_by_display_time(durations, count)
+        if sum(len(per_frame[i]) for i in kept) <= max_views:
+            return [view for i in kept for view in per_frame[i]]
+    raise too_complex(f"one frame of the image needs over {max_views} views")
 
 
 def _oriented_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
@@ -158,9 +180,18 @@ def frame_plan(
         return [1] * getattr(image, "n_frames", 1), image.size
     most = min(limits.max_animation_frames, limits.max_animation_pixels // _area(image.size))
     timeline = read_timeline(data, image.format or "", most)
-    if timeline is None:
-        return [1], image.size
-    frames, canvas = timeline.frames, timeline.canvas
+    durations, canvas = (
+        (timeline.durations_ms, timeline.canvas) if timeline is not None else ([1], image.size)
+    )
+    if image.format == "WEBP":
+        # libwebp's own count is read without decoding; if the walk found fewer frames (a
+        # header it misread), trust libwebp rather than leave frames unseen.
+        counted = getattr(image, "n_frames", 1)
+        if len(durations) < min(counted, most + 1):
+            durations, canvas = [_UNKNOWN_DURATION_MS] * counted, image.size
+    frames = len(durations)
+    if frames == 1:
+        return durations, canvas
     if frames > limits.max_animation_frames:
         raise too_complex(f"animation has over {limits.max_animation_frames} frames")
     if frames * _area(canvas) > limits.max_animation_pixels:
@@ -170,7 +201,7 @@ def frame_plan(
             f"{limits.max_animation_pixels} frame pixels"
         )
     check_pixels(canvas, limits)
-    return timeline.durations_ms, canvas
+    return durations, canvas
 
 
 def select_frame(image: Image.Image, index: int, frames: int, limits: ImageConfig) -> Image.Image:
@@ -188,7 +219,8 @@ def _area(size: tuple[int, int]) -> int:
 
 def frames_by_display_time(durations: Sequence[int], count: int) -> list[int]:
     """Every frame if there are at most `count`; otherwise the frames on screen at `count`
-    instants spread evenly over the animation's running time, first and last frame included.
+    instants spread evenly over the animation's running time, first and last frame included
+    (with room for only 2: the first and the longest shown; for 1: the longest shown).
 
     Frames that stay up longer are likelier picked, as they are likelier seen; if instants fall
     on the same frame, the longest-shown frames not yet picked fill the remaining places.
@@ -196,15 +228,18 @@ def frames_by_display_time(durations: Sequence[int], count: int) -> list[int]:
     frames = len(durations)
     if frames <= count:
         return list(range(frames))
-    starts = [0] * frames
-    for i in range(1, frames):
-        starts[i] = starts[i - 1] + max(0, durations[i - 1])
-    total = starts[-1] + max(0, durations[-1])
-    picked = {0, frames - 1}
-    for i in range(1, count - 1):
-        picked.add(bisect.bisect_right(starts, i * total / (count - 1)) - 1)
-    by_time_shown = sorted(range(frames), key=lambda i: (-durations[i], i))
-    for index in by_time_shown:
+    picked: set[int] = set()
+    if count >= 3:
+        starts = [0] * frames
+        for i in range(1, frames):
+            starts[i] = starts[i - 1] + max(0, durations[i - 1])
+        total = starts[-1] + max(0, durations[-1])
+        picked = {0, frames - 1}
+        for i in range(1, count - 1):
+            picked.add(bisect.bisect_right(starts, i * total / (count - 1)) - 1)
+    elif count == 2:
+        picked = {0}
+    for index in sorted(range(frames), key=lambda i: (-durations[i], i)):
         if len(picked) >= count:
             break
         picked.add(index)
@@ -212,10 +247,6 @@ def frames_by_display_time(durations: Sequence[int], count: int) -> list[int]:
 
 
 # -- colour and transparency -------------------------------------------------------------------
-
-
-def _may_be_transparent(image: Image.Image) -> bool:
-    return image.mode in _ALPHA_MODES or "transparency" in image.info
 
 
 def visible_layers(frame: Image.Image) -> list[Image.Image]:
@@ -271,21 +302,6 @@ def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
         values = np.where(finite, values, low)
         gray = np.clip((values - low) * scale + 0.5, 0, 255).astype(np.uint8)
     return Image.fromarray(gray, mode="L").convert("RGB")
-
-
-@functools.lru_cache(maxsize=32)
-def srgb_transform(icc_profile: bytes | None) -> ImageCms.ImageCmsTransform | None:
-    """The RGB -> sRGB transform of an embedded ICC profile; None without one, for a profile of
-    another colour space, or one littleCMS cannot read (viewers then show the raw values too)."""
-    if not icc_profile:
-        return None
-    try:
-        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
-        if profile.profile.xcolor_space.strip() != "RGB":
-            return None
-        return ImageCms.buildTransform(profile, _SRGB, "RGB", "RGB")
-    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
-        return None
 
 
 def apply_orientation(image: Image.Image, orientation: int) -> Image.Image:

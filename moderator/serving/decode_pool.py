@@ -17,6 +17,7 @@ import queue
 import select
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -27,7 +28,12 @@ from moderator.config import DecodeConfig, ImageConfig
 from moderator.core.views import Preprocessing
 from moderator.errors import DeadlineExceeded, ImageErrorCode, InvalidImage, NotReady
 from moderator.serving.cpus import usable_cpus
-from moderator.serving.decode_worker import LENGTH_BYTES, REPLY_LENGTH_BYTES, WorkerSettings
+from moderator.serving.decode_worker import (
+    LENGTH_BYTES,
+    MAX_MESSAGE_CHARS,
+    REPLY_LENGTH_BYTES,
+    WorkerSettings,
+)
 from moderator.serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -65,8 +71,10 @@ class DecodeWorker:
         self._settings = WorkerSettings(
             limits, prep, memory_mb, self._fd, input_capacity, output_capacity
         )
+        self._output_capacity = output_capacity
         self._process: subprocess.Popen[bytes] | None = None
         self._ready = False
+        self._number = 0
 
     def start(self) -> None:
         """Start the process; it is ready after its first answer (see wait_ready)."""
@@ -86,7 +94,8 @@ class DecodeWorker:
                 if self._process is None:
                     self.start()
                 if not self._ready:
-                    self._read_reply(timeout)
+                    if self._read_reply(timeout) != {"id": 0, "ready": True}:
+                        raise WorkerLost("crash", "worker did not say it was ready")
                     self._ready = True
                 return
             except (WorkerLost, OSError) as exc:
@@ -96,28 +105,41 @@ class DecodeWorker:
 
     def decode(self, data: bytes, timeout: float) -> np.ndarray:
         """The views of `data`; InvalidImage for a bad image, WorkerLost if the worker had to
-        be killed (it is then restarted in the background)."""
+        be killed (the pool starts another)."""
         if self._process is not None and self._process.poll() is not None:
             self.kill()  # it died while idle: this image had nothing to do with it
         self.wait_ready()
         if len(data) > self._settings.input_capacity:
             raise InvalidImage(ImageErrorCode.TOO_MANY_BYTES, "image too large")
         self._shm[: len(data)] = data
+        self._number += 1
         try:
-            self._send(len(data).to_bytes(LENGTH_BYTES, "little"))
-            answer = self._read_reply(timeout)
+            self._send(
+                len(data).to_bytes(LENGTH_BYTES, "little")
+                + self._number.to_bytes(LENGTH_BYTES, "little")
+            )
+            count = self._view_count(self._read_reply(timeout))
         except WorkerLost:
-            self.restart()
+            self.kill()
             raise
-        if "views" not in answer:
-            raise InvalidImage(ImageErrorCode(answer["code"]), str(answer["message"]))
-        return self._views(int(answer["views"]))
+        return self._views(count)
+
+    def _view_count(self, answer: dict[str, Any]) -> int:
+        """The number of views in a well-formed answer to the current request; InvalidImage for
+        an error answer; WorkerLost for anything else (a worker out of step cannot be trusted)."""
+        if answer.get("id") != self._number:
+            raise WorkerLost("crash", f"worker answered request {answer.get('id')!r}")
+        views = answer.get("views")
+        if isinstance(views, int) and 1 <= views * self._view_bytes <= self._output_capacity:
+            return views
+        try:
+            code = ImageErrorCode(answer.get("code"))
+        except ValueError as exc:
+            raise WorkerLost("crash", "worker sent a malformed answer") from exc
+        raise InvalidImage(code, str(answer.get("message", ""))[:MAX_MESSAGE_CHARS])
 
     def _views(self, count: int) -> np.ndarray:
         size = self._prep.size
-        if not 1 <= count * self._view_bytes <= self._settings.output_capacity:
-            self.restart()
-            raise WorkerLost("crash", f"worker answered {count} views")
         offset = self._settings.input_capacity
         pixels = np.frombuffer(self._shm, np.uint8, count * self._view_bytes, offset)
         return pixels.reshape(count, 3, size, size).copy()  # the buffer is the next image's
@@ -162,14 +184,6 @@ class DecodeWorker:
             remaining -= len(chunk)
         return b"".join(chunks)
 
-    def restart(self) -> None:
-        """Kill the process and start another without waiting for it (the next decode does)."""
-        self.kill()
-        try:
-            self.start()
-        except OSError as exc:
-            log.warning("cannot restart a decode worker yet: %s", exc)
-
     def kill(self) -> None:
         process, self._process = self._process, None
         if process is None:
@@ -210,6 +224,7 @@ class DecodePool:
         self._workers = [DecodeWorker(limits, prep, config.memory_mb) for _ in range(self.size)]
         self._idle: queue.SimpleQueue[DecodeWorker] = queue.SimpleQueue()
         self._threads = ThreadPoolExecutor(max_workers=self.size, thread_name_prefix="decode")
+        self._revivals: list[threading.Thread] = []
 
     def start(self) -> None:
         """Start every worker and wait until all are warm."""
@@ -223,6 +238,8 @@ class DecodePool:
 
     def stop(self) -> None:
         self._threads.shutdown(wait=True, cancel_futures=True)
+        for revival in self._revivals:
+            revival.join()
         for worker in self._workers:
             worker.close()
         self._metrics.decode_workers.set(0)
@@ -240,14 +257,36 @@ class DecodePool:
             raise DeadlineExceeded("the deadline passed before the image was decoded")
         worker = self._idle.get()
         started = time.perf_counter()
+        lost = False
         try:
             return worker.decode(data, self._timeout)
         except WorkerLost as exc:
+            lost = True
             self._metrics.decode_worker_restarts.labels(reason=exc.reason).inc()
             raise _lost_image(exc, self._timeout) from exc
         finally:
             self._metrics.decode_duration.observe(time.perf_counter() - started)
-            self._idle.put(worker)
+            if lost:
+                self._revive(worker)
+            else:
+                self._idle.put(worker)
+
+    def _revive(self, worker: DecodeWorker) -> None:
+        """Start a killed worker again in the background: this image's answer does not wait for
+        it, and the other workers take the next images meanwhile."""
+
+        def revive() -> None:
+            try:
+                worker.wait_ready()
+            except NotReady as exc:
+                log.error("%s", exc)  # the next image it gets tries again
+            finally:
+                self._idle.put(worker)
+
+        self._revivals = [t for t in self._revivals if t.is_alive()]
+        thread = threading.Thread(target=revive, name="decode-revive", daemon=True)
+        self._revivals.append(thread)
+        thread.start()
 
 
 def _lost_image(exc: WorkerLost, timeout: float) -> InvalidImage:

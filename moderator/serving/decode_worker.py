@@ -7,10 +7,11 @@ cannot send the server code to run. The image bytes come in and the views go out
 shared memory file the server maps too (no copies through pipes).
 
 Protocol, one image at a time: the server writes the image into the shared memory at offset 0
-and sends its length (8 bytes, little-endian) on stdin; the worker writes the views at
-`input_capacity` and answers on stdout with a length-prefixed (4 bytes) JSON object:
-{"views": V} or {"code": ImageErrorCode value, "message": ...}. The first answer,
-{"ready": true}, comes once the worker has warmed up. End of stdin ends the worker.
+and sends its length and a request number (8 bytes each, little-endian) on stdin; the worker
+writes the views at `input_capacity` and answers on stdout with a length-prefixed (4 bytes) JSON
+object: {"id": N, "views": V} or {"id": N, "code": ImageErrorCode value, "message": ...}. The
+first answer, {"id": 0, "ready": true}, comes once the worker has warmed up. End of stdin ends
+the worker.
 """
 
 from __future__ import annotations
@@ -75,17 +76,18 @@ class WorkerSettings:
 
 def main(argv: list[str]) -> int:
     settings = WorkerSettings.from_json(argv[1])
+    requests, replies = sys.stdin.buffer, _private_stdout()
     shm = mmap.mmap(settings.shm_fd, settings.input_capacity + settings.output_capacity)
     warm_up(settings)
     limit_resources(settings.memory_mb)
-    requests, replies = sys.stdin.buffer, _private_stdout()
-    reply(replies, {"ready": True})
+    reply(replies, {"id": 0, "ready": True})
     while True:
-        header = requests.read(LENGTH_BYTES)
-        if len(header) < LENGTH_BYTES:
+        header = requests.read(2 * LENGTH_BYTES)
+        if len(header) < 2 * LENGTH_BYTES:
             return 0  # the server closed the pipe: it is stopping or gone
-        length = int.from_bytes(header, "little")
-        reply(replies, decode_one(shm, length, settings))
+        length = int.from_bytes(header[:LENGTH_BYTES], "little")
+        number = int.from_bytes(header[LENGTH_BYTES:], "little")
+        reply(replies, {"id": number, **decode_one(shm, length, settings)})
 
 
 def decode_one(shm: mmap.mmap, length: int, settings: WorkerSettings) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -157,13 +158,17 @@ def test_a_dark_shape_on_transparency_is_seen_on_white() -> None:
     assert close_to(pixel(views, 0, 32, 32), (10, 10, 10))
 
 
-def test_content_hidden_under_alpha_is_also_scored_raw() -> None:
+@pytest.mark.parametrize("alpha", [0, 1, 64, 127])
+def test_content_hidden_under_alpha_is_also_scored_raw(alpha: int) -> None:
     content = Image.new("RGB", (64, 64), BLUE)
     ImageDraw.Draw(content).rectangle((20, 20, 44, 44), fill=RED)
-    views = decode_views(hidden_under_alpha(content), LIMITS, PREP)
+    hidden = content.convert("RGBA")
+    hidden.putalpha(alpha)
+    data = hidden_under_alpha(content) if alpha == 0 else encode(hidden)
+    views = decode_views(data, LIMITS, PREP)
     assert views.shape[0] == 3
-    assert close_to(pixel(views, 0, 32, 32), WHITE)  # what a browser shows
-    assert close_to(pixel(views, 1, 32, 32), BLACK)  # what a dark-mode app shows
+    assert close_to(pixel(views, 0, 32, 32), WHITE, tolerance=alpha + 12)  # a browser
+    assert close_to(pixel(views, 1, 32, 32), BLACK, tolerance=alpha + 12)  # a dark-mode app
     assert close_to(pixel(views, 2, 32, 32), RED)  # what a thumbnailer dropping alpha shows
     assert close_to(pixel(views, 2, 4, 4), BLUE)
 
@@ -237,6 +242,40 @@ def test_frames_by_display_time() -> None:
     # One frame on screen for most of the time is picked once; the rest fill by time shown.
     skewed = frames_by_display_time([10] * 50 + [100_000] + [10] * 49, 4)
     assert skewed == [0, 1, 50, 99]
+    # Room for fewer than 3: the longest shown, after the first when there is room for it.
+    assert frames_by_display_time([100, 10_000, 100], 2) == [0, 1]
+    assert frames_by_display_time([100, 10_000, 100], 1) == [1]
+
+
+def test_an_opaque_banner_animation_has_every_frame_scored_with_its_tiles() -> None:
+    frames = [Image.new("RGB", (1000, 120), BLUE) for _ in range(3)]
+    frames[1] = Image.new("RGB", (1000, 120), RED)
+    views = decode_views(gif(frames, [100, 10_000, 100]), LIMITS, PREP)
+    assert views.shape[0] == 3 * 6  # 3 frames x (whole + 5 tiles)
+    assert any(close_to(pixel(views, v, 32, 32), RED, 20) for v in range(views.shape[0]))
+
+
+def test_a_transparent_animation_gets_the_frames_that_fit_picked_by_display_time() -> None:
+    frames = [Image.new("RGBA", (1000, 120), (0, 0, 250 + i, 128)) for i in range(5)]
+    frames[2] = Image.new("RGBA", (1000, 120), (255, 0, 0, 128))
+    durations = [100, 100, 10_000, 100, 100]
+    data = encode(frames[0], "PNG", save_all=True, append_images=frames[1:], duration=durations)
+    views = decode_views(data, LIMITS, PREP)  # 2 layers x 6 boxes a frame: 4 frames fit in 48
+    assert views.shape[0] == 4 * 12
+    on_black = [pixel(views, v, 32, 32) for v in range(views.shape[0])]
+    assert any(close_to(colour, (128, 0, 0), 20) for colour in on_black)
+
+
+def test_an_animated_webp_whose_frame_header_lies_has_every_frame_seen() -> None:
+    colours = [WHITE, RED, BLUE]
+    frames = [Image.new("RGB", (64, 64), colour) for colour in colours]
+    data = bytearray(
+        encode(frames[0], "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    )
+    anmf = [m.start() for m in re.finditer(b"ANMF", data)]
+    data[anmf[1] + 8 + 9 : anmf[1] + 8 + 12] = (4999).to_bytes(3, "little")  # height, off canvas
+    views = decode_views(bytes(data), LIMITS, PREP)
+    assert [pixel(views, v, 32, 32) for v in range(3)] == colours
 
 
 def test_views_per_image_are_bounded() -> None:

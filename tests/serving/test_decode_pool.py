@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -79,10 +80,32 @@ def test_a_decode_over_its_time_budget_is_too_complex_and_its_worker_replaced(
     assert info.value.code is ImageErrorCode.TOO_COMPLEX
     assert time.monotonic() - started < 2  # killed, not waited for
     assert sample(metrics, "moderator_decode_worker_restarts_total", reason="timeout") == 1
-    (after,) = decoder.worker_pids()
-    assert after != before
     assert not _alive(before)
     assert decoder.decode_now(shape_png("blue", "circle")).shape[0] == 1  # the new one works
+    (after,) = decoder.worker_pids()
+    assert after != before
+
+
+def test_a_malformed_answer_is_a_lost_worker_not_a_failed_request(
+    pool: tuple[DecodePool, Metrics], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoder, metrics = pool
+    (worker,) = decoder._workers
+    real_read = worker._read_reply
+    for answer in ({"id": 1, "code": 999}, {}, {"id": 999, "views": 1}, {"id": 1, "views": -1}):
+        decoder.decode_now(shape_png("blue", "circle"))  # waits for the last restart
+        forged: list[dict[str, Any]] = [answer]  # the next answer only
+
+        def read(timeout: float, forged: list[dict[str, Any]] = forged) -> dict[str, Any]:
+            return forged.pop() if forged else real_read(timeout)
+
+        monkeypatch.setattr(worker, "_read_reply", read)
+        monkeypatch.setattr(worker, "_number", 0)
+        with pytest.raises(InvalidImage) as info:
+            decoder.decode_now(shape_png("red", "star"))
+        assert info.value.code is ImageErrorCode.CORRUPT
+    assert sample(metrics, "moderator_decode_worker_restarts_total", reason="crash") == 4
+    assert decoder.decode_now(shape_png("blue", "circle")).shape[0] == 1
 
 
 def test_a_decode_over_its_memory_budget_is_too_complex() -> None:
