@@ -104,7 +104,9 @@ def decode_one(shm: mmap.mmap, length: int, settings: WorkerSettings) -> dict[st
         }
     if views.nbytes > settings.output_capacity:  # decode_views bounds the views; never here
         return {"code": ImageErrorCode.TOO_COMPLEX.value, "message": "too many views"}
-    shm[settings.input_capacity : settings.input_capacity + views.nbytes] = views.tobytes()
+    # decode_views returns a contiguous array: its buffer goes into the shared memory in one copy.
+    start = settings.input_capacity
+    shm[start : start + views.nbytes] = views.data.cast("B")
     return {"views": int(views.shape[0])}
 
 
