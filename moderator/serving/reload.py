@@ -16,12 +16,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
-from moderator.core.policies import (
-    PolicySet,
-    ReloadStatus,
-    directory_fingerprint,
-    load_policy_dir,
-)
+from moderator.core.policies import PolicySet, ReloadStatus, load_policy_dir
+from moderator.core.policy_files import described, directory_fingerprint
 from moderator.errors import PolicyError
 from moderator.serving.metrics import Metrics
 
@@ -88,7 +84,8 @@ class PolicyReloader:
 
         Requests in flight finish on the set they started with. A directory that fails
         validation, or a set that cannot be embedded, leaves the running set in place; the
-        failure is returned, kept in `last`, logged and counted.
+        failure is returned, kept in `last`, logged and counted. Only NotReady (nothing is
+        running yet) is raised.
         """
         with self._lock:
             running = self._current()
@@ -97,6 +94,10 @@ class PolicyReloader:
                 policy_set = load_policy_dir(self.directory)
             except PolicyError as exc:
                 return self._failed(running, exc), seen
+            except Exception as exc:  # load_policy_dir reports problems only; if not, still fail
+                log.exception("loading the policy directory failed unexpectedly")
+                error = PolicyError([f"{self.directory}: cannot be loaded: {described(exc)}"])
+                return self._failed(running, error), seen
             if policy_set.version == running.version:
                 message = f"policies unchanged (version {policy_set.version})"
                 self.last = ReloadStatus(ok=True, message=message, unix_time=time.time())

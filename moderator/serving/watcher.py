@@ -12,13 +12,16 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from moderator.core.policies import directory_fingerprint
+from moderator.core.policy_files import directory_fingerprint
 
 log = logging.getLogger(__name__)
 
 
 class PolicyWatcher:
-    """Calls `reload` whenever the directory's fingerprint differs from the last one seen."""
+    """Calls `reload` whenever the directory's fingerprint differs from the last one seen.
+
+    A reload that fails validation still counts as seen (it is reported, and retried when the
+    directory changes again: the fix); a reload that raises is retried at the next check."""
 
     def __init__(
         self, directory: Path, interval: float, reload: Callable[[], Awaitable[object]]
@@ -33,9 +36,13 @@ class PolicyWatcher:
         current = await asyncio.to_thread(directory_fingerprint, self.directory)
         if current == self._seen:
             return False
-        self._seen = current
+        previous, self._seen = self._seen, current
         log.info("policy directory %s changed: reloading", self.directory)
-        await self._reload()
+        try:
+            await self._reload()
+        except BaseException:
+            self._seen = previous  # nothing was recorded: try again at the next check
+            raise
         return True
 
     async def run(self) -> None:

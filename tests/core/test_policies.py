@@ -170,3 +170,125 @@ def test_a_set_with_every_policy_disabled_is_refused(tmp_path: Path) -> None:
     write(tmp_path, "drugs.yaml", VALID.replace("mode: enforce", "mode: disabled"))
     with pytest.raises(PolicyError, match="no active policies"):
         load_policy_dir(tmp_path)
+
+
+# -- hostile documents: each is a problem at its line, found fast, with a short message -------
+
+BILLION_LAUGHS = """\
+a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]
+descriptions: *i
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            VALID.replace("threshold: 0.27", "threshold: " + "9" * 5000),
+            "weapons.yaml:5:12: key 'threshold': a number longer than 64 characters",
+        ),
+        (
+            VALID.replace("  - a bloody knife", "  - " + "1" * 5000),
+            "weapons.yaml:8:5: key 'descriptions': a number longer than 64 characters",
+        ),
+        (
+            VALID.replace("threshold: 0.27", "threshold: 0x" + "f" * 5000),
+            "weapons.yaml:5:12: key 'threshold': a number longer than 64 characters",
+        ),
+        (
+            VALID + "templates: [2024-02-30]\n",
+            "weapons.yaml:11:13: key 'templates': cannot be read: ValueError: day is out of range",
+        ),
+        (
+            VALID + "templates: !!python/object/apply:os.system ['true']\n",
+            "weapons.yaml:11:12: key 'templates': cannot be read: could not determine a "
+            "constructor",
+        ),
+    ],
+)
+def test_a_value_that_cannot_be_built_names_its_key_and_line(text: str, expected: str) -> None:
+    [problem] = problems_for(text)
+    assert problem.startswith(expected), problem
+
+
+@pytest.mark.parametrize(
+    ("nested", "where"),
+    [
+        ("descriptions: " + "[" * 10000 + "]" * 10000 + "\n", "weapons.yaml:6:30:"),
+        ("descriptions: " + "{a: " * 10000 + "}" * 10000 + "\n", "weapons.yaml:6:75:"),
+        (
+            "descriptions:\n" + "".join("  " * depth + "-\n" for depth in range(1, 5000)),
+            "weapons.yaml:22:33:",  # where the 17th level starts
+        ),
+    ],
+)
+def test_deep_nesting_is_refused_before_it_is_built(nested: str, where: str) -> None:
+    """Composing 10000 levels would raise RecursionError; the loader stops at the 17th."""
+    text = VALID.replace("descriptions:\n", nested + "unused:\n")
+    assert problems_for(text) == [
+        f"{where} nested deeper than 16 levels of lists and mappings",
+    ]
+
+
+def test_nesting_up_to_the_limit_is_only_a_type_problem() -> None:
+    deepest = VALID + "templates: " + "[" * 15 + "'{}'" + "]" * 15 + "\n"  # the mapping is 1
+    too_deep = VALID + "templates: " + "[" * 16 + "'{}'" + "]" * 16 + "\n"
+    assert problems_for(deepest) == [
+        "weapons.yaml:11: key 'templates': entry 1 must contain exactly one {}, got "
+        "[[[[[[[[[[[[[['{}']]]]]]]]]]]]]]"
+    ]
+    assert problems_for(too_deep) == [
+        "weapons.yaml:11:27: nested deeper than 16 levels of lists and mappings"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (BILLION_LAUGHS, "weapons.yaml:1:4: YAML anchors (&a) are not allowed"),
+        (VALID.replace("title: Weapons", "title: &t Weapons"), "weapons.yaml:1:8: YAML anchors"),
+        (VALID + "templates: *nowhere\n", "weapons.yaml:11:12: YAML aliases (*nowhere) are not"),
+    ],
+)
+def test_anchors_and_aliases_are_refused(text: str, expected: str) -> None:
+    [problem] = problems_for(text)
+    assert problem.startswith(expected)
+    assert len(problem) < 200  # nothing was expanded into the message
+
+
+def test_long_values_are_cut_short_in_problems() -> None:
+    [problem] = problems_for(VALID.replace("action: review", "action: " + "x" * 100_000))
+    assert problem == (
+        "weapons.yaml:3: key 'action': must be one of review | block, got '" + "x" * 76 + "..."
+    )
+
+
+def test_a_file_with_many_problems_reports_the_first_twenty() -> None:
+    problems = problems_for(VALID + "".join(f"k{'y' * 1000}{i}: v\n" for i in range(1000)))
+    assert len(problems) == 21
+    assert problems[-1] == "weapons.yaml: 980 more problems not shown"
+    assert sum(map(len, problems)) < 5000
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (VALID + "<<: {title: x}\n", "weapons.yaml:11: key '<<': unknown key"),
+        (VALID + "? [a, b]\n: x\n", "weapons.yaml:11:3: keys must be plain names"),
+        (VALID + "\0", "weapons.yaml: not valid YAML: unacceptable character #x0000"),
+        (VALID + "---\n" + VALID, "weapons.yaml:11:1: not valid YAML: expected a single document"),
+        ("!!set {title, action}\n", "weapons.yaml: a policy must be a YAML mapping"),
+        ("", "weapons.yaml: a policy must be a YAML mapping"),
+    ],
+)
+def test_unusual_yaml_is_a_problem(text: str, expected: str) -> None:
+    problems = problems_for(text)
+    assert any(p.startswith(expected) for p in problems), problems

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -137,6 +138,79 @@ def test_callers_on_other_event_loops_share_a_reload_and_a_cancelled_one_stops_n
     assert results[0].ok
 
 
+def add_hostile_files(policies: Path) -> None:
+    """A FIFO, a link to /dev/zero, a number too long to read, a billion laughs and a name in
+    capitals: each used to hang, crash or be skipped silently."""
+    os.mkfifo(policies / "pipe.yaml")
+    os.symlink("/dev/zero", policies / "zero.yaml")
+    stars = (policies / "stars.yaml").read_text()
+    (policies / "huge.yaml").write_text(
+        stars.replace("threshold: 0.74", "threshold: " + "1" * 5000)
+    )
+    laughs = "a: &a [lol, lol]\n" + "".join(
+        f"{b}: &{b} [*{a}, *{a}, *{a}, *{a}, *{a}]\n"
+        for a, b in zip("abcdefgh", "bcdefghi", strict=True)
+    )
+    (policies / "laughs.yaml").write_text(laughs)
+    (policies / "Stars.YAML").write_text(stars)
+
+
+HOSTILE_PROBLEMS = (
+    "Stars.YAML: policy files must end in .yaml or .yml (lower case)",
+    "pipe.yaml: is a FIFO, not a regular file",
+    "zero.yaml: links outside the policy directory (to /dev/zero)",
+    "huge.yaml:8:12: key 'threshold': a number longer than 64 characters cannot be read",
+    "laughs.yaml:1:4: YAML anchors (&a) are not allowed",
+)
+
+
+def remove_hostile_files(policies: Path) -> None:
+    for name in ("pipe.yaml", "zero.yaml", "huge.yaml", "laughs.yaml", "Stars.YAML"):
+        (policies / name).unlink()
+
+
+def test_a_hostile_directory_is_a_recorded_and_counted_failure(tmp_path: Path) -> None:
+    policies = copy_demo_policies(tmp_path / "policies")
+    installer = RecordingInstaller(load_policy_dir(policies))
+    metrics = Metrics(CollectorRegistry())
+    reloader = PolicyReloader(policies, installer.current, installer.install, metrics)
+    add_hostile_files(policies)
+    status = asyncio.run(asyncio.wait_for(reloader.reload(), WAIT_SECONDS))
+    assert not status.ok
+    assert status.message.startswith("reload failed, still serving version ")
+    for problem in HOSTILE_PROBLEMS:
+        assert problem in status.message
+    assert len(status.message) < 2000
+    assert reloader.last is status
+    assert installer.installed == []
+    assert metrics.policy_reloads.labels(result="error")._value.get() == 1
+    remove_hostile_files(policies)
+    assert asyncio.run(reloader.reload()).ok
+
+
+def test_an_unexpected_error_while_loading_is_a_recorded_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """load_policy_dir reports every problem as a PolicyError; should anything else ever
+    escape it, the reload still fails like any other instead of raising to the caller."""
+    policies = copy_demo_policies(tmp_path / "policies")
+    installer = RecordingInstaller(load_policy_dir(policies))
+    metrics = Metrics(CollectorRegistry())
+    reloader = PolicyReloader(policies, installer.current, installer.install, metrics)
+
+    def broken(directory: Path) -> PolicySet:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr("moderator.serving.reload.load_policy_dir", broken)
+    status = asyncio.run(reloader.reload())
+    assert not status.ok
+    assert status.message.endswith(
+        f"{policies}: cannot be loaded: RecursionError: maximum recursion depth exceeded"
+    )
+    assert reloader.last is status
+    assert metrics.policy_reloads.labels(result="error")._value.get() == 1
+
+
 def test_a_reload_before_the_first_load_is_not_ready(tmp_path: Path) -> None:
     policies = copy_demo_policies(tmp_path / "policies")
     reloader = reloader_for(policies, RecordingInstaller(None))
@@ -186,6 +260,29 @@ def test_reload_rpc_reports_success_and_failure(
     )
     assert result.results[0].decision == pb.DECISION_BLOCK
     assert result.policy_version == reloaded.policy_version
+
+
+def test_reload_rpc_reports_hostile_files_and_keeps_serving(
+    service: RunningService, stub: pb_grpc.ModeratorStub
+) -> None:
+    before = stub.ListPolicies(pb.ListPoliciesRequest(), timeout=10).policy_version
+    add_hostile_files(policies_dir(service))
+    failed = stub.ReloadPolicies(pb.ReloadPoliciesRequest(), timeout=60)
+    assert not failed.status.ok
+    for problem in HOSTILE_PROBLEMS:
+        assert problem in failed.status.message
+    assert failed.policy_version == before
+    listed = stub.ListPolicies(pb.ListPoliciesRequest(), timeout=10)
+    assert listed.last_reload == failed.status
+    result = stub.Moderate(
+        pb.ModerateRequest(images=[pb.Image(id="r", data=shape_png("red", "circle"))]), timeout=60
+    )
+    assert result.results[0].decision == pb.DECISION_BLOCK
+    assert result.policy_version == before
+    remove_hostile_files(policies_dir(service))
+    fixed = stub.ReloadPolicies(pb.ReloadPoliciesRequest(), timeout=60)
+    assert fixed.status.ok, fixed.status.message
+    assert fixed.policy_version == before
 
 
 def test_reloads_under_concurrent_load_fail_no_request(
