@@ -29,6 +29,9 @@ MIB = 1024 * 1024
 MAX_PORT = 65535
 # A worker process with numpy and Pillow loaded maps about 100 MB before it decodes anything.
 MIN_DECODE_MEMORY_MB = 256
+# The default request-size limit: four images at the per-image limit, plus ids and framing.
+MESSAGE_IMAGES = 4
+MESSAGE_OVERHEAD_BYTES = 1 * MIB
 
 
 def default_cache_dir() -> Path:
@@ -128,12 +131,33 @@ class DecodeConfig:
 class BatchConfig:
     max_batch_size: int = 16
     max_wait_ms: float = 5.0
+    # What requests in flight may hold at once (admission): images, model views (an animation
+    # or a long image is several) and encoded bytes. A request that does not fit is refused
+    # with RESOURCE_EXHAUSTED (in a stream it waits); a decoded image waits for room in views.
     max_queue_images: int = 512
+    max_queue_views: int = 2048
+    max_queue_bytes: int = 1024 * MIB
+    # The most model views one request may need; more is INVALID_ARGUMENT for that request.
+    max_request_views: int = 1024
+    # Health goes NOT_SERVING after this many forward passes fail in a row, or while one
+    # forward pass has run longer than stuck_batch_seconds.
+    max_failed_batches: int = 3
+    stuck_batch_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         require(self.max_batch_size >= 1, "--max-batch-size", "must be at least 1")
         require(self.max_wait_ms >= 0, "--max-wait-ms", "must not be negative")
         require(self.max_queue_images >= 1, "--max-queue-images", "must be at least 1")
+        require(self.max_queue_views >= 1, "--max-queue-views", "must be at least 1")
+        require(self.max_queue_bytes >= MIB, "--max-queue-mb", "must be at least 1")
+        require(self.max_request_views >= 1, "--max-request-views", "must be at least 1")
+        require(
+            self.max_request_views <= self.max_queue_views,
+            "--max-request-views",
+            "must not exceed --max-queue-views",
+        )
+        require(self.max_failed_batches >= 1, "--max-failed-batches", "must be at least 1")
+        require(self.stuck_batch_seconds > 0, "--stuck-batch-seconds", "must be positive")
 
 
 @dataclass(frozen=True)
@@ -142,12 +166,21 @@ class ServerConfig:
     port: int = 50051
     # negative turns the metrics endpoint off; 0 picks a free port (as for `port`).
     metrics_port: int = 9090
-    max_message_bytes: int = 128 * MIB
+    # 0: derived from the image limits (Config.max_message_bytes).
+    max_message_bytes: int = 0
     max_images_per_request: int = 256
     max_embeddings_per_request: int = 4096
     # ScoreEmbeddings requests admitted at once (one runs, the rest wait); 0 turns the RPC off.
     max_rescore_requests: int = 4
-    shutdown_grace_seconds: float = 30.0
+    # RPCs (streams included) running at once; more are refused with RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int = 256
+    # HTTP/2 streams (calls) one connection may have open; a client queues the rest.
+    max_streams_per_connection: int = 32
+    # On SIGTERM: NOT_SERVING, keep accepting for drain_seconds (load balancers and
+    # Kubernetes endpoints catch up), then stop accepting and give accepted requests
+    # shutdown_grace_seconds to finish. 5 + 25 fits Kubernetes' default 30 s.
+    drain_seconds: float = 5.0
+    shutdown_grace_seconds: float = 25.0
 
     def __post_init__(self) -> None:
         require(bool(self.host), "--host", "must not be empty")
@@ -157,7 +190,9 @@ class ServerConfig:
             "--metrics-port",
             f"must be negative (off), 0 (any free port) or a port up to {MAX_PORT}",
         )
-        require(self.max_message_bytes >= 1, "--max-message-mb", "must be positive")
+        require(
+            self.max_message_bytes >= 0, "--max-message-mb", "must not be negative (0: derived)"
+        )
         require(self.max_images_per_request >= 1, "--max-images-per-request", "must be positive")
         require(
             self.max_embeddings_per_request >= 1, "--max-embeddings-per-request", "must be positive"
@@ -167,10 +202,15 @@ class ServerConfig:
             "--max-rescore-requests",
             "must not be negative (0 turns it off)",
         )
+        require(self.max_concurrent_rpcs >= 1, "--max-concurrent-rpcs", "must be at least 1")
         require(
-            self.shutdown_grace_seconds >= 0,
-            "ServerConfig.shutdown_grace_seconds",
-            "must not be negative",
+            self.max_streams_per_connection >= 1,
+            "--max-streams-per-connection",
+            "must be at least 1",
+        )
+        require(self.drain_seconds >= 0, "--drain-seconds", "must not be negative")
+        require(
+            self.shutdown_grace_seconds >= 0, "--shutdown-grace-seconds", "must not be negative"
         )
 
 
@@ -197,6 +237,24 @@ class Config:
             "--max-queue-images",
             "must be at least --max-images-per-request",
         )
+        require(
+            self.batching.max_request_views >= self.images.max_views,
+            "--max-request-views",
+            "must be at least --max-views (one image may need that many)",
+        )
+        require(
+            self.batching.max_queue_bytes >= self.max_message_bytes,
+            "--max-queue-mb",
+            f"must be at least the message limit ({self.max_message_bytes // MIB} MiB)",
+        )
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest request message accepted: --max-message-mb, or by default room for
+        MESSAGE_IMAGES images at the per-image byte limit plus MESSAGE_OVERHEAD_BYTES."""
+        if self.server.max_message_bytes:
+            return self.server.max_message_bytes
+        return MESSAGE_IMAGES * self.images.max_bytes + MESSAGE_OVERHEAD_BYTES
 
 
 def demo_model_config(device: str = "auto", precision: str = "auto") -> ModelConfig:

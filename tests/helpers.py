@@ -8,7 +8,7 @@ import io
 import math
 import shutil
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +21,12 @@ from moderator.config import (
     BatchConfig,
     Config,
     DecodeConfig,
+    ImageConfig,
+    ModelConfig,
     ServerConfig,
     demo_model_config,
 )
+from moderator.core.clip import ClipModel, load_clip
 from moderator.core.embeddings import EmbeddingCache, PolicyIndex, build_policy_index
 from moderator.core.policies import build_policy_set, parse_policy
 from moderator.demo.shapes import render_shape
@@ -64,6 +67,7 @@ def demo_config(
     batching: BatchConfig | None = None,
     server: ServerConfig | None = None,
     decode: DecodeConfig | None = None,
+    images: ImageConfig | None = None,
 ) -> Config:
     return Config(
         policies_dir=DEMO_POLICIES_DIR,
@@ -71,8 +75,11 @@ def demo_config(
         model=demo_model_config("cpu"),
         batching=batching or BatchConfig(),
         decode=decode or DecodeConfig(),
+        images=images or ImageConfig(),
         server=server
-        or ServerConfig(host="127.0.0.1", port=0, metrics_port=0, shutdown_grace_seconds=5),
+        or ServerConfig(
+            host="127.0.0.1", port=0, metrics_port=0, drain_seconds=0, shutdown_grace_seconds=5
+        ),
     )
 
 
@@ -89,12 +96,14 @@ class RunningService:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(60)  # type: ignore[arg-type]
 
 
-def start_service(config: Config) -> Iterator[RunningService]:
+def start_service(
+    config: Config, load_model: Callable[[ModelConfig], ClipModel] | None = None
+) -> Iterator[RunningService]:
     """Run the real service on its own event loop thread; yield once it is SERVING."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    service = Service(config, CollectorRegistry())
+    service = Service(config, CollectorRegistry(), load_model or load_clip)
     running = RunningService(service, loop)
     running.call(service.start())
     try:
@@ -103,6 +112,35 @@ def start_service(config: Config) -> Iterator[RunningService]:
         running.call(service.stop())
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+def replace_encoder(clip: ClipModel, encode: Callable[[torch.Tensor], torch.Tensor]) -> ClipModel:
+    """The same model with its image encoder wrapped (to hold or break the worker in tests)."""
+    wrapped = object.__new__(ClipModel)
+    wrapped.__dict__.update(clip.__dict__)
+    wrapped.encode_images = encode  # type: ignore[method-assign, assignment]
+    return wrapped
+
+
+class GatedModel:
+    """A real model whose forward passes wait while the gate is closed, or fail on demand."""
+
+    def __init__(self, clip: ClipModel) -> None:
+        self.clip = clip
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()  # a forward pass has reached the gate
+        self.failing = False
+
+    def load(self, _config: ModelConfig) -> ClipModel:
+        return replace_encoder(self.clip, self._encode)
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.entered.set()
+        assert self.gate.wait(60), "the test never opened the gate"
+        if self.failing:
+            raise RuntimeError("CUDA error: device lost (injected)")
+        return self.clip.encode_images(pixels)
 
 
 DIM = 8

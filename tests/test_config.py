@@ -12,6 +12,7 @@ from moderator.cli.main import build_parser
 from moderator.cli.options import SERVE_OPTIONS, config_from_args
 from moderator.config import (
     DEFAULT_POLICIES_DIR,
+    MIB,
     BatchConfig,
     Config,
     DecodeConfig,
@@ -30,7 +31,17 @@ BAD_VALUES: list[tuple[type[Any], dict[str, Any], str]] = [
     (BatchConfig, {"max_queue_images": 0}, "--max-queue-images"),
     (ServerConfig, {"port": 70000}, "--port"),
     (ServerConfig, {"metrics_port": 70000}, "--metrics-port"),
-    (ServerConfig, {"max_message_bytes": 0}, "--max-message-mb"),
+    (ServerConfig, {"max_message_bytes": -1}, "--max-message-mb"),
+    (ServerConfig, {"max_concurrent_rpcs": 0}, "--max-concurrent-rpcs"),
+    (ServerConfig, {"max_streams_per_connection": 0}, "--max-streams-per-connection"),
+    (ServerConfig, {"drain_seconds": -1}, "--drain-seconds"),
+    (ServerConfig, {"shutdown_grace_seconds": -1}, "--shutdown-grace-seconds"),
+    (BatchConfig, {"max_queue_views": 0}, "--max-queue-views"),
+    (BatchConfig, {"max_queue_bytes": 1000}, "--max-queue-mb"),
+    (BatchConfig, {"max_request_views": 0}, "--max-request-views"),
+    (BatchConfig, {"max_request_views": 4096}, "--max-request-views"),
+    (BatchConfig, {"max_failed_batches": 0}, "--max-failed-batches"),
+    (BatchConfig, {"stuck_batch_seconds": 0}, "--stuck-batch-seconds"),
     (ServerConfig, {"max_images_per_request": 0}, "--max-images-per-request"),
     (ServerConfig, {"max_embeddings_per_request": 0}, "--max-embeddings-per-request"),
     (ServerConfig, {"max_rescore_requests": -1}, "--max-rescore-requests"),
@@ -62,6 +73,17 @@ def test_settings_that_must_agree_are_checked_together() -> None:
     Config(
         batching=BatchConfig(max_queue_images=16), server=ServerConfig(max_images_per_request=16)
     )
+    with pytest.raises(ConfigError, match="--max-request-views must be at least --max-views"):
+        Config(batching=BatchConfig(max_request_views=40), images=ImageConfig(max_views=48))
+    with pytest.raises(ConfigError, match=r"--max-queue-mb must be at least the message limit"):
+        Config(batching=BatchConfig(max_queue_bytes=50 * MIB))  # the default message is 81 MiB
+
+
+def test_the_message_limit_follows_the_image_limit_unless_set() -> None:
+    assert Config().max_message_bytes == 4 * ImageConfig().max_bytes + MIB
+    small = Config(images=ImageConfig(max_bytes=MIB))
+    assert small.max_message_bytes == 5 * MIB
+    assert Config(server=ServerConfig(max_message_bytes=7 * MIB)).max_message_bytes == 7 * MIB
 
 
 def test_flag_defaults_are_the_config_defaults() -> None:

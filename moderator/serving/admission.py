@@ -1,49 +1,144 @@
-"""Admission: what requests in flight will cost, and a fast refusal when more would pass a limit."""
+"""Admission: what work in flight holds (images, model views, bytes), bounded per resource.
+
+A request states its cost before it queues. `try_admit` refuses at once (Overloaded, gRPC
+RESOURCE_EXHAUSTED) when the cost does not fit; `admit` waits for room instead (streams, and
+decoded images waiting for model views), oldest first: a waiter is granted only when every
+older waiter has been, so a burst of large requests cannot starve an earlier small one.
+Used from the event loop thread only.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
+import asyncio
+import heapq
+import itertools
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-from moderator.errors import Overloaded
+from moderator.errors import DeadlineExceeded, Overloaded
 from moderator.serving.metrics import Metrics
+
+Cost = Mapping[str, int]
+
+
+@dataclass
+class Ticket:
+    """An admitted request: when it arrived (its place in line) and the model views it has
+    needed so far."""
+
+    arrival: float = field(default_factory=time.monotonic)
+    views: int = 0
+
+
+@dataclass(order=True)
+class _Waiter:
+    priority: float
+    sequence: int
+    cost: Cost = field(compare=False)
+    granted: asyncio.Future[None] = field(compare=False)
 
 
 class Admission:
-    """Counts units in flight (images, requests) against `limit`; thread-safe.
+    """Budgets of named resources (`limits`: resource -> most in flight)."""
 
-    A request that would pass the limit is refused at once with Overloaded (gRPC
-    RESOURCE_EXHAUSTED) and counted as rejected for overload; it never waits in a queue.
-    """
-
-    def __init__(self, limit: int, unit: str, metrics: Metrics) -> None:
-        self.limit = limit
-        self.unit = unit
+    def __init__(self, limits: Mapping[str, int], metrics: Metrics) -> None:
+        self.limits = dict(limits)
         self._metrics = metrics
-        self._lock = threading.Lock()
-        self._in_flight = 0
+        self._held = dict.fromkeys(limits, 0)
+        self._waiters: list[_Waiter] = []
+        self._sequence = itertools.count()
+        for resource, limit in self.limits.items():
+            metrics.admission_limit.labels(resource=resource).set(limit)
+            metrics.admission_in_flight.labels(resource=resource).set(0)
 
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
+    def held(self, resource: str) -> int:
+        return self._held[resource]
 
-    @contextlib.contextmanager
-    def admitted(self, count: int = 1) -> Iterator[None]:
-        """Hold `count` units for the block; raises Overloaded if they do not fit."""
-        self._admit(count)
+    def try_admit(self, cost: Cost) -> None:
+        """Hold `cost` now, or raise Overloaded without holding anything."""
+        self._check_possible(cost)
+        if self._waiters or not self._fits(cost):
+            self._metrics.rejected_requests.labels(reason="overload").inc()
+            raise Overloaded(f"{self._describe_full(cost)}: retry with backoff")
+        self._take(cost)
+
+    async def admit(
+        self, cost: Cost, priority: float | None = None, deadline: float | None = None
+    ) -> None:
+        """Hold `cost`, waiting for room behind every waiter with a lower `priority` (default:
+        now, so first come first served). `deadline` is time.monotonic() seconds."""
+        self._check_possible(cost)
+        if not self._waiters and self._fits(cost):
+            self._take(cost)
+            return
+        waiter = _Waiter(
+            time.monotonic() if priority is None else priority,
+            next(self._sequence),
+            cost,
+            asyncio.get_running_loop().create_future(),
+        )
+        heapq.heappush(self._waiters, waiter)
+        self._grant()  # it may be older than every waiter and fit now
         try:
-            yield
-        finally:
-            with self._lock:
-                self._in_flight -= count
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            await asyncio.wait_for(asyncio.shield(waiter.granted), timeout)
+        except BaseException as exc:
+            if waiter.granted.done() and not waiter.granted.cancelled():
+                self.release(cost)  # granted just as we gave up
+            else:
+                waiter.granted.cancel()
+            self._grant()
+            if isinstance(exc, TimeoutError):
+                self._metrics.rejected_requests.labels(reason="deadline").inc()
+                raise DeadlineExceeded("deadline passed while waiting for room") from None
+            raise
 
-    def _admit(self, count: int) -> None:
-        with self._lock:
-            if self._in_flight + count > self.limit:
-                self._metrics.rejected_requests.labels(reason="overload").inc()
+    def add(self, cost: Cost) -> None:
+        """Hold `cost` even past the limits: work already done (a decoded image's other views)
+        that must not be thrown away. The overshoot is bounded by the caller."""
+        self._take(cost)
+
+    def release(self, cost: Cost) -> None:
+        for resource, amount in cost.items():
+            self._held[resource] -= amount
+            self._metrics.admission_in_flight.labels(resource=resource).set(self._held[resource])
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters:
+            head = self._waiters[0]
+            if head.granted.done():  # gave up
+                heapq.heappop(self._waiters)
+                continue
+            if not self._fits(head.cost):
+                return
+            heapq.heappop(self._waiters)
+            self._take(head.cost)
+            head.granted.set_result(None)
+
+    def _check_possible(self, cost: Cost) -> None:
+        for resource, amount in cost.items():
+            if amount > self.limits[resource]:
+                self._metrics.rejected_requests.labels(reason="request_limit").inc()
                 raise Overloaded(
-                    f"{self._in_flight} {self.unit} in flight; {count} more would pass the "
-                    f"limit of {self.limit}: retry with backoff"
+                    f"the request needs {amount} {resource}; no more than "
+                    f"{self.limits[resource]} are ever admitted at once: split it"
                 )
-            self._in_flight += count
+
+    def _fits(self, cost: Cost) -> bool:
+        return all(self._held[r] + amount <= self.limits[r] for r, amount in cost.items())
+
+    def _take(self, cost: Cost) -> None:
+        for resource, amount in cost.items():
+            self._held[resource] += amount
+            self._metrics.admission_in_flight.labels(resource=resource).set(self._held[resource])
+
+    def _describe_full(self, cost: Cost) -> str:
+        for resource, amount in cost.items():
+            if self._held[resource] + amount > self.limits[resource]:
+                return (
+                    f"{self._held[resource]} {resource} in flight; {amount} more would pass "
+                    f"the limit of {self.limits[resource]}"
+                )
+        return f"{len(self._waiters)} requests are already waiting for room"

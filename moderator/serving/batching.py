@@ -24,6 +24,7 @@ from moderator.config import BatchConfig
 from moderator.core.embeddings import PolicyIndex
 from moderator.core.scoring import ViewScores, score_views
 from moderator.errors import DeadlineExceeded, NotReady
+from moderator.serving.health import WorkerState
 from moderator.serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class Batcher:
         self._queue: collections.deque[WorkItem] = collections.deque()
         self._cond = threading.Condition()
         self._queued_views = 0
+        self._failed_in_a_row = 0
+        self._running_since: float | None = None
         self._running = False
         self._thread: threading.Thread | None = None
 
@@ -102,6 +105,9 @@ class Batcher:
         """Wake the worker to re-check `expected` (an image left the pipeline without a submit)."""
         with self._cond:
             self._cond.notify_all()
+
+    def state(self) -> WorkerState:
+        return WorkerState(self._failed_in_a_row, self._running_since)
 
     def queued_images(self) -> int:
         with self._cond:
@@ -152,13 +158,18 @@ class Batcher:
         started = self._clock()
         for item in live:
             self._metrics.queue_wait.observe(max(0.0, started - item.enqueued))
+        self._running_since = started
         try:
             results = self._forward(live)
         except Exception as exc:  # the model failed: fail these images, keep serving
+            self._failed_in_a_row += 1
             log.exception("forward pass failed for a batch of %d images", len(live))
             for item in live:
                 item.future.set_exception(exc)
             return
+        finally:
+            self._running_since = None
+        self._failed_in_a_row = 0
         self._metrics.inference_duration.observe(self._clock() - started)
         self._metrics.batch_images.observe(sum(item.views for item in live))
         for item, result in zip(live, results, strict=True):

@@ -9,12 +9,14 @@ drives it (blocking pipe I/O with a timeout); pixels cross through shared memory
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import mmap
 import os
 import queue
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -194,6 +196,13 @@ class DecodeWorker:
             if stream is not None:
                 stream.close()
 
+    def interrupt(self) -> None:
+        """SIGKILL the process from any thread; the thread driving it sees it die."""
+        process = self._process
+        if process is not None:
+            with contextlib.suppress(OSError):
+                process.send_signal(signal.SIGKILL)
+
     def close(self) -> None:
         """Stop the worker (end of stdin ends it; a stuck one is killed) and free the memory."""
         process = self._process
@@ -225,6 +234,7 @@ class DecodePool:
         self._idle: queue.SimpleQueue[DecodeWorker] = queue.SimpleQueue()
         self._threads = ThreadPoolExecutor(max_workers=self.size, thread_name_prefix="decode")
         self._revivals: list[threading.Thread] = []
+        self._stopping = threading.Event()
 
     def start(self) -> None:
         """Start every worker and wait until all are warm."""
@@ -237,7 +247,13 @@ class DecodePool:
         log.info("%d decode workers ready", self.size)
 
     def stop(self) -> None:
-        self._threads.shutdown(wait=True, cancel_futures=True)
+        """Stop now: queued decodes are cancelled and running ones killed (their callers get
+        an error), so a runaway image cannot hold up a shutdown."""
+        self._stopping.set()
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        for worker in self._workers:
+            worker.interrupt()
+        self._threads.shutdown(wait=True)
         for revival in self._revivals:
             revival.join()
         for worker in self._workers:
@@ -256,17 +272,24 @@ class DecodePool:
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("the deadline passed before the image was decoded")
         worker = self._idle.get()
+        if self._stopping.is_set():
+            self._idle.put(worker)
+            raise NotReady("the decode workers are stopping")
         started = time.perf_counter()
         lost = False
         try:
             return worker.decode(data, self._timeout)
         except WorkerLost as exc:
+            if self._stopping.is_set():
+                raise NotReady("the decode workers are stopping") from exc
             lost = True
             self._metrics.decode_worker_restarts.labels(reason=exc.reason).inc()
             raise _lost_image(exc, self._timeout) from exc
         finally:
             self._metrics.decode_duration.observe(time.perf_counter() - started)
-            if lost:
+            if self._stopping.is_set():
+                self._idle.put(worker)
+            elif lost:
                 self._revive(worker)
             else:
                 self._idle.put(worker)

@@ -8,10 +8,11 @@ request snapshots the policy index when it starts and is scored against that set
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -29,9 +30,10 @@ from moderator.core.policies import Mode, PolicySet, ReloadStatus, load_policy_d
 from moderator.core.rescoring import EmbeddedImage, rescore_images
 from moderator.core.scoring import ViewScores
 from moderator.errors import Disabled, InvalidImage, InvalidRequest, NotReady
-from moderator.serving.admission import Admission
+from moderator.serving.admission import Admission, Ticket
 from moderator.serving.batching import Batcher
 from moderator.serving.decode_pool import DecodePool
+from moderator.serving.health import WorkerState
 from moderator.serving.metrics import Metrics
 from moderator.serving.reload import PolicyReloader
 
@@ -61,9 +63,17 @@ class ModerationEngine:
         self._batcher: Batcher | None = None
         self._decode_pool: DecodePool | None = None
         self._rescore_pool: ThreadPoolExecutor | None = None
-        self._images_admission = Admission(config.batching.max_queue_images, "images", metrics)
+        batching = config.batching
+        self._admission = Admission(
+            {
+                "images": batching.max_queue_images,
+                "views": batching.max_queue_views,
+                "bytes": batching.max_queue_bytes,
+            },
+            metrics,
+        )
         self._rescore_admission = Admission(
-            config.server.max_rescore_requests, "ScoreEmbeddings requests", metrics
+            {"rescore_requests": config.server.max_rescore_requests}, metrics
         )
         self._reloader = PolicyReloader(
             config.policies_dir, lambda: self.policies, self._install_policies, metrics
@@ -185,12 +195,59 @@ class ModerationEngine:
             self.metrics.policies_loaded.labels(mode=mode.value).set(count)
 
     def _warm_up(self) -> None:
+        self._submit_blank().result(WARMUP_TIMEOUT_SECONDS)
+
+    def _submit_blank(self) -> Future[ViewScores]:
         assert self._batcher is not None
         size = self.clip.preprocessing.size
         blank = torch.zeros(1, 3, size, size, dtype=torch.uint8)
-        self._batcher.submit(blank, self.index, deadline=None).result(WARMUP_TIMEOUT_SECONDS)
+        return self._batcher.submit(blank, self.index, deadline=None)
+
+    def worker_state(self) -> WorkerState:
+        """The model worker's health (serving/health.py)."""
+        if self._batcher is None:
+            return WorkerState(0, None)
+        return self._batcher.state()
+
+    async def probe(self) -> None:
+        """One blank image through the model: does it work again?"""
+        await asyncio.wrap_future(self._submit_blank())
 
     # -- requests ----------------------------------------------------------------------------
+
+    def check_ready(self) -> None:
+        if not self._ready:
+            raise NotReady("the service is still loading its model and policies")
+
+    def check_rescore_enabled(self) -> None:
+        if self.config.server.max_rescore_requests == 0:
+            raise Disabled("ScoreEmbeddings is turned off here (--max-rescore-requests 0)")
+
+    def check_policy_ids(self, policy_ids: Sequence[str]) -> None:
+        """InvalidRequest unless every id names a loaded policy."""
+        selected_policies(self.index.policy_set, policy_ids)
+
+    @contextlib.asynccontextmanager
+    async def admitted(
+        self, images: int, image_bytes: int, *, wait: bool = False, deadline: float | None = None
+    ) -> AsyncIterator[Ticket]:
+        """Hold room for a request of `images` images and `image_bytes` encoded bytes.
+
+        Without `wait` a request that does not fit is refused at once (Overloaded); with it,
+        the request waits its turn (oldest first) until `deadline`.
+        """
+        self.check_ready()
+        _check_request_size(images, self.config.server.max_images_per_request, "images")
+        cost = {"images": images, "bytes": image_bytes}
+        ticket = Ticket()
+        if wait:
+            await self._admission.admit(cost, ticket.arrival, deadline)
+        else:
+            self._admission.try_admit(cost)
+        try:
+            yield ticket
+        finally:
+            self._admission.release(cost)
 
     async def moderate(
         self,
@@ -198,18 +255,22 @@ class ModerationEngine:
         policy_ids: Sequence[str] = (),
         include_embeddings: bool = False,
         deadline: float | None = None,
+        ticket: Ticket | None = None,
     ) -> ModerationResult:
-        """Moderate `images` in order. `deadline` is in time.monotonic() seconds."""
-        if not self._ready:
-            raise NotReady("the service is still loading its model and policies")
+        """Moderate `images` in order. `deadline` is in time.monotonic() seconds.
+
+        `ticket`: the request's admission (`admitted`), taken here when not given."""
+        if ticket is None:
+            size = sum(len(image.data) for image in images)
+            async with self.admitted(len(images), size, deadline=deadline) as taken:
+                return await self.moderate(images, policy_ids, include_embeddings, deadline, taken)
+        self.check_ready()
         index = self.index
         selected = selected_policies(index.policy_set, policy_ids)
-        _check_request_size(len(images), self.config.server.max_images_per_request, "images")
-        with self._images_admission.admitted(len(images)):
-            views = await self._embed_all(images, index, deadline)
+        views = await self._embed_all(images, index, deadline, ticket)
         ids = [image.id for image in images]
         results = build_outcomes(ids, views, index, selected, include_embeddings)
-        self._count(results)
+        self.metrics.count_outcomes(results)
         return self._result(results, index)
 
     async def score_embeddings(
@@ -225,10 +286,8 @@ class ModerationEngine:
         must be this model's; the precision may differ (policy text is always embedded in
         fp32, so the scores do not depend on it).
         """
-        if not self._ready:
-            raise NotReady("the service is still loading its model and policies")
-        if self.config.server.max_rescore_requests == 0:
-            raise Disabled("ScoreEmbeddings is turned off here (--max-rescore-requests 0)")
+        self.check_ready()
+        self.check_rescore_enabled()
         if model_id and model_id != self.model_id:
             raise InvalidRequest(
                 f"the embeddings come from model {model_id}, this server runs {self.model_id}: "
@@ -240,7 +299,9 @@ class ModerationEngine:
         index = self.index
         selected = selected_policies(index.policy_set, policy_ids)
         assert self._rescore_pool is not None
-        with self._rescore_admission.admitted():
+        cost = {"rescore_requests": 1}
+        self._rescore_admission.try_admit(cost)
+        try:
             results = await asyncio.get_running_loop().run_in_executor(
                 self._rescore_pool,
                 rescore_images,
@@ -249,6 +310,8 @@ class ModerationEngine:
                 selected,
                 self.config.images.max_views,
             )
+        finally:
+            self._rescore_admission.release(cost)
         invalid = sum(outcome.error is not None for outcome in results)
         self.metrics.embeddings_scored.labels(result="scored").inc(len(results) - invalid)
         self.metrics.embeddings_scored.labels(result="invalid").inc(invalid)
@@ -263,45 +326,64 @@ class ModerationEngine:
         )
 
     async def _embed_all(
-        self, images: Sequence[ImageInput], index: PolicyIndex, deadline: float | None
+        self,
+        images: Sequence[ImageInput],
+        index: PolicyIndex,
+        deadline: float | None,
+        ticket: Ticket,
     ) -> list[ViewScores | InvalidImage]:
-        tasks = [asyncio.ensure_future(self._embed_one(image, index, deadline)) for image in images]
+        tasks = [
+            asyncio.ensure_future(self._embed_one(image, index, deadline, ticket))
+            for image in images
+        ]
         try:
             return await asyncio.gather(*tasks)
         except BaseException:
             for task in tasks:
                 task.cancel()
+            # Their views are released before the request's images and bytes are.
+            await asyncio.gather(*tasks, return_exceptions=True)
             raise
 
     async def _embed_one(
-        self, image: ImageInput, index: PolicyIndex, deadline: float | None
+        self, image: ImageInput, index: PolicyIndex, deadline: float | None, ticket: Ticket
     ) -> ViewScores | InvalidImage:
         assert self._decode_pool is not None
         assert self._batcher is not None
-        self._decoding_images += 1
+        # Room for one view before decoding, the rest once decoding says how many: pixels
+        # waiting for the model stay within the views budget, plus at most one image's views
+        # per decode worker.
+        await self._admission.admit({"views": 1}, ticket.arrival, deadline)
+        held = 1
         try:
-            pixels = torch.from_numpy(await self._decode_pool.decode(image.data, deadline))
-            future = self._batcher.submit(pixels, index, deadline)
-        except InvalidImage as exc:
-            return exc
+            self._decoding_images += 1
+            try:
+                pixels = torch.from_numpy(await self._decode_pool.decode(image.data, deadline))
+                self._admission.add({"views": pixels.shape[0] - held})
+                held = pixels.shape[0]
+                self._count_request_views(ticket, held)
+                future = self._batcher.submit(pixels, index, deadline)
+            except InvalidImage as exc:
+                return exc
+            finally:
+                # Counted down only once queued, so the worker never closes a batch just
+                # before an image it was waiting for arrives.
+                self._decoding_images -= 1
+                if self._decoding_images == 0:
+                    self._batcher.notify()
+            return await asyncio.wrap_future(future)
         finally:
-            # Counted down only once queued, so the worker never closes a batch just before
-            # an image it was waiting for arrives.
-            self._decoding_images -= 1
-            if self._decoding_images == 0:
-                self._batcher.notify()
-        return await asyncio.wrap_future(future)
+            self._admission.release({"views": held})
 
-    def _count(self, results: tuple[ImageOutcome, ...]) -> None:
-        for outcome in results:
-            self.metrics.images.labels(decision=outcome.decision.name.lower()).inc()
-            if outcome.error is not None:
-                self.metrics.image_errors.labels(code=outcome.error.code.value).inc()
-            for p in outcome.policies:
-                if p.violated:
-                    self.metrics.policy_violations.labels(
-                        policy=p.policy.id, mode=p.policy.mode.value
-                    ).inc()
+    def _count_request_views(self, ticket: Ticket, views: int) -> None:
+        ticket.views += views
+        limit = self.config.batching.max_request_views
+        if ticket.views > limit:
+            self.metrics.rejected_requests.labels(reason="request_limit").inc()
+            raise InvalidRequest(
+                f"the request needs more than {limit} model views (animations and long images "
+                "take several): send fewer images per request (--max-request-views)"
+            )
 
 
 def _check_request_size(count: int, limit: int, what: str) -> None:

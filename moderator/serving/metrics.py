@@ -6,7 +6,11 @@ from enums, policy ids from the loaded configuration. Nothing per request.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from moderator.core.outcomes import ImageOutcome
 
 NAMESPACE = "moderator"
 # Model batches take milliseconds to seconds: finer than the web defaults at the low end,
@@ -125,8 +129,36 @@ class Metrics:
         )
         self.rejected_requests = Counter(
             "rejected_requests",
-            "Work kept from the model: requests refused for overload; queued images dropped "
-            "because their deadline passed or their caller cancelled.",
+            "Work kept from the model: 'overload' (a budget full), 'request_limit' (one request "
+            "needs more than it may), 'deadline' and 'cancelled' (queued or waiting work dropped).",
+            ["reason"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.admission_in_flight = Gauge(
+            "admission_in_flight",
+            "Work admitted and not finished, by resource (images, views, bytes, rescore_requests).",
+            ["resource"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.admission_limit = Gauge(
+            "admission_limit",
+            "The most work admitted at once, by resource.",
+            ["resource"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.healthy = Gauge(
+            "healthy",
+            "1 while health reports SERVING because the model works, 0 otherwise.",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.health_problem = Gauge(
+            "health_problem",
+            "1 while this problem holds health at NOT_SERVING: 'failed_batches' (forward passes "
+            "failing in a row) or 'stuck_batch' (one forward pass running too long).",
             ["reason"],
             namespace=NAMESPACE,
             registry=registry,
@@ -178,3 +210,15 @@ class Metrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+
+    def count_outcomes(self, outcomes: Iterable[ImageOutcome]) -> None:
+        """Images by decision and error code, and policy violations, of moderated images."""
+        for outcome in outcomes:
+            self.images.labels(decision=outcome.decision.name.lower()).inc()
+            if outcome.error is not None:
+                self.image_errors.labels(code=outcome.error.code.value).inc()
+            for p in outcome.policies:
+                if p.violated:
+                    self.policy_violations.labels(
+                        policy=p.policy.id, mode=p.policy.mode.value
+                    ).inc()

@@ -10,56 +10,58 @@ import threading
 from collections.abc import Callable
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from moderator.config import Config, ModelConfig, ServerConfig
+from moderator.config import Config, ModelConfig
 from moderator.core.clip import ClipModel, load_clip
 from moderator.core.policies import ReloadStatus
 from moderator.serving.engine import ModerationEngine
+from moderator.serving.health import HealthMonitor
 from moderator.serving.metrics import Metrics
-from moderator.serving.servicer import ModeratorServicer
+from moderator.serving.request_limits import RequestLimits
+from moderator.serving.servicer import SERVICE_NAME, ModeratorServicer
 from moderator.serving.watcher import PolicyWatcher
-from moderator.v1 import moderator_pb2 as pb
-from moderator.v1 import moderator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Moderator"].full_name
 HEALTH_SERVICES = ("", SERVICE_NAME)
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+IDENTITY_ONLY = 1  # bit 0 of grpc_compression_algorithm: no compression
 
 
 def create_server(
-    config: ServerConfig,
+    config: Config,
     engine: ModerationEngine,
     metrics: Metrics,
     health_servicer: HealthServicer,
 ) -> tuple[grpc.aio.Server, int]:
     """Build the server and bind its port (0 picks a free one). Returns (server, port)."""
+    server_config = config.server
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-        ]
+            # Compressed requests are refused (UNIMPLEMENTED): 130 KB of gzip can be 128 MiB.
+            ("grpc.compression_enabled_algorithms_bitset", IDENTITY_ONLY),
+            ("grpc.max_concurrent_streams", server_config.max_streams_per_connection),
+        ],
+        maximum_concurrent_rpcs=server_config.max_concurrent_rpcs,
     )
-    pb_grpc.add_ModeratorServicer_to_server(ModeratorServicer(engine, metrics), server)
+    limits = RequestLimits(
+        max_images=server_config.max_images_per_request,
+        max_embeddings=server_config.max_embeddings_per_request,
+        max_views=config.images.max_views,
+    )
+    server.add_generic_rpc_handlers((ModeratorServicer(engine, metrics, limits).handler(),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = server.add_insecure_port(f"{server_config.host}:{server_config.port}")
     if port == 0:
-        raise OSError(f"cannot bind {config.host}:{config.port}")
+        raise OSError(f"cannot bind {server_config.host}:{server_config.port}")
     return server, port
-
-
-async def set_health(health_servicer: HealthServicer, status: int) -> None:
-    for name in HEALTH_SERVICES:
-        await health_servicer.set(name, status)
 
 
 class Service:
@@ -76,19 +78,26 @@ class Service:
         self.metrics = Metrics(self.registry)
         self.engine = ModerationEngine(config, self.metrics, load_model)
         self.health = HealthServicer()
+        self.monitor = HealthMonitor(
+            self.health,
+            HEALTH_SERVICES,
+            worker_state=self.engine.worker_state,
+            probe=self.engine.probe,
+            config=config.batching,
+            metrics=self.metrics,
+        )
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0
         self._metrics_server: object | None = None
-        self._watcher_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._hurry = asyncio.Event()
 
     async def start(self) -> None:
         """Serve NOT_SERVING at once, load the engine off the loop, then serve SERVING."""
         self._start_metrics_endpoint()
-        await set_health(self.health, NOT_SERVING)
-        self.server, self.port = create_server(
-            self.config.server, self.engine, self.metrics, self.health
-        )
+        await self.monitor.accepting(False)
+        self.server, self.port = create_server(self.config, self.engine, self.metrics, self.health)
         await self.server.start()
         log.info(
             "gRPC listening on %s:%d (NOT_SERVING until loaded)", self.config.server.host, self.port
@@ -104,22 +113,40 @@ class Service:
             self._stop_metrics_endpoint()
             raise
         if self.config.policy_poll_seconds > 0:
-            self._watcher_task = asyncio.ensure_future(watcher.run())
-        await set_health(self.health, SERVING)
+            self._tasks.append(asyncio.ensure_future(watcher.run()))
+        self._tasks.append(asyncio.ensure_future(self.monitor.run()))
+        await self.monitor.accepting(True)
         log.info("SERVING on port %d; metrics on port %d", self.port, self.metrics_port)
 
-    async def stop(self) -> None:
-        """NOT_SERVING first, let in-flight requests finish, then stop the worker."""
-        await set_health(self.health, NOT_SERVING)
-        if self._watcher_task is not None:
-            self._watcher_task.cancel()
+    async def stop(self, drain: bool = True) -> None:
+        """The drain: NOT_SERVING at once; keep accepting for --drain-seconds while load
+        balancers catch up (unless `drain` is False); then stop accepting and give accepted
+        requests --shutdown-grace-seconds to finish (the rest are cancelled, their pending
+        decodes with them); then stop the model worker and the decode workers."""
+        await self.monitor.accepting(False)
+        if drain and self.server is not None and self.config.server.drain_seconds > 0:
+            log.info("NOT_SERVING; still accepting for %.1f s", self.config.server.drain_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), self.config.server.drain_seconds)
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher_task
+                await task
         if self.server is not None:
+            log.info(
+                "no longer accepting; %.1f s for accepted requests to finish",
+                self.config.server.shutdown_grace_seconds,
+            )
             await self.server.stop(grace=self.config.server.shutdown_grace_seconds)
         await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
         self._stop_metrics_endpoint()
         log.info("stopped")
+
+    async def hurry(self) -> None:
+        """Cut a drain short: stop accepting now and cancel what is in flight."""
+        self._hurry.set()
+        if self.server is not None:
+            await self.server.stop(grace=None)
 
     def _start_metrics_endpoint(self) -> None:
         port = self.config.server.metrics_port
@@ -156,7 +183,15 @@ async def run_until_signal(service: Service) -> None:
     starting.result()  # start-up errors propagate to the CLI
     await stopping
     log.info("signal received: draining")
-    await service.stop()
+    stop.clear()
+    draining = asyncio.ensure_future(service.stop())
+    again = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({draining, again}, return_when=asyncio.FIRST_COMPLETED)
+    if not draining.done():
+        log.warning("second signal: stopping without waiting for requests in flight")
+        await service.hurry()
+    again.cancel()
+    await draining
 
 
 def run_in_daemon_thread(fn: Callable[[], None]) -> asyncio.Future[None]:

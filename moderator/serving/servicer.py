@@ -5,13 +5,13 @@ The message mapping itself is moderator.wire."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from moderator.errors import (
     DeadlineExceeded,
@@ -23,8 +23,13 @@ from moderator.errors import (
 )
 from moderator.serving.engine import ImageInput, ModerationEngine
 from moderator.serving.metrics import Metrics
+from moderator.serving.request_limits import (
+    RequestLimits,
+    check_score_shape,
+    find_request_id,
+    moderate_shape,
+)
 from moderator.v1 import moderator_pb2 as pb
-from moderator.v1 import moderator_pb2_grpc as pb_grpc
 from moderator.wire import embedded, moderate_response, policy_info, reload_status
 
 log = logging.getLogger(__name__)
@@ -32,8 +37,14 @@ log = logging.getLogger(__name__)
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 _Response = TypeVar("_Response")
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Moderator"].full_name
 # Requests of one stream moderated concurrently; responses still come back in order.
 STREAM_WINDOW = 4
+# The method label of each request inside a ModerateStream, in moderator_requests_total.
+STREAM_REQUEST = "ModerateStream/request"
+_Message = TypeVar("_Message", bound=Message)
+# A stream request's work, the end of the stream (None), or why reading it failed.
+_StreamItem: TypeAlias = "asyncio.Task[pb.ModerateResponse] | Exception | None"
 
 STATUS_FOR_ERROR: dict[type[ModeratorError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
@@ -44,45 +55,113 @@ STATUS_FOR_ERROR: dict[type[ModeratorError], grpc.StatusCode] = {
 }
 
 
+def parse(kind: type[_Message], raw: bytes) -> _Message:
+    try:
+        return kind.FromString(raw)
+    except DecodeError as exc:
+        raise InvalidRequest(f"malformed {kind.__name__}: {exc}") from None
+
+
+def deadline_of(context: Context) -> float | None:
+    """The call's deadline in time.monotonic() seconds."""
+    remaining = context.time_remaining()
+    return time.monotonic() + remaining if remaining is not None else None
+
+
 def status_for(error: BaseException) -> grpc.StatusCode:
     for kind, code in STATUS_FOR_ERROR.items():
         if isinstance(error, kind):
             return code
-    if isinstance(error, asyncio.CancelledError):
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):  # the caller went away
         return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.INTERNAL
 
 
-class ModeratorServicer(pb_grpc.ModeratorServicer):
-    def __init__(self, engine: ModerationEngine, metrics: Metrics) -> None:
+class ModeratorServicer:
+    """The Moderator service. Moderate, ModerateStream and ScoreEmbeddings take the request's
+    raw bytes: their sizes are checked on the wire framing (serving/request_limits.py) and
+    room is admitted before protobuf builds anything from them."""
+
+    def __init__(self, engine: ModerationEngine, metrics: Metrics, limits: RequestLimits) -> None:
         self._engine = engine
         self._metrics = metrics
+        self._limits = limits
+
+    def handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
+        """The service's method handlers (a request deserializer of None passes the bytes)."""
+        moderate_out = pb.ModerateResponse.SerializeToString
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Moderate": grpc.unary_unary_rpc_method_handler(
+                    self.Moderate, response_serializer=moderate_out
+                ),
+                "ModerateStream": grpc.stream_stream_rpc_method_handler(
+                    self.ModerateStream, response_serializer=moderate_out
+                ),
+                "ScoreEmbeddings": grpc.unary_unary_rpc_method_handler(
+                    self.ScoreEmbeddings, response_serializer=moderate_out
+                ),
+                "ListPolicies": grpc.unary_unary_rpc_method_handler(
+                    self.ListPolicies,
+                    request_deserializer=pb.ListPoliciesRequest.FromString,
+                    response_serializer=pb.ListPoliciesResponse.SerializeToString,
+                ),
+                "ReloadPolicies": grpc.unary_unary_rpc_method_handler(
+                    self.ReloadPolicies,
+                    request_deserializer=pb.ReloadPoliciesRequest.FromString,
+                    response_serializer=pb.ReloadPoliciesResponse.SerializeToString,
+                ),
+            },
+        )
 
     async def Moderate(  # noqa: N802 (gRPC method name)
-        self, request: pb.ModerateRequest, context: Context
+        self, request: bytes, context: Context
     ) -> pb.ModerateResponse:
-        return await self._unary("Moderate", context, lambda: self._moderate(request, context))
+        return await self._unary(
+            "Moderate", context, lambda: self._moderate(request, context, wait=False)
+        )
 
     async def ModerateStream(  # noqa: N802
         self,
-        request_iterator: AsyncIterator[pb.ModerateRequest],
+        request_iterator: AsyncIterator[bytes],
         context: Context,
     ) -> AsyncIterator[pb.ModerateResponse]:
+        """Requests are read as they come and moderated up to STREAM_WINDOW at once; responses
+        go back in request order as soon as each is ready (a client may wait for one before
+        sending the next)."""
         started = time.perf_counter()
-        pending: collections.deque[asyncio.Task[pb.ModerateResponse]] = collections.deque()
+        window: asyncio.Queue[_StreamItem] = asyncio.Queue(STREAM_WINDOW)
+        reader = asyncio.ensure_future(self._read_stream(request_iterator, window, context))
         try:
-            async for request in request_iterator:
-                pending.append(asyncio.ensure_future(self._moderate(request, context)))
-                while pending and (len(pending) >= STREAM_WINDOW or pending[0].done()):
-                    yield await pending.popleft()
-            while pending:
-                yield await pending.popleft()
+            while (item := await window.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield await item
         except BaseException as exc:
-            for task in pending:
-                task.cancel()
+            reader.cancel()
+            while not window.empty():
+                if isinstance(queued := window.get_nowait(), asyncio.Task):
+                    queued.cancel()
             await self._fail("ModerateStream", started, exc, context)
             raise
         self._observe("ModerateStream", started, grpc.StatusCode.OK)
+
+    async def _read_stream(
+        self,
+        request_iterator: AsyncIterator[bytes],
+        window: asyncio.Queue[_StreamItem],
+        context: Context,
+    ) -> None:
+        """Start each request's work as it arrives; end with None, or the error that ended
+        the incoming side."""
+        try:
+            async for raw in request_iterator:
+                await window.put(asyncio.ensure_future(self._stream_request(raw, context)))
+        except Exception as exc:
+            await window.put(exc)
+            return
+        await window.put(None)
 
     async def ListPolicies(  # noqa: N802
         self, request: pb.ListPoliciesRequest, context: Context
@@ -95,7 +174,7 @@ class ModeratorServicer(pb_grpc.ModeratorServicer):
         return await self._unary("ReloadPolicies", context, self._reload_policies)
 
     async def ScoreEmbeddings(  # noqa: N802
-        self, request: pb.ScoreEmbeddingsRequest, context: Context
+        self, request: bytes, context: Context
     ) -> pb.ModerateResponse:
         return await self._unary("ScoreEmbeddings", context, lambda: self._score(request))
 
@@ -126,18 +205,48 @@ class ModeratorServicer(pb_grpc.ModeratorServicer):
             status=reload_status(status), policy_version=self._engine.policies.version
         )
 
-    async def _moderate(self, request: pb.ModerateRequest, context: Context) -> pb.ModerateResponse:
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
-        result = await self._engine.moderate(
-            [ImageInput(id=image.id, data=image.data) for image in request.images],
-            policy_ids=list(request.policy_ids),
-            include_embeddings=request.include_embeddings,
-            deadline=deadline,
-        )
-        return moderate_response(result)
+    async def _moderate(self, raw: bytes, context: Context, *, wait: bool) -> pb.ModerateResponse:
+        """Check the request's shape, hold room for it, then parse and moderate it. `wait`:
+        wait for room (streams) instead of refusing at once."""
+        self._engine.check_ready()
+        shape = moderate_shape(raw, self._limits)
+        self._engine.check_policy_ids(shape.policy_ids)
+        deadline = deadline_of(context)
+        async with self._engine.admitted(
+            shape.images, shape.image_bytes, wait=wait, deadline=deadline
+        ) as ticket:
+            request = parse(pb.ModerateRequest, raw)
+            result = await self._engine.moderate(
+                [ImageInput(id=image.id, data=image.data) for image in request.images],
+                policy_ids=shape.policy_ids,
+                include_embeddings=request.include_embeddings,
+                deadline=deadline,
+                ticket=ticket,
+            )
+        response = moderate_response(result)
+        response.request_id = shape.request_id
+        return response
 
-    async def _score(self, request: pb.ScoreEmbeddingsRequest) -> pb.ModerateResponse:
+    async def _stream_request(self, raw: bytes, context: Context) -> pb.ModerateResponse:
+        """One request of a stream: a domain error becomes that request's response."""
+        started = time.perf_counter()
+        try:
+            response = await self._moderate(raw, context, wait=True)
+        except ModeratorError as exc:
+            code = status_for(exc)
+            self._observe(STREAM_REQUEST, started, code)
+            return pb.ModerateResponse(
+                request_id=find_request_id(raw, self._limits),
+                error=pb.RequestError(code=code.value[0], message=str(exc)),
+            )
+        self._observe(STREAM_REQUEST, started, grpc.StatusCode.OK)
+        return response
+
+    async def _score(self, raw: bytes) -> pb.ModerateResponse:
+        self._engine.check_ready()
+        self._engine.check_rescore_enabled()
+        check_score_shape(raw, self._limits)
+        request = parse(pb.ScoreEmbeddingsRequest, raw)
         result = await self._engine.score_embeddings(
             [embedded(image) for image in request.images],
             policy_ids=list(request.policy_ids),

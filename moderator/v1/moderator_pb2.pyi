@@ -66,26 +66,40 @@ class Image(_message.Message):
     def __init__(self, id: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ModerateRequest(_message.Message):
-    __slots__ = ("images", "policy_ids", "include_embeddings")
+    __slots__ = ("images", "policy_ids", "include_embeddings", "request_id")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     POLICY_IDS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     policy_ids: _containers.RepeatedScalarFieldContainer[str]
     include_embeddings: bool
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., policy_ids: _Optional[_Iterable[str]] = ..., include_embeddings: _Optional[bool] = ...) -> None: ...
+    request_id: str
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., policy_ids: _Optional[_Iterable[str]] = ..., include_embeddings: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ModerateResponse(_message.Message):
-    __slots__ = ("results", "policy_version", "model", "precision")
+    __slots__ = ("results", "policy_version", "model", "precision", "request_id", "error")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[ImageResult]
     policy_version: str
     model: str
     precision: str
-    def __init__(self, results: _Optional[_Iterable[_Union[ImageResult, _Mapping]]] = ..., policy_version: _Optional[str] = ..., model: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
+    request_id: str
+    error: RequestError
+    def __init__(self, results: _Optional[_Iterable[_Union[ImageResult, _Mapping]]] = ..., policy_version: _Optional[str] = ..., model: _Optional[str] = ..., precision: _Optional[str] = ..., request_id: _Optional[str] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ...) -> None: ...
+
+class RequestError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ImageResult(_message.Message):
     __slots__ = ("id", "decision", "policies", "error", "embedding", "views")

@@ -73,7 +73,10 @@ class ModeratorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ModerateStream(self, request_iterator, context):
-        """One response per request, in order, for pipelines that keep a stream open.
+        """One response per request, in order, for pipelines that keep a stream open. A request
+        that fails on its own (unknown policy id, over a limit, malformed) gets its error in its
+        response (ModerateResponse.error) and the stream goes on. Room in the queue is waited
+        for (backpressure), not refused.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

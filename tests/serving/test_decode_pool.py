@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from moderator.config import DecodeConfig, ImageConfig
 from moderator.core.views import Preprocessing, decode_views
 from moderator.demo.hostile import gif_of_tiny_frames, png_pixel_bomb
-from moderator.errors import DeadlineExceeded, ImageErrorCode, InvalidImage
+from moderator.errors import DeadlineExceeded, ImageErrorCode, InvalidImage, NotReady
 from moderator.serving.cpus import cgroup_cpu_quota, usable_cpus
 from moderator.serving.decode_pool import DecodePool
 from moderator.serving.metrics import Metrics
@@ -169,6 +169,26 @@ def test_workers_decode_in_parallel_and_stop_cleanly() -> None:
     assert all(views.shape[0] == 1 for views in asyncio.run(both()))
     decoder.stop()
     assert not any(_alive(pid) for pid in pids)
+
+
+def test_stopping_kills_a_runaway_decode_instead_of_waiting_for_its_budget() -> None:
+    decoder, metrics = make_pool(timeout_ms=60_000)
+    pids = decoder.worker_pids()
+
+    async def scenario() -> None:
+        slow = asyncio.ensure_future(decoder.decode(SLOW_GIF))
+        queued = asyncio.ensure_future(decoder.decode(SLOW_GIF))
+        await asyncio.sleep(0.3)  # the only worker is busy with the first
+        stopping = asyncio.get_running_loop().run_in_executor(None, decoder.stop)
+        with pytest.raises(NotReady, match="stopping"):
+            await asyncio.wait_for(slow, 30)  # well inside the 60 s budget
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        await stopping
+
+    asyncio.run(scenario())
+    assert not any(_alive(pid) for pid in pids)
+    assert sample(metrics, "moderator_decode_worker_restarts_total", reason="crash") == 0
 
 
 @pytest.mark.parametrize(

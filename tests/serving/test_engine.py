@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from moderator.core.scoring import Decision
 from moderator.errors import Disabled, InvalidRequest, NotReady, Overloaded
 from moderator.serving.engine import ImageInput, ModerationEngine
 from moderator.serving.metrics import Metrics
-from tests.helpers import copy_demo_policies, demo_config, edit, shape_png
+from tests.helpers import copy_demo_policies, demo_config, edit, replace_encoder, shape_png
 
 # The largest |bf16 - fp32| score difference over the 24 shape images was 0.0032 on the demo
 # model here; 0.02 leaves room for other CPUs' bf16 kernels.
@@ -139,14 +139,6 @@ def test_a_full_queue_fails_fast(demo_clip: ClipModel, tmp_path: Path) -> None:
     assert metrics.rejected_requests.labels(reason="overload")._value.get() == 1
 
 
-def replace_encoder(clip: ClipModel, encode: Callable[[torch.Tensor], torch.Tensor]) -> ClipModel:
-    """The same model with its image encoder wrapped (to hold the worker in tests)."""
-    wrapped = object.__new__(ClipModel)
-    wrapped.__dict__.update(clip.__dict__)
-    wrapped.encode_images = encode  # type: ignore[method-assign, assignment]
-    return wrapped
-
-
 def test_bf16_and_fp32_make_the_same_decisions(demo_clip: ClipModel, tmp_path: Path) -> None:
     images = [
         ImageInput(f"{c}-{s}", shape_png(c, s))
@@ -255,7 +247,7 @@ def test_rescoring_equals_moderation_and_extra_requests_fail_fast(
             for _ in range(ServerConfig.max_rescore_requests)
         ]
         await asyncio.sleep(0)
-        with pytest.raises(Overloaded, match="ScoreEmbeddings requests in flight"):
+        with pytest.raises(Overloaded, match="4 rescore_requests in flight"):
             await engine.score_embeddings([stored])
         admitted[0].cancel()  # a client gone while waiting frees its place
         await asyncio.sleep(0)
@@ -268,7 +260,7 @@ def test_rescoring_equals_moderation_and_extra_requests_fail_fast(
         results = asyncio.run(scenario())
     finally:
         gate.set()
-    assert engine._rescore_admission.in_flight == 0
+    assert engine._rescore_admission.held("rescore_requests") == 0
     live_scores = [p.score for p in live.results[0].policies]
     for result in results:
         assert result.results[0].decision == Decision.BLOCK

@@ -1,0 +1,124 @@
+"""SIGTERM under load: health goes NOT_SERVING at once, requests keep being accepted for
+--drain-seconds, then the server stops accepting and finishes everything it accepted."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from moderator.v1 import moderator_pb2 as pb
+from moderator.v1 import moderator_pb2_grpc as pb_grpc
+from tests.helpers import shape_png
+
+DRAIN_SECONDS = 2.0
+CLIENTS = 4
+IMAGES = 8
+# Calls that start this close to the end of the drain may meet the closed door.
+EDGE_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class Call:
+    started: float
+    code: grpc.StatusCode
+
+
+def start_server(tmp_path: Path) -> tuple[subprocess.Popen[str], int]:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "moderator",
+            "serve",
+            "--demo",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--policy-poll-seconds",
+            "0",
+            "--drain-seconds",
+            str(DRAIN_SECONDS),
+            "--shutdown-grace-seconds",
+            "30",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stderr is not None
+    for line in process.stderr:
+        if match := re.search(r"SERVING on port (\d+)", line):
+            # keep reading, so a full pipe never blocks the server's logging
+            threading.Thread(target=process.stderr.read, daemon=True).start()
+            return process, int(match.group(1))
+    raise AssertionError("the server never reported SERVING")
+
+
+def load(address: str, calls: list[Call], stop: threading.Event) -> None:
+    request = pb.ModerateRequest(
+        images=[pb.Image(id=str(i), data=shape_png("red", "circle")) for i in range(IMAGES)]
+    )
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    with grpc.insecure_channel(address, options=options) as channel:
+        stub = pb_grpc.ModeratorStub(channel)
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                response = stub.Moderate(request, timeout=60)
+                assert len(response.results) == IMAGES
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                code = exc.code()
+                time.sleep(0.05)
+            calls.append(Call(started, code))
+
+
+def health(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        return int(check(health_pb2.HealthCheckRequest(), timeout=5).status)
+
+
+def test_sigterm_under_load_loses_no_accepted_request(tmp_path: Path) -> None:
+    process, port = start_server(tmp_path)
+    address = f"127.0.0.1:{port}"
+    calls: list[Call] = []
+    stop = threading.Event()
+    clients = [threading.Thread(target=load, args=(address, calls, stop)) for _ in range(CLIENTS)]
+    try:
+        for client in clients:
+            client.start()
+        time.sleep(1.5)
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert health(address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert process.wait(timeout=60) == 0
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(60)
+        if process.poll() is None:
+            process.kill()
+    codes = {call.code for call in calls}
+    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
+    accepted_window = signalled + DRAIN_SECONDS - EDGE_SECONDS
+    during_drain = [c for c in calls if signalled < c.started < accepted_window]
+    assert during_drain, "no request was sent during the drain"
+    assert all(c.code == grpc.StatusCode.OK for c in calls if c.started < accepted_window)
+    assert any(c.code == grpc.StatusCode.UNAVAILABLE for c in calls)  # the door did close

@@ -1,0 +1,275 @@
+"""Hostile requests over gRPC: bombs and oversized counts refused before parsing, admission in
+images, views and bytes, concurrent RPCs and streams bounded, streams that survive a bad
+request."""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+import random
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+import pytest
+from PIL import Image
+
+from moderator.config import MIB, BatchConfig, ImageConfig, ServerConfig
+from moderator.core.clip import ClipModel
+from moderator.v1 import moderator_pb2 as pb
+from moderator.v1 import moderator_pb2_grpc as pb_grpc
+from tests.helpers import (
+    GatedModel,
+    RunningService,
+    demo_config,
+    process_rss_bytes,
+    shape_png,
+    start_service,
+)
+
+MODERATE = "/moderator.v1.Moderator/Moderate"
+MODERATE_STREAM = "/moderator.v1.Moderator/ModerateStream"
+EMPTY_IMAGE = b"\x0a\x00"  # one empty Image message on the wire
+# Far below the gigabytes these requests cost before they were checked on the wire.
+FLAT_BYTES = 300 * MIB
+IMAGES_PER_REQUEST = 4
+STRIP_VIEWS = 4  # a 6:1 strip: the whole image and three 2:1 tiles
+
+
+def raw_moderate(channel: grpc.Channel) -> grpc.UnaryUnaryMultiCallable:  # type: ignore[type-arg]
+    return channel.unary_unary(
+        MODERATE, request_serializer=None, response_deserializer=pb.ModerateResponse.FromString
+    )
+
+
+def failure(call: object, *args: object, **kwargs: object) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, **kwargs)  # type: ignore[operator]
+    return info.value
+
+
+def request(*images: bytes, request_id: str = "", policy_ids: tuple[str, ...] = ()) -> bytes:
+    return pb.ModerateRequest(
+        images=[pb.Image(id=str(i), data=data) for i, data in enumerate(images)],
+        request_id=request_id,
+        policy_ids=policy_ids,
+    ).SerializeToString()
+
+
+def noise_png(side: int) -> bytes:
+    """A PNG that does not compress: about 3 bytes per pixel."""
+    data = random.Random(side).randbytes(side * side * 3)
+    out = io.BytesIO()
+    Image.frombytes("RGB", (side, side), data).save(out, "PNG", compress_level=0)
+    return out.getvalue()
+
+
+def in_flight(service: RunningService, resource: str) -> float:
+    metric = service.service.metrics.admission_in_flight.labels(resource=resource)
+    return float(metric._value.get())
+
+
+@pytest.fixture(scope="module")
+def gated(demo_clip: ClipModel) -> GatedModel:
+    return GatedModel(demo_clip)
+
+
+@pytest.fixture(scope="module")
+def small(gated: GatedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
+    """A service with small limits and a model the tests can hold."""
+    config = demo_config(
+        tmp_path_factory.mktemp("small"),
+        BatchConfig(
+            max_wait_ms=0,
+            max_queue_images=8,
+            max_queue_views=16,
+            max_queue_bytes=3 * MIB,
+            max_request_views=8,
+        ),
+        ServerConfig(
+            host="127.0.0.1",
+            port=0,
+            metrics_port=-1,
+            max_images_per_request=IMAGES_PER_REQUEST,
+            max_message_bytes=2 * MIB,
+            max_concurrent_rpcs=4,
+            max_streams_per_connection=2,
+            drain_seconds=0,
+            shutdown_grace_seconds=5,
+        ),
+        images=ImageConfig(max_views=8),
+    )
+    yield from start_service(config, gated.load)
+
+
+@pytest.fixture
+def closed_gate(gated: GatedModel) -> Iterator[GatedModel]:
+    gated.entered.clear()
+    gated.gate.clear()
+    try:
+        yield gated
+    finally:
+        gated.gate.set()
+
+
+def test_a_gzip_bomb_is_refused_before_it_is_inflated(demo_service: RunningService) -> None:
+    bomb = EMPTY_IMAGE * (40 * MIB)  # 80 MiB that gzip to about 80 KB
+    before = process_rss_bytes(os.getpid())
+    with grpc.insecure_channel(demo_service.address) as channel:
+        error = failure(raw_moderate(channel), bomb, timeout=60, compression=grpc.Compression.Gzip)
+    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "gzip" in str(error.details())
+    assert process_rss_bytes(os.getpid()) - before < FLAT_BYTES
+
+
+def test_millions_of_empty_images_are_refused_without_parsing(
+    demo_service: RunningService,
+) -> None:
+    flood = EMPTY_IMAGE * (40 * MIB)  # forty million images
+    before = process_rss_bytes(os.getpid())
+    with grpc.insecure_channel(demo_service.address) as channel:
+        error = failure(raw_moderate(channel), flood, timeout=60)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "more than 256 images" in str(error.details())
+        ok = raw_moderate(channel)(request(shape_png("red", "circle")), timeout=60)
+    assert process_rss_bytes(os.getpid()) - before < FLAT_BYTES
+    assert ok.results[0].decision == pb.DECISION_BLOCK
+
+
+def test_a_message_over_the_size_limit_is_refused(small: RunningService) -> None:
+    with grpc.insecure_channel(small.address) as channel:
+        error = failure(raw_moderate(channel), request(b"x" * (2 * MIB)), timeout=30)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_a_request_needing_more_model_views_than_allowed_is_refused(
+    small: RunningService,
+) -> None:
+    strip = shape_png("red", "circle", width=480, height=80)
+    with grpc.insecure_channel(small.address) as channel:
+        call = raw_moderate(channel)
+        assert len(call(request(strip), timeout=60).results) == 1
+        error = failure(call, request(strip, strip, strip), timeout=60)  # 12 views > 8
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "more than 8 model views" in str(error.details())
+    wait_until(lambda: [in_flight(small, r) for r in ("images", "views", "bytes")] == [0, 0, 0])
+
+
+def test_bytes_in_flight_are_bounded(small: RunningService, closed_gate: GatedModel) -> None:
+    big = noise_png(620)  # about 1.1 MiB: two fit in the 3 MiB budget, a third does not
+    assert MIB < len(big) < 2 * MIB - 1024
+    channels = [own_connection(small.address) for _ in range(3)]
+    try:
+        held = [raw_moderate(c).future(request(big), timeout=60) for c in channels[:2]]
+        assert closed_gate.entered.wait(30)
+        wait_until(lambda: in_flight(small, "bytes") == 2 * len(big))
+        error = failure(raw_moderate(channels[2]), request(big), timeout=30)
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "bytes in flight" in str(error.details())
+        closed_gate.gate.set()
+        assert all(len(f.result().results) == 1 for f in held)
+    finally:
+        for channel in channels:
+            channel.close()
+
+
+def test_concurrent_rpcs_are_bounded(small: RunningService, closed_gate: GatedModel) -> None:
+    red = request(shape_png("red", "circle"))
+    # one channel per call: a channel's own calls are bounded by --max-streams-per-connection
+    channels = [own_connection(small.address) for _ in range(5)]
+    try:
+        held = [raw_moderate(c).future(red, timeout=60) for c in channels[:4]]
+        wait_until(lambda: in_flight(small, "images") == 4)
+        error = failure(raw_moderate(channels[4]), red, timeout=30)
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        closed_gate.gate.set()
+        assert all(f.result().results[0].decision == pb.DECISION_BLOCK for f in held)
+    finally:
+        for channel in channels:
+            channel.close()
+
+
+def own_connection(address: str) -> grpc.Channel:
+    """A channel on a connection of its own (channels share connections by default)."""
+    return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.01)
+
+
+def stream_call(channel: grpc.Channel) -> grpc.StreamStreamMultiCallable:  # type: ignore[type-arg]
+    return channel.stream_stream(
+        MODERATE_STREAM,
+        request_serializer=None,
+        response_deserializer=pb.ModerateResponse.FromString,
+    )
+
+
+def test_a_stream_survives_bad_requests_and_answers_every_one_in_order(
+    small: RunningService,
+) -> None:
+    red, blue = shape_png("red", "circle"), shape_png("blue", "square")
+    requests = [
+        request(red, request_id="good-1"),
+        request(red, request_id="unknown-policy", policy_ids=("no-such-policy",)),
+        request(*[blue] * (IMAGES_PER_REQUEST + 1), request_id="too-many"),
+        b"\x0a\x05ab",  # truncated framing
+        request(red, blue, request_id="good-2"),
+    ]
+    with grpc.insecure_channel(small.address) as channel:
+        responses = list(stream_call(channel)(iter(requests), timeout=60))
+    assert [r.request_id for r in responses] == [
+        "good-1",
+        "unknown-policy",
+        "too-many",
+        "",
+        "good-2",
+    ]
+    codes = [r.error.code for r in responses]
+    invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert codes == [0, invalid, invalid, invalid, 0]
+    assert "no-such-policy" in responses[1].error.message
+    assert "more than 4 images" in responses[2].error.message
+    assert "truncated" in responses[3].error.message
+    assert [r.decision for r in responses[4].results] == [pb.DECISION_BLOCK, pb.DECISION_ALLOW]
+    assert not responses[1].results
+
+
+def test_a_stream_waits_for_room_instead_of_failing(small: RunningService) -> None:
+    # Each request holds 4 of the 8 queue images and the stream runs 4 at once: half wait.
+    red = shape_png("red", "circle")
+    requests = [request(*[red] * IMAGES_PER_REQUEST, request_id=str(i)) for i in range(8)]
+    with grpc.insecure_channel(small.address) as channel:
+        responses = list(stream_call(channel)(iter(requests), timeout=120))
+    assert [r.request_id for r in responses] == [str(i) for i in range(8)]
+    assert all(not r.HasField("error") for r in responses)
+    assert all(len(r.results) == IMAGES_PER_REQUEST for r in responses)
+
+
+def test_streams_per_connection_are_bounded(small: RunningService) -> None:
+    inputs: list[queue.Queue[bytes | None]] = [queue.Queue(), queue.Queue()]
+
+    def feed(source: queue.Queue[bytes | None]) -> Iterator[bytes]:
+        while (item := source.get()) is not None:
+            yield item
+
+    with grpc.insecure_channel(small.address) as channel:
+        call = stream_call(channel)
+        opened = [call(feed(source), timeout=60) for source in inputs]
+        for source, stream in zip(inputs, opened, strict=True):
+            source.put(request(shape_png("red", "circle")))
+            assert next(iter(stream)).results[0].decision == pb.DECISION_BLOCK  # both streams open
+        error = failure(raw_moderate(channel), request(shape_png("red", "circle")), timeout=1.5)
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # queued by the client
+        with own_connection(small.address) as other:
+            answer = pb_grpc.ModeratorStub(other).ListPolicies(pb.ListPoliciesRequest(), timeout=30)
+            assert answer.policies
+        for source in inputs:
+            source.put(None)
+        for stream in opened:
+            assert list(stream) == []
