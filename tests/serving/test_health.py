@@ -42,7 +42,7 @@ class Fixture:
 
     async def status(self) -> int:
         request = health_pb2.HealthCheckRequest(service="")
-        response = await self.health.Check(request, None)  # type: ignore[arg-type]
+        response = await self.health.Check(request, None)
         return int(response.status)
 
     def problem(self, reason: str) -> float:
