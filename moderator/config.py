@@ -32,6 +32,7 @@ MIN_DECODE_MEMORY_MB = 256
 # The default request-size limit: four images at the per-image limit, plus ids and framing.
 MESSAGE_IMAGES = 4
 MESSAGE_OVERHEAD_BYTES = 1 * MIB
+MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC takes the limit as a C int
 
 
 def default_cache_dir() -> Path:
@@ -172,10 +173,13 @@ class ServerConfig:
     max_embeddings_per_request: int = 4096
     # ScoreEmbeddings requests admitted at once (one runs, the rest wait); 0 turns the RPC off.
     max_rescore_requests: int = 4
-    # RPCs (streams included) running at once; more are refused with RESOURCE_EXHAUSTED.
+    # Moderator calls (streams included) running at once; more are refused with
+    # RESOURCE_EXHAUSTED. Health and reflection are not counted, so probes always get in.
     max_concurrent_rpcs: int = 256
     # HTTP/2 streams (calls) one connection may have open; a client queues the rest.
     max_streams_per_connection: int = 32
+    # A ModerateStream that sends no request for this long is closed (DEADLINE_EXCEEDED).
+    stream_idle_seconds: float = 300.0
     # On SIGTERM: NOT_SERVING, keep accepting for drain_seconds (load balancers and
     # Kubernetes endpoints catch up), then stop accepting and give accepted requests
     # shutdown_grace_seconds to finish. 5 + 25 fits Kubernetes' default 30 s.
@@ -208,6 +212,7 @@ class ServerConfig:
             "--max-streams-per-connection",
             "must be at least 1",
         )
+        require(self.stream_idle_seconds > 0, "--stream-idle-seconds", "must be positive")
         require(self.drain_seconds >= 0, "--drain-seconds", "must not be negative")
         require(
             self.shutdown_grace_seconds >= 0, "--shutdown-grace-seconds", "must not be negative"
@@ -241,6 +246,12 @@ class Config:
             self.batching.max_request_views >= self.images.max_views,
             "--max-request-views",
             "must be at least --max-views (one image may need that many)",
+        )
+        require(
+            self.max_message_bytes <= MAX_MESSAGE_BYTES,
+            "--max-message-mb",
+            f"must be at most {MAX_MESSAGE_BYTES // MIB} (gRPC's limit; derived from "
+            "--max-image-mb when not set)",
         )
         require(
             self.batching.max_queue_bytes >= self.max_message_bytes,

@@ -35,6 +35,7 @@ BAD_VALUES: list[tuple[type[Any], dict[str, Any], str]] = [
     (ServerConfig, {"max_concurrent_rpcs": 0}, "--max-concurrent-rpcs"),
     (ServerConfig, {"max_streams_per_connection": 0}, "--max-streams-per-connection"),
     (ServerConfig, {"drain_seconds": -1}, "--drain-seconds"),
+    (ServerConfig, {"stream_idle_seconds": 0}, "--stream-idle-seconds"),
     (ServerConfig, {"shutdown_grace_seconds": -1}, "--shutdown-grace-seconds"),
     (BatchConfig, {"max_queue_views": 0}, "--max-queue-views"),
     (BatchConfig, {"max_queue_bytes": 1000}, "--max-queue-mb"),
@@ -75,6 +76,8 @@ def test_settings_that_must_agree_are_checked_together() -> None:
     )
     with pytest.raises(ConfigError, match="--max-request-views must be at least --max-views"):
         Config(batching=BatchConfig(max_request_views=40), images=ImageConfig(max_views=48))
+    with pytest.raises(ConfigError, match="--max-message-mb must be at most 2047"):
+        Config(images=ImageConfig(max_bytes=600 * MIB))  # derives 2401 MiB
     with pytest.raises(ConfigError, match=r"--max-queue-mb must be at least the message limit"):
         Config(batching=BatchConfig(max_queue_bytes=50 * MIB))  # the default message is 81 MiB
 

@@ -181,6 +181,12 @@ SERVE_OPTIONS = (
         "concurrent calls one HTTP/2 connection may open",
     ),
     Option(
+        "--stream-idle-seconds",
+        float,
+        ServerConfig.stream_idle_seconds,
+        "close a ModerateStream that sends nothing for this long",
+    ),
+    Option(
         "--drain-seconds",
         float,
         ServerConfig.drain_seconds,
@@ -311,6 +317,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             max_rescore_requests=args.max_rescore_requests,
             max_concurrent_rpcs=args.max_concurrent_rpcs,
             max_streams_per_connection=args.max_streams_per_connection,
+            stream_idle_seconds=args.stream_idle_seconds,
             drain_seconds=args.drain_seconds,
             shutdown_grace_seconds=args.shutdown_grace_seconds,
         ),

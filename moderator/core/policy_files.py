@@ -1,10 +1,11 @@
 """Reading policy files safely: which entries of a directory are policies, their bytes, their YAML.
 
-Every non-hidden entry of the directory that is not a subdirectory must be a policy file: a
-regular file (or a link to one inside the directory, as a Kubernetes ConfigMap mount makes)
-whose name ends in `.yaml` or `.yml`. Anything else is a problem naming the entry, never an
-exception, a hang or an unbounded read: a FIFO is opened without blocking, a device is never
-opened, and no file is read past MAX_POLICY_FILE_BYTES.
+Every non-hidden entry of the directory that is not a subdirectory (or a link to a directory
+inside it, as a ConfigMap item with a nested `path:` makes) must be a policy file: a regular
+file (or a link to one inside the directory, as a Kubernetes ConfigMap mount makes) whose name
+ends in `.yaml` or `.yml`; subdirectories are never read into. Anything else is a problem
+naming the entry, never an exception, a hang or an unbounded read: a FIFO is opened without
+blocking, a device is never opened, and no file is read past MAX_POLICY_FILE_BYTES.
 
 The YAML is composed with anchors and aliases refused and nesting capped before any node is
 built, so no document expands or recurses deeply; every value that cannot be built is a
@@ -53,25 +54,38 @@ def shown_name(path: Path) -> str:
 def scan_policy_dir(directory: Path) -> list[PolicyEntry]:
     """Every entry of `directory` that should be a policy file, in name order.
 
-    Hidden entries (`.git`, a ConfigMap's `..data`) and subdirectories are skipped; links are
-    checked, not skipped. Raises OSError only when the directory itself cannot be listed.
+    Hidden entries (`.git`, a ConfigMap's `..data`), subdirectories and links to directories
+    inside `directory` (a ConfigMap's `extra -> ..data/extra`) are skipped, never read into;
+    other links are checked, not skipped. Raises OSError only when the directory itself cannot
+    be listed.
     """
     root = os.path.realpath(directory)
     entries: list[PolicyEntry] = []
     with os.scandir(directory) as listing:
         for item in listing:
-            if item.name.startswith(".") or _is_plain_directory(item):
+            if item.name.startswith(".") or _is_subdirectory(item, root):
                 continue
             path = Path(item.path)
             entries.append(PolicyEntry(path, _entry_problem(path, root)))
     return sorted(entries, key=lambda entry: entry.path.name)
 
 
-def _is_plain_directory(item: os.DirEntry[str]) -> bool:
+def _is_subdirectory(item: os.DirEntry[str], root: str) -> bool:
+    """A directory, or a link that resolves to one inside `root` (the real path of the policy
+    directory). A link to a directory outside, a dangling link or a loop is not: it is then
+    checked, and reported, as an entry."""
     try:
-        return item.is_dir(follow_symlinks=False)
-    except OSError:
-        return False  # then checked, and reported, as an entry
+        if not item.is_symlink():
+            return item.is_dir(follow_symlinks=False)
+        real = os.path.realpath(item.path)
+        return _inside(root, real) and stat.S_ISDIR(os.stat(real).st_mode)  # stat: never opens
+    except (OSError, ValueError):
+        return False
+
+
+def _inside(root: str, real: str) -> bool:
+    """Whether the resolved path `real` is `root` or lies under it."""
+    return os.path.commonpath([root, real]) == root
 
 
 def _entry_problem(path: Path, root: str) -> str:
@@ -93,7 +107,7 @@ def _target_problem(path: Path, root: str | None) -> tuple[str, str]:
     """(the resolved path, why it is not a policy file or ''); raises OSError. With a `root`,
     the path must resolve inside it."""
     real = os.path.realpath(path)
-    if root is not None and os.path.commonpath([root, real]) != root:
+    if root is not None and not _inside(root, real):
         return real, (
             f"{shown_name(path)}: links outside the policy directory (to {clipped(real, 200)}); "
             "only files inside it are read"

@@ -10,13 +10,15 @@ Used from the event loop thread only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from moderator.errors import DeadlineExceeded, Overloaded
+from moderator.config import BatchConfig
+from moderator.errors import DeadlineExceeded, InvalidRequest, Overloaded
 from moderator.serving.metrics import Metrics
 
 Cost = Mapping[str, int]
@@ -142,3 +144,78 @@ class Admission:
                     f"the limit of {self.limits[resource]}"
                 )
         return f"{len(self._waiters)} requests are already waiting for room"
+
+
+class Budgets:
+    """The service's budgets as requests and their images use them: a request's images and
+    bytes, each image's model views, and ScoreEmbeddings slots."""
+
+    def __init__(self, config: BatchConfig, max_rescore_requests: int, metrics: Metrics) -> None:
+        self.work = Admission(
+            {
+                "images": config.max_queue_images,
+                "views": config.max_queue_views,
+                "bytes": config.max_queue_bytes,
+            },
+            metrics,
+        )
+        self.rescore = Admission({"rescore_requests": max_rescore_requests}, metrics)
+        self._max_request_views = config.max_request_views
+        self._metrics = metrics
+
+    @contextlib.asynccontextmanager
+    async def request(
+        self, images: int, message_bytes: int, *, wait: bool, deadline: float | None
+    ) -> AsyncIterator[Ticket]:
+        """Hold a request's images and bytes for the block: refused at once (Overloaded)
+        when they do not fit, or with `wait`, waited for in arrival order until `deadline`."""
+        cost = {"images": images, "bytes": message_bytes}
+        ticket = Ticket()
+        if wait:
+            await self.work.admit(cost, ticket.arrival, deadline)
+        else:
+            self.work.try_admit(cost)
+        try:
+            yield ticket
+        finally:
+            self.work.release(cost)
+
+    @contextlib.contextmanager
+    def rescore_slot(self) -> Iterator[None]:
+        cost = {"rescore_requests": 1}
+        self.rescore.try_admit(cost)
+        try:
+            yield
+        finally:
+            self.rescore.release(cost)
+
+    async def view_before_decoding(self, ticket: Ticket, deadline: float | None) -> None:
+        """Room for one view before an image is decoded; its others come after (`more_views`),
+        so decoded pixels stay within the budget plus one image per decode worker."""
+        await self.work.admit({"views": 1}, ticket.arrival, deadline)
+
+    def more_views(self, ticket: Ticket, views: int) -> None:
+        """A decoded image's `views` (one already held): InvalidRequest when its request
+        now needs more than --max-request-views."""
+        self.work.add({"views": views - 1})
+        ticket.views += views
+        if ticket.views > self._max_request_views:
+            self._metrics.rejected_requests.labels(reason="request_limit").inc()
+            raise InvalidRequest(
+                f"the request needs more than {self._max_request_views} model views "
+                "(animations and long images take several): send fewer images per request "
+                "(--max-request-views)"
+            )
+
+    def release_views(self, views: int) -> None:
+        self.work.release({"views": views})
+
+    def views_released_later(self, views: int) -> Callable[[], None]:
+        """A callback for another thread (the model worker): release `views` on this loop."""
+        loop = asyncio.get_running_loop()
+
+        def release() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
+                loop.call_soon_threadsafe(self.release_views, views)
+
+        return release

@@ -39,6 +39,7 @@ class WorkItem:
     deadline: float | None  # time.monotonic() seconds
     enqueued: float = field(default_factory=time.monotonic)
     future: Future[ViewScores] = field(default_factory=Future)
+    on_done: Callable[[], None] | None = None  # called once the item has left the worker
 
     @property
     def views(self) -> int:
@@ -79,19 +80,38 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Finish what is queued, then stop the worker."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what is queued, then stop the worker. A worker still busy after `timeout`
+        seconds (a hung device) is left behind and what is still queued fails."""
         with self._cond:
             self._running = False
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        if self._thread is None:
+            return
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("the model worker is stuck; stopping without it")
+            with self._cond:
+                abandoned = list(self._queue)
+                self._queue.clear()
+            for item in abandoned:
+                if item.future.set_running_or_notify_cancel():
+                    item.future.set_exception(NotReady("the model worker is stuck"))
+                _done(item)
+        self._thread = None
 
     def submit(
-        self, pixels: torch.Tensor, index: PolicyIndex, deadline: float | None
+        self,
+        pixels: torch.Tensor,
+        index: PolicyIndex,
+        deadline: float | None,
+        on_done: Callable[[], None] | None = None,
     ) -> Future[ViewScores]:
-        item = WorkItem(pixels=pixels, index=index, deadline=deadline, enqueued=self._clock())
+        """Queue one image's views; `on_done` is called from the worker thread once the
+        image has left it (scored, failed or dropped)."""
+        item = WorkItem(
+            pixels=pixels, index=index, deadline=deadline, enqueued=self._clock(), on_done=on_done
+        )
         with self._cond:
             if not self._running:
                 raise NotReady("the model worker is not running")
@@ -152,7 +172,13 @@ class Batcher:
         return batch
 
     def run_batch(self, batch: list[WorkItem]) -> None:
-        live = self._drop_dead(batch)
+        try:
+            self._run_live(self._drop_dead(batch))
+        finally:
+            for item in batch:
+                _done(item)
+
+    def _run_live(self, live: list[WorkItem]) -> None:
         if not live:
             return
         started = self._clock()
@@ -210,6 +236,14 @@ class Batcher:
                 )
                 offset = end
         return [results[i] for i in range(len(items))]
+
+
+def _done(item: WorkItem) -> None:
+    if item.on_done is not None:
+        try:
+            item.on_done()
+        except Exception:  # a caller's callback must not stop the worker
+            log.exception("a work item's completion callback failed")
 
 
 def _item_bounds(items: list[WorkItem]) -> list[tuple[int, int]]:

@@ -30,7 +30,7 @@ from moderator.core.policies import Mode, PolicySet, ReloadStatus, load_policy_d
 from moderator.core.rescoring import EmbeddedImage, rescore_images
 from moderator.core.scoring import ViewScores
 from moderator.errors import Disabled, InvalidImage, InvalidRequest, NotReady
-from moderator.serving.admission import Admission, Ticket
+from moderator.serving.admission import Budgets, Ticket
 from moderator.serving.batching import Batcher
 from moderator.serving.decode_pool import DecodePool
 from moderator.serving.health import WorkerState
@@ -40,6 +40,7 @@ from moderator.serving.reload import PolicyReloader
 log = logging.getLogger(__name__)
 
 WARMUP_TIMEOUT_SECONDS = 300.0
+MODEL_STOP_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -63,18 +64,7 @@ class ModerationEngine:
         self._batcher: Batcher | None = None
         self._decode_pool: DecodePool | None = None
         self._rescore_pool: ThreadPoolExecutor | None = None
-        batching = config.batching
-        self._admission = Admission(
-            {
-                "images": batching.max_queue_images,
-                "views": batching.max_queue_views,
-                "bytes": batching.max_queue_bytes,
-            },
-            metrics,
-        )
-        self._rescore_admission = Admission(
-            {"rescore_requests": config.server.max_rescore_requests}, metrics
-        )
+        self.budgets = Budgets(config.batching, config.server.max_rescore_requests, metrics)
         self._reloader = PolicyReloader(
             config.policies_dir, lambda: self.policies, self._install_policies, metrics
         )
@@ -117,10 +107,13 @@ class ModerationEngine:
         self._ready = True
         log.info("engine ready: %d policies, model %s", len(self.policies.policies), self.model_id)
 
-    def stop(self) -> None:
+    def stop(self, model_timeout: float = MODEL_STOP_SECONDS) -> None:
+        """Stop the model worker, the rescoring thread and the decode workers. A forward pass
+        still running after `model_timeout` seconds (a hung device) is left behind: by now
+        every call has finished or been cancelled, so no one waits for its result."""
         self._ready = False
         if self._batcher is not None:
-            self._batcher.stop()
+            self._batcher.stop(timeout=model_timeout)
         if self._rescore_pool is not None:
             self._rescore_pool.shutdown(wait=True, cancel_futures=True)
         if self._decode_pool is not None:
@@ -223,6 +216,11 @@ class ModerationEngine:
         if self.config.server.max_rescore_requests == 0:
             raise Disabled("ScoreEmbeddings is turned off here (--max-rescore-requests 0)")
 
+    def rescore_slot(self) -> contextlib.AbstractContextManager[None]:
+        """One of --max-rescore-requests; Overloaded at once when none is free."""
+        self.check_rescore_enabled()
+        return self.budgets.rescore_slot()
+
     def check_policy_ids(self, policy_ids: Sequence[str]) -> None:
         """InvalidRequest unless every id names a loaded policy."""
         selected_policies(self.index.policy_set, policy_ids)
@@ -238,16 +236,10 @@ class ModerationEngine:
         """
         self.check_ready()
         _check_request_size(images, self.config.server.max_images_per_request, "images")
-        cost = {"images": images, "bytes": image_bytes}
-        ticket = Ticket()
-        if wait:
-            await self._admission.admit(cost, ticket.arrival, deadline)
-        else:
-            self._admission.try_admit(cost)
-        try:
+        async with self.budgets.request(
+            images, image_bytes, wait=wait, deadline=deadline
+        ) as ticket:
             yield ticket
-        finally:
-            self._admission.release(cost)
 
     async def moderate(
         self,
@@ -278,14 +270,21 @@ class ModerationEngine:
         images: Sequence[EmbeddedImage],
         policy_ids: Sequence[str] = (),
         model_id: str = "",
+        *,
+        slot_taken: bool = False,
     ) -> ModerationResult:
         """Score stored embeddings against the current policies, as `moderate` would have.
 
         Runs on the CPU copy of the policy index in a thread of its own, so rescoring never
         takes the model device or the event loop from live traffic. `model_id`, when given,
         must be this model's; the precision may differ (policy text is always embedded in
-        fp32, so the scores do not depend on it).
+        fp32, so the scores do not depend on it). `slot_taken`: the caller holds a
+        `rescore_slot` already.
         """
+        self.check_ready()
+        if not slot_taken:
+            with self.rescore_slot():
+                return await self.score_embeddings(images, policy_ids, model_id, slot_taken=True)
         self.check_ready()
         self.check_rescore_enabled()
         if model_id and model_id != self.model_id:
@@ -299,19 +298,14 @@ class ModerationEngine:
         index = self.index
         selected = selected_policies(index.policy_set, policy_ids)
         assert self._rescore_pool is not None
-        cost = {"rescore_requests": 1}
-        self._rescore_admission.try_admit(cost)
-        try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                self._rescore_pool,
-                rescore_images,
-                images,
-                index,
-                selected,
-                self.config.images.max_views,
-            )
-        finally:
-            self._rescore_admission.release(cost)
+        results = await asyncio.get_running_loop().run_in_executor(
+            self._rescore_pool,
+            rescore_images,
+            images,
+            index,
+            selected,
+            self.config.images.max_views,
+        )
         invalid = sum(outcome.error is not None for outcome in results)
         self.metrics.embeddings_scored.labels(result="scored").inc(len(results) - invalid)
         self.metrics.embeddings_scored.labels(result="invalid").inc(invalid)
@@ -353,16 +347,20 @@ class ModerationEngine:
         # Room for one view before decoding, the rest once decoding says how many: pixels
         # waiting for the model stay within the views budget, plus at most one image's views
         # per decode worker.
-        await self._admission.admit({"views": 1}, ticket.arrival, deadline)
+        await self.budgets.view_before_decoding(ticket, deadline)
         held = 1
         try:
             self._decoding_images += 1
             try:
                 pixels = torch.from_numpy(await self._decode_pool.decode(image.data, deadline))
-                self._admission.add({"views": pixels.shape[0] - held})
                 held = pixels.shape[0]
-                self._count_request_views(ticket, held)
-                future = self._batcher.submit(pixels, index, deadline)
+                self.budgets.more_views(ticket, held)
+                # The views stay held until the image leaves the model's queue, even when
+                # this request is cancelled first: its pixels are there until then.
+                future = self._batcher.submit(
+                    pixels, index, deadline, on_done=self.budgets.views_released_later(held)
+                )
+                held = 0
             except InvalidImage as exc:
                 return exc
             finally:
@@ -373,17 +371,8 @@ class ModerationEngine:
                     self._batcher.notify()
             return await asyncio.wrap_future(future)
         finally:
-            self._admission.release({"views": held})
-
-    def _count_request_views(self, ticket: Ticket, views: int) -> None:
-        ticket.views += views
-        limit = self.config.batching.max_request_views
-        if ticket.views > limit:
-            self.metrics.rejected_requests.labels(reason="request_limit").inc()
-            raise InvalidRequest(
-                f"the request needs more than {limit} model views (animations and long images "
-                "take several): send fewer images per request (--max-request-views)"
-            )
+            if held:
+                self.budgets.release_views(held)
 
 
 def _check_request_size(count: int, limit: int, what: str) -> None:

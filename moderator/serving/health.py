@@ -113,8 +113,9 @@ class HealthMonitor:
         if now - self._last_probe < PROBE_SECONDS:
             return
         self._last_probe = now
-        with contextlib.suppress(Exception):  # the worker counts the outcome
-            await self._probe()
+        # the worker counts the outcome; a hung one is the stuck check's to report
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._probe(), self._config.stuck_batch_seconds)
 
     async def _report(self) -> None:
         healthy = self._accepting and not self._problems

@@ -20,6 +20,8 @@ MAX_IMAGE_ID_BYTES = 256
 MAX_REQUEST_ID_BYTES = 128
 MAX_POLICY_IDS = 4096
 MAX_POLICY_ID_BYTES = 64
+MAX_MODEL_ID_BYTES = 256
+MAX_OTHER_FIELDS_PER_IMAGE = 8
 # Room for fields a newer client may send that this server does not know.
 MAX_OTHER_FIELDS = 16
 # ScoreEmbeddings: views across one request (the values inside a view are plain floats and
@@ -39,7 +41,6 @@ class ModerateShape:
     """What a ModerateRequest will cost, read from its framing."""
 
     images: int
-    image_bytes: int
     policy_ids: tuple[str, ...]
     request_id: str
 
@@ -48,7 +49,7 @@ def moderate_shape(data: bytes, limits: RequestLimits) -> ModerateShape:
     """Counts, id lengths and policy ids of a serialized ModerateRequest; InvalidRequest
     at the first limit passed."""
     view = memoryview(data)
-    images = image_bytes = 0
+    images = 0
     policy_ids: list[str] = []
     request_id = ""
     max_fields = limits.max_images + MAX_POLICY_IDS + MAX_OTHER_FIELDS
@@ -60,14 +61,14 @@ def moderate_shape(data: bytes, limits: RequestLimits) -> ModerateShape:
                     f"request has more than {limits.max_images} images; "
                     "split it (--max-images-per-request)"
                 )
-            image_bytes += _image_data_bytes(view, start, end, images - 1)
+            _check_image(view, start, end, images - 1)
         elif number == 2 and wire == LENGTH_DELIMITED:
             if len(policy_ids) == MAX_POLICY_IDS:
                 raise InvalidRequest(f"request names more than {MAX_POLICY_IDS} policy ids")
             policy_ids.append(_short_text(view, start, end, MAX_POLICY_ID_BYTES, "a policy id"))
         elif number == 4 and wire == LENGTH_DELIMITED:
             request_id = _short_text(view, start, end, MAX_REQUEST_ID_BYTES, "request_id")
-    return ModerateShape(images, image_bytes, tuple(policy_ids), request_id)
+    return ModerateShape(images, tuple(policy_ids), request_id)
 
 
 def find_request_id(data: bytes, limits: RequestLimits) -> str:
@@ -86,7 +87,7 @@ def find_request_id(data: bytes, limits: RequestLimits) -> str:
 def check_score_shape(data: bytes, limits: RequestLimits) -> int:
     """Checks a serialized ScoreEmbeddingsRequest's counts; returns its number of images."""
     view = memoryview(data)
-    images = stored_views = 0
+    images = stored_views = policy_ids = 0
     max_fields = limits.max_embeddings + MAX_POLICY_IDS + MAX_OTHER_FIELDS
     for number, wire, start, end in _fields(view, 0, len(view), max_fields, "the request"):
         if number == 1 and wire == LENGTH_DELIMITED:
@@ -102,19 +103,20 @@ def check_score_shape(data: bytes, limits: RequestLimits) -> int:
                     f"request carries more than {MAX_STORED_VIEWS_PER_REQUEST} views; split it"
                 )
         elif number == 2 and wire == LENGTH_DELIMITED:
+            policy_ids += 1
+            if policy_ids > MAX_POLICY_IDS:
+                raise InvalidRequest(f"request names more than {MAX_POLICY_IDS} policy ids")
             _short_text(view, start, end, MAX_POLICY_ID_BYTES, "a policy id")
+        elif number == 3 and wire == LENGTH_DELIMITED:
+            _short_text(view, start, end, MAX_MODEL_ID_BYTES, "model")
     return images
 
 
-def _image_data_bytes(view: memoryview, start: int, end: int, position: int) -> int:
-    data_bytes = 0
+def _check_image(view: memoryview, start: int, end: int, position: int) -> None:
     what = f"image {position}"
     for number, wire, field_start, field_end in _fields(view, start, end, 8, what):
         if number == 1 and wire == LENGTH_DELIMITED:
             _short_text(view, field_start, field_end, MAX_IMAGE_ID_BYTES, f"{what}'s id")
-        elif number == 2 and wire == LENGTH_DELIMITED:
-            data_bytes += field_end - field_start
-    return data_bytes
 
 
 def _stored_view_count(
@@ -124,8 +126,14 @@ def _stored_view_count(
     # (INVALID_EMBEDDING), far more is not a stored result at all.
     limit = 2 * max_views
     what = f"embedded image {position}"
-    views = 0
+    views = others = 0
     for number, wire, field_start, field_end in _fields(view, start, end, limit + 8, what):
+        if number != 3:
+            others += 1
+            if others > MAX_OTHER_FIELDS_PER_IMAGE:
+                raise InvalidRequest(
+                    f"{what} has more than {MAX_OTHER_FIELDS_PER_IMAGE} fields besides its views"
+                )
         if number == 1 and wire == LENGTH_DELIMITED:
             _short_text(view, field_start, field_end, MAX_IMAGE_ID_BYTES, f"{what}'s id")
         elif number == 2 and wire == FIXED32:

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from moderator.config import Config, ModelConfig
 from moderator.core.clip import ClipModel, load_clip
 from moderator.core.policies import ReloadStatus
-from moderator.serving.engine import ModerationEngine
+from moderator.serving.engine import MODEL_STOP_SECONDS, ModerationEngine
 from moderator.serving.health import HealthMonitor
 from moderator.serving.metrics import Metrics
 from moderator.serving.request_limits import RequestLimits
@@ -46,14 +46,20 @@ def create_server(
             ("grpc.compression_enabled_algorithms_bitset", IDENTITY_ONLY),
             ("grpc.max_concurrent_streams", server_config.max_streams_per_connection),
         ],
-        maximum_concurrent_rpcs=server_config.max_concurrent_rpcs,
     )
     limits = RequestLimits(
         max_images=server_config.max_images_per_request,
         max_embeddings=server_config.max_embeddings_per_request,
         max_views=config.images.max_views,
     )
-    server.add_generic_rpc_handlers((ModeratorServicer(engine, metrics, limits).handler(),))
+    servicer = ModeratorServicer(
+        engine,
+        metrics,
+        limits,
+        max_calls=server_config.max_concurrent_rpcs,
+        stream_idle_seconds=server_config.stream_idle_seconds,
+    )
+    server.add_generic_rpc_handlers((servicer.handler(),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -138,7 +144,8 @@ class Service:
                 self.config.server.shutdown_grace_seconds,
             )
             await self.server.stop(grace=self.config.server.shutdown_grace_seconds)
-        await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
+        model_timeout = 0.0 if self._hurry.is_set() else MODEL_STOP_SECONDS
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.stop, model_timeout)
         self._stop_metrics_endpoint()
         log.info("stopped")
 

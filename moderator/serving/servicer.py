@@ -5,9 +5,10 @@ The message mapping itself is moderator.wire."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
@@ -29,6 +30,7 @@ from moderator.serving.request_limits import (
     find_request_id,
     moderate_shape,
 )
+from moderator.serving.stream import answer_in_order
 from moderator.v1 import moderator_pb2 as pb
 from moderator.wire import embedded, moderate_response, policy_info, reload_status
 
@@ -43,8 +45,7 @@ STREAM_WINDOW = 4
 # The method label of each request inside a ModerateStream, in moderator_requests_total.
 STREAM_REQUEST = "ModerateStream/request"
 _Message = TypeVar("_Message", bound=Message)
-# A stream request's work, the end of the stream (None), or why reading it failed.
-_StreamItem: TypeAlias = "asyncio.Task[pb.ModerateResponse] | Exception | None"
+MAX_DETAILS_CHARS = 2000
 
 STATUS_FOR_ERROR: dict[type[ModeratorError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
@@ -68,12 +69,13 @@ def deadline_of(context: Context) -> float | None:
     return time.monotonic() + remaining if remaining is not None else None
 
 
-def _stop_reading(reader: asyncio.Task[None], window: asyncio.Queue[_StreamItem]) -> None:
-    """Stop a stream's reader and the requests it started that no one will answer."""
-    reader.cancel()
-    while not window.empty():
-        if isinstance(queued := window.get_nowait(), asyncio.Task):
-            queued.cancel()
+def clipped(details: str) -> str:
+    """Error details short enough for a trailer (gRPC refuses metadata over 8-16 KB, and the
+    client would see RESOURCE_EXHAUSTED instead of the real status)."""
+    if len(details) <= MAX_DETAILS_CHARS:
+        return details
+    tail = f" ... ({len(details)} characters)"
+    return details[: MAX_DETAILS_CHARS - len(tail)] + tail
 
 
 def status_for(error: BaseException) -> grpc.StatusCode:
@@ -90,10 +92,21 @@ class ModeratorServicer:
     raw bytes: their sizes are checked on the wire framing (serving/request_limits.py) and
     room is admitted before protobuf builds anything from them."""
 
-    def __init__(self, engine: ModerationEngine, metrics: Metrics, limits: RequestLimits) -> None:
+    def __init__(
+        self,
+        engine: ModerationEngine,
+        metrics: Metrics,
+        limits: RequestLimits,
+        *,
+        max_calls: int,
+        stream_idle_seconds: float,
+    ) -> None:
         self._engine = engine
         self._metrics = metrics
         self._limits = limits
+        self._max_calls = max_calls
+        self._calls = 0  # Moderator calls running (health and reflection do not count)
+        self._stream_idle_seconds = stream_idle_seconds
 
     def handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
         """The service's method handlers (a request deserializer of None passes the bytes)."""
@@ -135,45 +148,28 @@ class ModeratorServicer:
         request_iterator: AsyncIterator[bytes],
         context: Context,
     ) -> AsyncIterator[pb.ModerateResponse]:
-        """Requests are read as they come and moderated up to STREAM_WINDOW at once; responses
-        go back in request order as soon as each is ready (a client may wait for one before
-        sending the next)."""
+        method = "ModerateStream"
         started = time.perf_counter()
-        window: asyncio.Queue[_StreamItem] = asyncio.Queue(STREAM_WINDOW)
-        reader = asyncio.ensure_future(self._read_stream(request_iterator, window, context))
         try:
-            while (item := await window.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield await item
+            with self._call_slot():
+                answers = answer_in_order(
+                    request_iterator,
+                    lambda raw: self._stream_request(raw, context),
+                    STREAM_WINDOW,
+                    self._stream_idle_seconds,
+                )
+                async for response in answers:
+                    yield response
         except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
-            _stop_reading(reader, window)
-            self._observe("ModerateStream", started, grpc.StatusCode.CANCELLED)
+            self._observe(method, started, grpc.StatusCode.CANCELLED)
             raise
         except BaseException as exc:
-            _stop_reading(reader, window)
-            code, details = self._failure("ModerateStream", started, exc)
+            code, details = self._failure(method, started, exc)
         else:
-            self._observe("ModerateStream", started, grpc.StatusCode.OK)
+            self._observe(method, started, grpc.StatusCode.OK)
             return
         context.set_code(code)
         context.set_details(details)
-
-    async def _read_stream(
-        self,
-        request_iterator: AsyncIterator[bytes],
-        window: asyncio.Queue[_StreamItem],
-        context: Context,
-    ) -> None:
-        """Start each request's work as it arrives; end with None, or the error that ended
-        the incoming side."""
-        try:
-            async for raw in request_iterator:
-                await window.put(asyncio.ensure_future(self._stream_request(raw, context)))
-        except Exception as exc:
-            await window.put(exc)
-            return
-        await window.put(None)
 
     async def ListPolicies(  # noqa: N802
         self, request: pb.ListPoliciesRequest, context: Context
@@ -196,7 +192,8 @@ class ModeratorServicer:
         """Time and count one unary RPC; map a domain error to its status."""
         started = time.perf_counter()
         try:
-            response = await handle()
+            with self._call_slot():
+                response = await handle()
         except (grpc.aio.AbortError, asyncio.CancelledError):
             self._observe(method, started, grpc.StatusCode.CANCELLED)
             raise
@@ -233,8 +230,9 @@ class ModeratorServicer:
         shape = moderate_shape(raw, self._limits)
         self._engine.check_policy_ids(shape.policy_ids)
         deadline = deadline_of(context)
+        # The whole message counts: protobuf keeps fields this server does not know, too.
         async with self._engine.admitted(
-            shape.images, shape.image_bytes, wait=wait, deadline=deadline
+            shape.images, len(raw), wait=wait, deadline=deadline
         ) as ticket:
             request = parse(pb.ModerateRequest, raw)
             result = await self._engine.moderate(
@@ -258,7 +256,7 @@ class ModeratorServicer:
             self._observe(STREAM_REQUEST, started, code)
             return pb.ModerateResponse(
                 request_id=find_request_id(raw, self._limits),
-                error=pb.RequestError(code=code.value[0], message=str(exc)),
+                error=pb.RequestError(code=code.value[0], message=clipped(str(exc))),
             )
         self._observe(STREAM_REQUEST, started, grpc.StatusCode.OK)
         return response
@@ -266,15 +264,33 @@ class ModeratorServicer:
     async def _score(self, raw: bytes) -> pb.ModerateResponse:
         self._engine.check_ready()
         self._engine.check_rescore_enabled()
-        check_score_shape(raw, self._limits)
-        request = parse(pb.ScoreEmbeddingsRequest, raw)
-        result = await self._engine.score_embeddings(
-            [embedded(image) for image in request.images],
-            policy_ids=list(request.policy_ids),
-            model_id=request.model,
-        )
+        with self._engine.rescore_slot():
+            # up to 0.1 s of Python for the largest requests: off the event loop
+            await asyncio.to_thread(check_score_shape, raw, self._limits)
+            request = parse(pb.ScoreEmbeddingsRequest, raw)
+            result = await self._engine.score_embeddings(
+                [embedded(image) for image in request.images],
+                policy_ids=list(request.policy_ids),
+                model_id=request.model,
+                slot_taken=True,
+            )
         # thousands of results: build the message off the event loop
         return await asyncio.to_thread(moderate_response, result)
+
+    @contextlib.contextmanager
+    def _call_slot(self) -> Iterator[None]:
+        """One of --max-concurrent-rpcs, for the length of a call."""
+        if self._calls >= self._max_calls:
+            self._metrics.rejected_requests.labels(reason="overload").inc()
+            raise Overloaded(
+                f"{self._calls} calls running, the limit (--max-concurrent-rpcs): "
+                "retry with backoff"
+            )
+        self._calls += 1
+        try:
+            yield
+        finally:
+            self._calls -= 1
 
     def _failure(
         self, method: str, started: float, exc: BaseException
@@ -285,7 +301,7 @@ class ModeratorServicer:
         if code is grpc.StatusCode.INTERNAL:
             log.error("%s failed", method, exc_info=exc)
             return code, "internal error; see the server log"
-        return code, str(exc)
+        return code, clipped(str(exc))
 
     def _observe(self, method: str, started: float, code: grpc.StatusCode) -> None:
         self._metrics.requests.labels(method=method, code=code.name).inc()

@@ -102,14 +102,41 @@ def test_a_link_outside_the_directory_is_a_problem_even_to_a_good_policy(
     assert str(tmp_path / "elsewhere.yaml") in problems[0]
 
 
-def test_a_link_to_a_directory_is_a_problem(policies: Path) -> None:
+def test_a_link_to_a_directory_inside_is_skipped_like_a_subdirectory(policies: Path) -> None:
+    expected = load_policy_dir(policies)
+    fingerprint = directory_fingerprint(policies)
     (policies / "sub").mkdir()
+    (policies / "sub" / "broken.yaml").write_text("title: [unclosed\n")  # never read
     os.symlink("sub", policies / "weapons.yaml")
+    os.symlink(policies / "examples", policies / "pictures")  # absolute, still inside
     os.symlink(".", policies / "itself.yaml")
+    assert within_seconds(lambda: load_policy_dir(policies)) == expected
+    assert directory_fingerprint(policies) == fingerprint  # nor does the watcher read into it
+    (policies / "sub" / "broken.yaml").write_text("title: [still unclosed\n")
+    assert directory_fingerprint(policies) == fingerprint
+
+
+def test_a_link_to_a_directory_outside_is_a_problem(policies: Path, tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", policies / "extra")
+    os.symlink("..", policies / "parent")
     assert load_problems(policies) == [
-        "itself.yaml: links to a directory, not a regular file",
-        "weapons.yaml: links to a directory, not a regular file",
+        f"extra: links outside the policy directory (to {tmp_path / 'elsewhere'}); "
+        "only files inside it are read",
+        f"parent: links outside the policy directory (to {tmp_path}); "
+        "only files inside it are read",
     ]
+
+
+def test_a_link_moved_from_a_directory_inside_to_one_outside_changes_the_fingerprint(
+    policies: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink("examples", policies / "extra")
+    skipped = directory_fingerprint(policies)
+    (policies / "extra").unlink()
+    os.symlink(tmp_path / "elsewhere", policies / "extra")
+    assert directory_fingerprint(policies) != skipped
 
 
 def test_a_dangling_link_and_a_socket_are_problems(policies: Path) -> None:
@@ -227,6 +254,26 @@ def test_a_configmap_mount_loads(tmp_path: Path) -> None:
     mount = configmap_mount(tmp_path)
     assert load_policy_dir(mount) == load_policy_dir(DEMO_POLICIES_DIR)
     assert directory_fingerprint(mount) != ""
+
+
+def test_a_configmap_item_with_a_nested_path_loads(tmp_path: Path) -> None:
+    """A ConfigMap item with `path: extra/x.jpg` puts the file in `..<timestamp>/extra/` and
+    makes a top-level link `extra -> ..data/extra` to that directory: skipped, like a plain
+    subdirectory, so the mount loads."""
+    mount = tmp_path / "mount"
+    data = mount / "..2024_x"
+    (data / "extra").mkdir(parents=True)
+    (data / "extra" / "x.jpg").write_bytes(b"\xff\xd8\xff not a policy")
+    (data / "weapons.yaml").write_text(GUN)
+    os.symlink("..2024_x", mount / "..data")
+    os.symlink("..data/extra", mount / "extra")
+    os.symlink("..data/weapons.yaml", mount / "weapons.yaml")
+    assert within_seconds(lambda: load_policy_dir(mount)).ids == ("weapons",)
+    fingerprint = directory_fingerprint(mount)
+    (data / "extra" / "x.jpg").write_bytes(b"another picture")  # not read by loading either
+    assert directory_fingerprint(mount) == fingerprint
+    (data / "weapons.yaml").write_text(GUN.replace("a gun", "a rifle"))
+    assert directory_fingerprint(mount) != fingerprint
 
 
 def test_a_configmap_mount_through_a_linked_directory_loads(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from moderator.config import MIB, BatchConfig, ImageConfig, ServerConfig
@@ -35,6 +36,7 @@ EMPTY_IMAGE = b"\x0a\x00"  # one empty Image message on the wire
 FLAT_BYTES = 300 * MIB
 IMAGES_PER_REQUEST = 4
 STRIP_VIEWS = 4  # a 6:1 strip: the whole image and three 2:1 tiles
+STREAM_IDLE_SECONDS = 4.0
 
 
 def raw_moderate(channel: grpc.Channel) -> grpc.UnaryUnaryMultiCallable:  # type: ignore[type-arg]
@@ -95,6 +97,7 @@ def small(gated: GatedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             max_message_bytes=2 * MIB,
             max_concurrent_rpcs=4,
             max_streams_per_connection=2,
+            stream_idle_seconds=STREAM_IDLE_SECONDS,
             drain_seconds=0,
             shutdown_grace_seconds=5,
         ),
@@ -161,10 +164,11 @@ def test_bytes_in_flight_are_bounded(small: RunningService, closed_gate: GatedMo
     assert MIB < len(big) < 2 * MIB - 1024
     channels = [own_connection(small.address) for _ in range(3)]
     try:
-        held = [raw_moderate(c).future(request(big), timeout=60) for c in channels[:2]]
+        raw = request(big)
+        held = [raw_moderate(c).future(raw, timeout=60) for c in channels[:2]]
         assert closed_gate.entered.wait(30)
-        wait_until(lambda: in_flight(small, "bytes") == 2 * len(big))
-        error = failure(raw_moderate(channels[2]), request(big), timeout=30)
+        wait_until(lambda: in_flight(small, "bytes") == 2 * len(raw))
+        error = failure(raw_moderate(channels[2]), raw, timeout=30)
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "bytes in flight" in str(error.details())
         closed_gate.gate.set()
@@ -253,11 +257,6 @@ def test_a_stream_waits_for_room_instead_of_failing(small: RunningService) -> No
 
 def test_streams_per_connection_are_bounded(small: RunningService) -> None:
     inputs: list[queue.Queue[bytes | None]] = [queue.Queue(), queue.Queue()]
-
-    def feed(source: queue.Queue[bytes | None]) -> Iterator[bytes]:
-        while (item := source.get()) is not None:
-            yield item
-
     with grpc.insecure_channel(small.address) as channel:
         call = stream_call(channel)
         opened = [call(feed(source), timeout=60) for source in inputs]
@@ -273,3 +272,126 @@ def test_streams_per_connection_are_bounded(small: RunningService) -> None:
             source.put(None)
         for stream in opened:
             assert list(stream) == []
+
+
+def feed(source: queue.Queue[bytes | None]) -> Iterator[bytes]:
+    while (item := source.get()) is not None:
+        yield item
+
+
+def test_a_cancelled_stream_leaves_no_work_behind(
+    small: RunningService, closed_gate: GatedModel
+) -> None:
+    source: queue.Queue[bytes | None] = queue.Queue()
+    red = request(shape_png("red", "circle"))
+    with own_connection(small.address) as channel:
+        stream = stream_call(channel)(feed(source), timeout=120)
+        for _ in range(10):
+            source.put(red)
+        assert closed_gate.entered.wait(30)
+        wait_until(lambda: in_flight(small, "images") == 4)  # the stream's window
+        stream.cancel()  # type: ignore[no-untyped-call]
+        source.put(None)
+        # every request is gone; only the pixels in the model still hold their view
+        # every request is gone; only pixels already queued for the model (one view each)
+        # still hold their views, until the model has them out of its queue
+        batcher = small.service.engine._batcher
+        assert batcher is not None
+        wait_until(lambda: in_flight(small, "images") == 0)
+        time.sleep(0.5)
+        assert in_flight(small, "views") == 1 + batcher.queued_images()
+    closed_gate.gate.set()
+    wait_until(lambda: [in_flight(small, r) for r in ("images", "views", "bytes")] == [0, 0, 0])
+
+
+def test_a_cancelled_request_keeps_its_views_until_its_pixels_leave_the_queue(
+    small: RunningService, closed_gate: GatedModel
+) -> None:
+    strip = shape_png("red", "circle", width=480, height=80)
+    batcher = small.service.engine._batcher
+    assert batcher is not None
+    with own_connection(small.address) as channel:
+        call = raw_moderate(channel)
+        first = call.future(request(strip), timeout=60)
+        assert closed_gate.entered.wait(30)  # the model is busy with the first
+        for _ in range(5):  # cancel and send again: the pixels stay queued each time
+            pending = call.future(request(strip, strip), timeout=60)
+            wait_until(lambda: batcher.queued_images() >= 1)
+            pending.cancel()  # type: ignore[no-untyped-call]
+            # the budget still counts every view waiting for the model
+            assert in_flight(small, "views") >= STRIP_VIEWS + batcher._queued_views
+        closed_gate.gate.set()
+        assert len(first.result().results) == 1
+    wait_until(lambda: in_flight(small, "views") == 0)
+
+
+def test_health_answers_when_every_call_slot_is_taken(small: RunningService) -> None:
+    sources: list[queue.Queue[bytes | None]] = [queue.Queue() for _ in range(4)]
+    channels = [own_connection(small.address) for _ in range(4)]
+    try:
+        streams = [
+            stream_call(c)(feed(s), timeout=60) for c, s in zip(channels, sources, strict=True)
+        ]
+        for source, stream in zip(sources, streams, strict=True):
+            source.put(request(shape_png("red", "circle")))
+            next(iter(stream))  # open and answered: each holds a call slot
+        with own_connection(small.address) as other:
+            error = failure(raw_moderate(other), request(shape_png("red", "circle")), timeout=30)
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--max-concurrent-rpcs" in str(error.details())
+            check = health_pb2_grpc.HealthStub(other).Check
+            status = check(health_pb2.HealthCheckRequest(), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        for source in sources:
+            source.put(None)
+    finally:
+        for channel in channels:
+            channel.close()
+
+
+def test_a_stream_that_sends_nothing_is_closed(small: RunningService) -> None:
+    source: queue.Queue[bytes | None] = queue.Queue()
+    with own_connection(small.address) as channel:
+        stream = stream_call(channel)(feed(source), timeout=60)
+        source.put(request(shape_png("red", "circle")))
+        assert next(iter(stream)).results
+        with pytest.raises(grpc.RpcError) as info:
+            next(iter(stream))  # nothing more is sent
+        source.put(None)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "--stream-idle-seconds" in str(info.value.details())
+
+
+def test_long_error_details_are_clipped_not_turned_into_another_status(
+    small: RunningService,
+) -> None:
+    unknown = tuple(f"no-such-policy-{i:04d}-" + "x" * 40 for i in range(300))
+    with grpc.insecure_channel(small.address) as channel:
+        raw = request(shape_png("red", "circle"), policy_ids=unknown)
+        error = failure(raw_moderate(channel), raw, timeout=30)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no-such-policy-0000" in str(error.details())
+    assert len(str(error.details())) <= 2000
+
+
+def test_fields_the_server_does_not_know_still_count_as_bytes(
+    small: RunningService, closed_gate: GatedModel
+) -> None:
+    image = pb.Image(id="0", data=shape_png("red", "circle")).SerializeToString()
+    padded = image + b"\x1a" + encode_varint(MIB) + b"\0" * MIB  # field 3, unknown to Image
+    raw = b"\x0a" + encode_varint(len(padded)) + padded
+    with own_connection(small.address) as channel:
+        pending = raw_moderate(channel).future(raw, timeout=60)
+        assert closed_gate.entered.wait(30)
+        wait_until(lambda: in_flight(small, "bytes") == len(raw))
+        closed_gate.gate.set()
+        assert pending.result().results[0].decision == pb.DECISION_BLOCK
+
+
+def encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

@@ -232,3 +232,41 @@ def test_stop_drains_the_queue_then_refuses(
     with pytest.raises(NotReady):
         batcher.submit(views(4), index, deadline=None)
     assert metrics.queue_images._value.get() == 0
+
+
+def test_every_image_reports_leaving_the_worker_scored_dropped_or_failed(
+    encoder: GatedEncoder, metrics: Metrics, index: PolicyIndex
+) -> None:
+    left: list[int] = []
+    for batcher in running(encoder, metrics, max_batch_size=1, max_wait_ms=0):
+        block_worker(batcher, encoder, index)
+        scored = batcher.submit(views(1), index, None, on_done=lambda: left.append(1))
+        cancelled = batcher.submit(views(2), index, None, on_done=lambda: left.append(2))
+        late = batcher.submit(views(3), index, time.monotonic(), on_done=lambda: left.append(3))
+        assert cancelled.cancel()
+        assert left == []  # a cancelled image's pixels are still queued: not gone yet
+        encoder.release()
+        scored.result(WAIT)
+        with pytest.raises(DeadlineExceeded):
+            late.result(WAIT)
+        deadline = time.monotonic() + WAIT
+        while len(left) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(left) == [1, 2, 3]
+
+
+def test_stopping_leaves_a_stuck_worker_behind_and_fails_what_is_queued(
+    encoder: GatedEncoder, metrics: Metrics, index: PolicyIndex
+) -> None:
+    batcher = Batcher(encoder, BatchConfig(max_batch_size=1, max_wait_ms=0), metrics)
+    batcher.start()
+    left: list[int] = []
+    try:
+        block_worker(batcher, encoder, index)  # the forward pass hangs
+        queued = batcher.submit(views(1), index, None, on_done=lambda: left.append(1))
+        batcher.stop(timeout=0.2)
+        with pytest.raises(NotReady, match="stuck"):
+            queued.result(WAIT)
+        assert left == [1]
+    finally:
+        encoder.release()

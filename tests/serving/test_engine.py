@@ -260,7 +260,7 @@ def test_rescoring_equals_moderation_and_extra_requests_fail_fast(
         results = asyncio.run(scenario())
     finally:
         gate.set()
-    assert engine._rescore_admission.held("rescore_requests") == 0
+    assert engine.budgets.rescore.held("rescore_requests") == 0
     live_scores = [p.score for p in live.results[0].policies]
     for result in results:
         assert result.results[0].decision == Decision.BLOCK

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
@@ -20,7 +21,11 @@ from moderator.serving.metrics import Metrics
 
 
 class Fixture:
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        config: BatchConfig | None = None,
+        probe: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.state = WorkerState(0, None)
         self.now = 100.0
         self.probes = 0
@@ -30,8 +35,8 @@ class Fixture:
             self.health,
             ("",),
             worker_state=lambda: self.state,
-            probe=self.probe,
-            config=BatchConfig(max_failed_batches=3, stuck_batch_seconds=10),
+            probe=probe or self.probe,
+            config=config or BatchConfig(max_failed_batches=3, stuck_batch_seconds=10),
             metrics=self.metrics,
             clock=lambda: self.now,
         )
@@ -90,5 +95,23 @@ def test_a_draining_service_stays_not_serving_whatever_the_worker_says() -> None
         f.state = WorkerState(5, None)
         await f.monitor.check()
         assert f.probes == 0  # nothing to prove while draining
+
+    asyncio.run(scenario())
+
+
+def test_a_probe_that_hangs_does_not_stop_the_checks() -> None:
+    async def scenario() -> None:
+        hung = asyncio.Event()
+
+        async def hang() -> None:
+            hung.set()
+            await asyncio.sleep(3600)
+
+        f = Fixture(BatchConfig(max_failed_batches=1, stuck_batch_seconds=0.1), hang)
+        await f.monitor.accepting(True)
+        f.state = WorkerState(1, None)
+        await asyncio.wait_for(f.monitor.check(), 5)  # gives up on the probe after 0.1 s
+        assert hung.is_set()
+        assert await f.status() == NOT_SERVING
 
     asyncio.run(scenario())

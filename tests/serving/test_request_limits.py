@@ -36,7 +36,6 @@ def test_the_shape_matches_what_protobuf_parses() -> None:
         )
         shape = moderate_shape(raw, LIMITS)
         assert shape.images == len(images)
-        assert shape.image_bytes == sum(len(image.data) for image in images)
         assert shape.policy_ids == tuple(policy_ids)
         assert shape.request_id == "r-1"
 
@@ -125,6 +124,28 @@ def test_score_requests_cap_the_views_of_the_whole_request() -> None:
     request = pb.ScoreEmbeddingsRequest(images=[stored(90, values=0)] * 800)
     with pytest.raises(InvalidRequest, match="more than 65536 views"):
         check_score_shape(request.SerializeToString(), LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("request_", "words"),
+    [
+        (pb.ScoreEmbeddingsRequest(model="m" * 257), "model is longer than 256 bytes"),
+        (
+            pb.ScoreEmbeddingsRequest(policy_ids=["p"] * (MAX_POLICY_IDS + 1)),
+            f"more than {MAX_POLICY_IDS} policy ids",
+        ),
+    ],
+)
+def test_score_request_fields_are_capped(request_: pb.ScoreEmbeddingsRequest, words: str) -> None:
+    with pytest.raises(InvalidRequest, match=words):
+        check_score_shape(request_.SerializeToString(), LIMITS)
+
+
+def test_unknown_fields_inside_an_embedded_image_are_capped_apart_from_its_views() -> None:
+    inner = b"\x22\x00" * 9  # field 4 (unknown), empty, nine times
+    raw = b"\x0a" + bytes([len(inner)]) + inner
+    with pytest.raises(InvalidRequest, match="more than 8 fields besides its views"):
+        check_score_shape(raw, LIMITS)
 
 
 def test_unpacked_embedding_values_are_refused() -> None:
