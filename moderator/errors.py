@@ -41,6 +41,10 @@ class Disabled(ModeratorError):
     """This server is configured to refuse the request (ScoreEmbeddings turned off)."""
 
 
+class ModelFailed(ModeratorError):
+    """The model failed on a batch (a broken device, out of memory); retrying may succeed."""
+
+
 class NotReady(ModeratorError):
     """The engine is not started (or is stopping)."""
 

@@ -82,19 +82,27 @@ class Admission:
         )
         heapq.heappush(self._waiters, waiter)
         self._grant()  # it may be older than every waiter and fit now
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            await asyncio.wait_for(asyncio.shield(waiter.granted), timeout)
-        except BaseException as exc:
-            if waiter.granted.done() and not waiter.granted.cancelled():
-                self.release(cost)  # granted just as we gave up
-            else:
-                waiter.granted.cancel()
-            self._grant()
-            if isinstance(exc, TimeoutError):
-                self._metrics.rejected_requests.labels(reason="deadline").inc()
-                raise DeadlineExceeded("deadline passed while waiting for room") from None
+            # asyncio.wait, not wait_for: wait_for (3.11) can swallow a cancellation that
+            # lands just as the room is granted
+            await asyncio.wait({waiter.granted}, timeout=timeout)
+        except BaseException:
+            if not waiter.granted.done():
+                self._metrics.rejected_requests.labels(reason="cancelled").inc()
+            self._give_up(waiter)
             raise
+        if not waiter.granted.done():
+            self._give_up(waiter)
+            self._metrics.rejected_requests.labels(reason="deadline").inc()
+            raise DeadlineExceeded("deadline passed while waiting for room")
+
+    def _give_up(self, waiter: _Waiter) -> None:
+        if waiter.granted.done() and not waiter.granted.cancelled():
+            self.release(waiter.cost)  # granted just as the caller gave up
+        else:
+            waiter.granted.cancel()
+        self._grant()
 
     def add(self, cost: Cost) -> None:
         """Hold `cost` even past the limits: work already done (a decoded image's other views)

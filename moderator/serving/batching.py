@@ -23,7 +23,7 @@ import torch
 from moderator.config import BatchConfig
 from moderator.core.embeddings import PolicyIndex
 from moderator.core.scoring import ViewScores, score_views
-from moderator.errors import DeadlineExceeded, NotReady
+from moderator.errors import DeadlineExceeded, ModelFailed, NotReady
 from moderator.serving.health import WorkerState
 from moderator.serving.metrics import Metrics
 
@@ -190,8 +190,9 @@ class Batcher:
         except Exception as exc:  # the model failed: fail these images, keep serving
             self._failed_in_a_row += 1
             log.exception("forward pass failed for a batch of %d images", len(live))
+            failed = ModelFailed(f"the model failed on this batch ({type(exc).__name__}): retry")
             for item in live:
-                item.future.set_exception(exc)
+                item.future.set_exception(failed)
             return
         finally:
             self._running_since = None

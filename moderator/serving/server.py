@@ -15,7 +15,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from moderator.config import Config, ModelConfig
+from moderator.config import Config, ModelConfig, ServerConfig
 from moderator.core.clip import ClipModel, load_clip
 from moderator.core.policies import ReloadStatus
 from moderator.serving.engine import MODEL_STOP_SECONDS, ModerationEngine
@@ -31,42 +31,47 @@ HEALTH_SERVICES = ("", SERVICE_NAME)
 IDENTITY_ONLY = 1  # bit 0 of grpc_compression_algorithm: no compression
 
 
-def create_server(
-    config: Config,
-    engine: ModerationEngine,
-    metrics: Metrics,
-    health_servicer: HealthServicer,
-) -> tuple[grpc.aio.Server, int]:
-    """Build the server and bind its port (0 picks a free one). Returns (server, port)."""
+def create_servicer(
+    config: Config, engine: ModerationEngine, metrics: Metrics
+) -> ModeratorServicer:
     server_config = config.server
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            # Compressed requests are refused (UNIMPLEMENTED): 130 KB of gzip can be 128 MiB.
-            ("grpc.compression_enabled_algorithms_bitset", IDENTITY_ONLY),
-            ("grpc.max_concurrent_streams", server_config.max_streams_per_connection),
-        ],
-    )
     limits = RequestLimits(
         max_images=server_config.max_images_per_request,
         max_embeddings=server_config.max_embeddings_per_request,
         max_views=config.images.max_views,
     )
-    servicer = ModeratorServicer(
+    return ModeratorServicer(
         engine,
         metrics,
         limits,
         max_calls=server_config.max_concurrent_rpcs,
         stream_idle_seconds=server_config.stream_idle_seconds,
     )
+
+
+def create_server(
+    config: ServerConfig,
+    max_message_bytes: int,
+    servicer: ModeratorServicer,
+    health_servicer: HealthServicer,
+) -> tuple[grpc.aio.Server, int]:
+    """Build the server and bind its port (0 picks a free one). Returns (server, port)."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            # Compressed requests are refused (UNIMPLEMENTED): 130 KB of gzip can be 128 MiB.
+            ("grpc.compression_enabled_algorithms_bitset", IDENTITY_ONLY),
+            ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+        ],
+    )
     server.add_generic_rpc_handlers((servicer.handler(),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{server_config.host}:{server_config.port}")
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
-        raise OSError(f"cannot bind {server_config.host}:{server_config.port}")
+        raise OSError(f"cannot bind {config.host}:{config.port}")
     return server, port
 
 
@@ -83,6 +88,7 @@ class Service:
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.engine = ModerationEngine(config, self.metrics, load_model)
+        self.servicer = create_servicer(config, self.engine, self.metrics)
         self.health = HealthServicer()
         self.monitor = HealthMonitor(
             self.health,
@@ -103,7 +109,9 @@ class Service:
         """Serve NOT_SERVING at once, load the engine off the loop, then serve SERVING."""
         self._start_metrics_endpoint()
         await self.monitor.accepting(False)
-        self.server, self.port = create_server(self.config, self.engine, self.metrics, self.health)
+        self.server, self.port = create_server(
+            self.config.server, self.config.max_message_bytes, self.servicer, self.health
+        )
         await self.server.start()
         log.info(
             "gRPC listening on %s:%d (NOT_SERVING until loaded)", self.config.server.host, self.port
@@ -138,6 +146,7 @@ class Service:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self.servicer.stop_streams()
         if self.server is not None:
             log.info(
                 "no longer accepting; %.1f s for accepted requests to finish",

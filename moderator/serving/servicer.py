@@ -18,6 +18,7 @@ from moderator.errors import (
     DeadlineExceeded,
     Disabled,
     InvalidRequest,
+    ModelFailed,
     ModeratorError,
     NotReady,
     Overloaded,
@@ -49,6 +50,7 @@ MAX_DETAILS_CHARS = 2000
 
 STATUS_FOR_ERROR: dict[type[ModeratorError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelFailed: grpc.StatusCode.UNAVAILABLE,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
@@ -70,8 +72,10 @@ def deadline_of(context: Context) -> float | None:
 
 
 def clipped(details: str) -> str:
-    """Error details short enough for a trailer (gRPC refuses metadata over 8-16 KB, and the
-    client would see RESOURCE_EXHAUSTED instead of the real status)."""
+    """Error details short enough for a trailer: gRPC refuses metadata over 8-16 KB (the client
+    would see RESOURCE_EXHAUSTED instead of the real status) and percent-encodes every byte
+    outside printable ASCII, so the text is made ASCII first (escapes), then cut."""
+    details = details.encode("ascii", "backslashreplace").decode("ascii")
     if len(details) <= MAX_DETAILS_CHARS:
         return details
     tail = f" ... ({len(details)} characters)"
@@ -107,6 +111,12 @@ class ModeratorServicer:
         self._max_calls = max_calls
         self._calls = 0  # Moderator calls running (health and reflection do not count)
         self._stream_idle_seconds = stream_idle_seconds
+        self._stopping = asyncio.Event()
+
+    def stop_streams(self) -> None:
+        """Drain: streams read no further request, answer the pending ones and end with
+        UNAVAILABLE (send the rest elsewhere)."""
+        self._stopping.set()
 
     def handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
         """The service's method handlers (a request deserializer of None passes the bytes)."""
@@ -157,6 +167,7 @@ class ModeratorServicer:
                     lambda raw: self._stream_request(raw, context),
                     STREAM_WINDOW,
                     self._stream_idle_seconds,
+                    self._stopping,
                 )
                 async for response in answers:
                     yield response
@@ -251,12 +262,11 @@ class ModeratorServicer:
         started = time.perf_counter()
         try:
             response = await self._moderate(raw, context, wait=True)
-        except ModeratorError as exc:
-            code = status_for(exc)
-            self._observe(STREAM_REQUEST, started, code)
+        except Exception as exc:  # this request's failure, not the stream's
+            code, details = self._failure(STREAM_REQUEST, started, exc)
             return pb.ModerateResponse(
                 request_id=find_request_id(raw, self._limits),
-                error=pb.RequestError(code=code.value[0], message=clipped(str(exc))),
+                error=pb.RequestError(code=code.value[0], message=details),
             )
         self._observe(STREAM_REQUEST, started, grpc.StatusCode.OK)
         return response

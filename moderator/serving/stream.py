@@ -3,20 +3,31 @@
 Requests are read as they arrive and worked on up to `window` at once; each answer is sent as
 soon as it and every earlier one are ready, so a client may wait for an answer before sending
 its next request. A request's work starts only once it holds a window slot, so a cancelled
-stream leaves nothing running, and a stream that sends nothing for `idle_seconds` is closed
-(an idle stream would otherwise hold its call slot forever).
+stream leaves nothing running. A stream with no answer pending that sends nothing for
+`idle_seconds` is closed (an idle stream would otherwise hold its call slot forever). Once
+`stopping` is set (the server drains), no further request is read: the pending ones are
+answered, then the stream ends with NotReady, telling the client to send the rest elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
-from moderator.errors import DeadlineExceeded
+from moderator.errors import DeadlineExceeded, NotReady
 
 _Request = TypeVar("_Request")
 _Answer = TypeVar("_Answer")
+_END = object()  # the client closed its side
+
+
+@dataclass
+class _Window(Generic[_Answer]):
+    slots: asyncio.Semaphore
+    started: asyncio.Queue[asyncio.Task[_Answer] | Exception | None]
+    pending: int = 0  # answers started and not yet sent
 
 
 async def answer_in_order(
@@ -24,45 +35,74 @@ async def answer_in_order(
     answer: Callable[[_Request], Awaitable[_Answer]],
     window: int,
     idle_seconds: float,
+    stopping: asyncio.Event,
 ) -> AsyncIterator[_Answer]:
-    slots = asyncio.Semaphore(window)
-    started: asyncio.Queue[asyncio.Task[_Answer] | Exception | None] = asyncio.Queue()
-    reader = asyncio.ensure_future(_read(requests, answer, slots, started, idle_seconds))
+    state: _Window[_Answer] = _Window(asyncio.Semaphore(window), asyncio.Queue())
+    reader = asyncio.ensure_future(_read(requests, answer, state, idle_seconds, stopping))
     try:
-        while (item := await started.get()) is not None:
+        while (item := await state.started.get()) is not None:
             if isinstance(item, Exception):
                 raise item
             try:
                 yield await item
             finally:
-                slots.release()
+                state.pending -= 1
+                state.slots.release()
     finally:
         reader.cancel()
-        while not started.empty():
-            if isinstance(queued := started.get_nowait(), asyncio.Task):
+        while not state.started.empty():
+            if isinstance(queued := state.started.get_nowait(), asyncio.Task):
                 queued.cancel()
 
 
 async def _read(
     requests: AsyncIterator[_Request],
     answer: Callable[[_Request], Awaitable[_Answer]],
-    slots: asyncio.Semaphore,
-    started: asyncio.Queue[asyncio.Task[_Answer] | Exception | None],
+    state: _Window[_Answer],
     idle_seconds: float,
+    stopping: asyncio.Event,
 ) -> None:
     try:
+        while (request := await _next(requests, state, idle_seconds, stopping)) is not _END:
+            await state.slots.acquire()
+            state.pending += 1
+            state.started.put_nowait(asyncio.ensure_future(answer(request)))  # type: ignore[arg-type]
+    except Exception as exc:
+        state.started.put_nowait(exc)
+        return
+    state.started.put_nowait(None)
+
+
+async def _next(
+    requests: AsyncIterator[_Request],
+    state: _Window[_Answer],
+    idle_seconds: float,
+    stopping: asyncio.Event,
+) -> _Request | object:
+    """The next request, or _END; DeadlineExceeded once the stream has been idle (nothing
+    sent, nothing pending) for idle_seconds; NotReady once the server is stopping."""
+    incoming = asyncio.ensure_future(_pull(requests))
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
         while True:
-            try:
-                request = await asyncio.wait_for(anext(requests), idle_seconds)
-            except StopAsyncIteration:
-                break
-            except TimeoutError:
+            done, _ = await asyncio.wait(
+                {incoming, stop}, timeout=idle_seconds, return_when=asyncio.FIRST_COMPLETED
+            )
+            if stop in done:  # first: a client that never pauses must not keep it open
+                raise NotReady("the server is shutting down: send the rest of the stream again")
+            if incoming in done:
+                return incoming.result()
+            if state.pending == 0:  # a client waiting for an answer is not idle
                 raise DeadlineExceeded(
                     f"no request for {idle_seconds:g} s: stream closed (--stream-idle-seconds)"
-                ) from None
-            await slots.acquire()
-            started.put_nowait(asyncio.ensure_future(answer(request)))
-    except Exception as exc:
-        started.put_nowait(exc)
-        return
-    started.put_nowait(None)
+                )
+    finally:
+        incoming.cancel()
+        stop.cancel()
+
+
+async def _pull(requests: AsyncIterator[_Request]) -> _Request | object:
+    try:
+        return await anext(requests)
+    except StopAsyncIteration:
+        return _END

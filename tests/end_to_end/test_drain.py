@@ -10,15 +10,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from moderator.config import ServerConfig
 from moderator.v1 import moderator_pb2 as pb
 from moderator.v1 import moderator_pb2_grpc as pb_grpc
-from tests.helpers import shape_png
+from tests.helpers import demo_config, shape_png, start_service
 
 DRAIN_SECONDS = 2.0
 CLIENTS = 4
@@ -122,3 +125,42 @@ def test_sigterm_under_load_loses_no_accepted_request(tmp_path: Path) -> None:
     assert during_drain, "no request was sent during the drain"
     assert all(c.code == grpc.StatusCode.OK for c in calls if c.started < accepted_window)
     assert any(c.code == grpc.StatusCode.UNAVAILABLE for c in calls)  # the door did close
+
+
+def test_a_draining_server_ends_open_streams_instead_of_waiting_out_the_grace(
+    tmp_path: Path,
+) -> None:
+    config = demo_config(
+        tmp_path,
+        server=ServerConfig(
+            host="127.0.0.1", port=0, metrics_port=-1, drain_seconds=0, shutdown_grace_seconds=60
+        ),
+    )
+    running = start_service(config)
+    service = next(running)
+    stopped = threading.Event()
+    answers: list[pb.ModerateResponse] = []
+
+    def requests() -> Iterator[pb.ModerateRequest]:  # a client that would go on forever
+        while True:
+            yield pb.ModerateRequest(images=[pb.Image(id="r", data=shape_png("red", "circle"))])
+            while len(answers) < 1:
+                time.sleep(0.01)
+
+    with grpc.insecure_channel(service.address) as channel:
+        stream = pb_grpc.ModeratorStub(channel).ModerateStream(requests(), timeout=120)
+        answers.append(next(stream))
+        threading.Thread(target=stop, args=(running, stopped)).start()
+        with pytest.raises(grpc.RpcError) as info:
+            answers.extend(stream)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in str(info.value.details())
+        assert stopped.wait(30)  # well inside the 60 s grace
+    assert all(len(a.results) == 1 for a in answers)
+
+
+def stop(running: Iterator[object], stopped: threading.Event) -> None:
+    """Finish start_service's generator: its cleanup stops the service."""
+    for _ in running:
+        pass
+    stopped.set()

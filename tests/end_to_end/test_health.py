@@ -67,7 +67,8 @@ def test_failing_batches_take_health_down_and_a_working_model_brings_it_back(
             for _ in range(2):
                 with pytest.raises(grpc.RpcError) as info:
                     stub.Moderate(red_request(), timeout=30)
-                assert info.value.code() == grpc.StatusCode.INTERNAL
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # retry elsewhere
+                assert "the model failed" in str(info.value.details())
             wait_until(lambda: status(channel) == NOT_SERVING)
             assert problem(service, "failed_batches") == 1
         finally:
@@ -92,3 +93,29 @@ def test_a_stuck_forward_pass_takes_health_down_until_it_finishes(
         assert pending.result().results[0].decision == pb.DECISION_BLOCK
         wait_until(lambda: status(channel) == SERVING)
         assert problem(service, "stuck_batch") == 0
+
+
+def test_a_model_failure_fails_one_stream_request_and_the_stream_goes_on(
+    service: RunningService, gated: GatedModel
+) -> None:
+    sent: list[pb.ModerateRequest] = []
+
+    def requests() -> Iterator[pb.ModerateRequest]:
+        for request_id in ("before", "broken", "after"):
+            gated.failing = request_id == "broken"
+            request = red_request()
+            request.request_id = request_id
+            sent.append(request)
+            yield request
+            wait_until(lambda: len(answers) == len(sent))
+
+    answers: list[pb.ModerateResponse] = []
+    with grpc.insecure_channel(service.address) as channel:
+        try:
+            for answer in pb_grpc.ModeratorStub(channel).ModerateStream(requests(), timeout=60):
+                answers.append(answer)
+        finally:
+            gated.failing = False
+    assert [a.request_id for a in answers] == ["before", "broken", "after"]
+    assert answers[1].error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert [len(a.results) for a in answers] == [1, 0, 1]

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from moderator.config import BatchConfig
 from moderator.core.embeddings import PolicyIndex
-from moderator.errors import DeadlineExceeded, NotReady
+from moderator.errors import DeadlineExceeded, ModelFailed, NotReady
 from moderator.serving.batching import Batcher
 from moderator.serving.metrics import Metrics
 from tests.helpers import DIM, make_index, policy_doc
@@ -210,7 +210,7 @@ def test_a_failing_forward_pass_fails_only_its_batch(metrics: Metrics, index: Po
     batcher = Batcher(flaky, BatchConfig(max_batch_size=8, max_wait_ms=0), metrics)
     batcher.start()
     try:
-        with pytest.raises(RuntimeError, match="device fell over"):
+        with pytest.raises(ModelFailed, match=r"the model failed on this batch \(RuntimeError\)"):
             batcher.submit(views(1), index, deadline=None).result(WAIT)
         assert batcher.submit(views(2), index, deadline=None).result(WAIT).scores.shape == (1, 1)
     finally:
@@ -261,6 +261,8 @@ def test_stopping_leaves_a_stuck_worker_behind_and_fails_what_is_queued(
     batcher = Batcher(encoder, BatchConfig(max_batch_size=1, max_wait_ms=0), metrics)
     batcher.start()
     left: list[int] = []
+    worker = batcher._thread
+    assert worker is not None
     try:
         block_worker(batcher, encoder, index)  # the forward pass hangs
         queued = batcher.submit(views(1), index, None, on_done=lambda: left.append(1))
@@ -268,5 +270,7 @@ def test_stopping_leaves_a_stuck_worker_behind_and_fails_what_is_queued(
         with pytest.raises(NotReady, match="stuck"):
             queued.result(WAIT)
         assert left == [1]
+        assert worker.is_alive()
     finally:
         encoder.release()
+        worker.join(WAIT)  # not left running into interpreter exit
