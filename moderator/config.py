@@ -176,8 +176,10 @@ class ServerConfig:
     # Moderator calls (streams included) running at once; more are refused with
     # RESOURCE_EXHAUSTED. Health and reflection are not counted, so probes always get in.
     max_concurrent_rpcs: int = 256
-    # HTTP/2 streams (calls) one connection may have open; a client queues the rest.
-    max_streams_per_connection: int = 32
+    # HTTP/2 streams (calls) one connection may have open; a client queues the rest. RFC 9113
+    # recommends no less than 100: clients that open many calls before the server's SETTINGS
+    # arrive get the excess refused.
+    max_streams_per_connection: int = 100
     # A ModerateStream that sends no request for this long is closed (DEADLINE_EXCEEDED).
     stream_idle_seconds: float = 300.0
     # On SIGTERM: NOT_SERVING, keep accepting for drain_seconds (load balancers and

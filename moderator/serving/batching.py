@@ -30,6 +30,8 @@ from moderator.serving.metrics import Metrics
 log = logging.getLogger(__name__)
 
 EncodeImages = Callable[[torch.Tensor], torch.Tensor]
+# Even a stop in a hurry gives an idle worker this long to notice and exit.
+MIN_STOP_SECONDS = 0.5
 
 
 @dataclass
@@ -88,9 +90,10 @@ class Batcher:
             self._cond.notify_all()
         if self._thread is None:
             return
-        self._thread.join(timeout)
+        self._thread.join(None if timeout is None else max(timeout, MIN_STOP_SECONDS))
         if self._thread.is_alive():
-            log.error("the model worker is stuck; stopping without it")
+            if self._running_since is not None:
+                log.error("the model worker is stuck in a forward pass; stopping without it")
             with self._cond:
                 abandoned = list(self._queue)
                 self._queue.clear()

@@ -146,7 +146,7 @@ class Service:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self.servicer.stop_streams()
+        self.servicer.stop_accepting()
         if self.server is not None:
             log.info(
                 "no longer accepting; %.1f s for accepted requests to finish",

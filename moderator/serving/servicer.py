@@ -113,9 +113,10 @@ class ModeratorServicer:
         self._stream_idle_seconds = stream_idle_seconds
         self._stopping = asyncio.Event()
 
-    def stop_streams(self) -> None:
-        """Drain: streams read no further request, answer the pending ones and end with
-        UNAVAILABLE (send the rest elsewhere)."""
+    def stop_accepting(self) -> None:
+        """The end of the drain: new calls get UNAVAILABLE (not accepted), and open streams
+        read no further request, answer their pending ones and end with UNAVAILABLE (send
+        the rest elsewhere). Calls already accepted go on."""
         self._stopping.set()
 
     def handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
@@ -157,7 +158,9 @@ class ModeratorServicer:
         self,
         request_iterator: AsyncIterator[bytes],
         context: Context,
-    ) -> AsyncIterator[pb.ModerateResponse]:
+    ) -> None:
+        """Answers are written with context.write under a time limit: a client that stops
+        reading (HTTP/2 flow control holds the write) cannot keep its call slot forever."""
         method = "ModerateStream"
         started = time.perf_counter()
         try:
@@ -170,8 +173,8 @@ class ModeratorServicer:
                     self._stopping,
                 )
                 async for response in answers:
-                    yield response
-        except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
+                    await self._write(context, response)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
             self._observe(method, started, grpc.StatusCode.CANCELLED)
             raise
         except BaseException as exc:
@@ -181,6 +184,20 @@ class ModeratorServicer:
             return
         context.set_code(code)
         context.set_details(details)
+
+    async def _write(self, context: Context, response: pb.ModerateResponse) -> None:
+        write = asyncio.ensure_future(context.write(response))
+        try:
+            done, _ = await asyncio.wait({write}, timeout=self._stream_idle_seconds)
+        finally:
+            if not write.done():
+                write.cancel()
+        if write not in done:
+            raise DeadlineExceeded(
+                f"the client read no answer for {self._stream_idle_seconds:g} s: stream closed "
+                "(--stream-idle-seconds)"
+            )
+        write.result()
 
     async def ListPolicies(  # noqa: N802
         self, request: pb.ListPoliciesRequest, context: Context
@@ -290,6 +307,8 @@ class ModeratorServicer:
     @contextlib.contextmanager
     def _call_slot(self) -> Iterator[None]:
         """One of --max-concurrent-rpcs, for the length of a call."""
+        if self._stopping.is_set():
+            raise NotReady("the server is shutting down: call another replica")
         if self._calls >= self._max_calls:
             self._metrics.rejected_requests.labels(reason="overload").inc()
             raise Overloaded(

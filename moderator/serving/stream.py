@@ -12,6 +12,7 @@ answered, then the stream ends with NotReady, telling the client to send the res
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -28,6 +29,11 @@ class _Window(Generic[_Answer]):
     slots: asyncio.Semaphore
     started: asyncio.Queue[asyncio.Task[_Answer] | Exception | None]
     pending: int = 0  # answers started and not yet sent
+    # when a request was last read or the last pending answer sent (time.monotonic())
+    last_activity: float = 0.0
+
+    def active(self) -> None:
+        self.last_activity = time.monotonic()
 
 
 async def answer_in_order(
@@ -38,6 +44,7 @@ async def answer_in_order(
     stopping: asyncio.Event,
 ) -> AsyncIterator[_Answer]:
     state: _Window[_Answer] = _Window(asyncio.Semaphore(window), asyncio.Queue())
+    state.active()
     reader = asyncio.ensure_future(_read(requests, answer, state, idle_seconds, stopping))
     try:
         while (item := await state.started.get()) is not None:
@@ -48,6 +55,7 @@ async def answer_in_order(
             finally:
                 state.pending -= 1
                 state.slots.release()
+                state.active()
     finally:
         reader.cancel()
         while not state.started.empty():
@@ -64,6 +72,7 @@ async def _read(
 ) -> None:
     try:
         while (request := await _next(requests, state, idle_seconds, stopping)) is not _END:
+            state.active()
             await state.slots.acquire()
             state.pending += 1
             state.started.put_nowait(asyncio.ensure_future(answer(request)))  # type: ignore[arg-type]
@@ -85,14 +94,17 @@ async def _next(
     stop = asyncio.ensure_future(stopping.wait())
     try:
         while True:
+            # idle: nothing read and no answer pending since last_activity
+            idle_for = time.monotonic() - state.last_activity
+            timeout = idle_seconds if state.pending else max(0.0, idle_seconds - idle_for)
             done, _ = await asyncio.wait(
-                {incoming, stop}, timeout=idle_seconds, return_when=asyncio.FIRST_COMPLETED
+                {incoming, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
             if stop in done:  # first: a client that never pauses must not keep it open
                 raise NotReady("the server is shutting down: send the rest of the stream again")
             if incoming in done:
                 return incoming.result()
-            if state.pending == 0:  # a client waiting for an answer is not idle
+            if not state.pending and time.monotonic() - state.last_activity >= idle_seconds:
                 raise DeadlineExceeded(
                     f"no request for {idle_seconds:g} s: stream closed (--stream-idle-seconds)"
                 )

@@ -118,9 +118,12 @@ def test_sigterm_under_load_loses_no_accepted_request(tmp_path: Path) -> None:
             client.join(60)
         if process.poll() is None:
             process.kill()
-    codes = {call.code for call in calls}
-    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
     accepted_window = signalled + DRAIN_SECONDS - EDGE_SECONDS
+    # A call that reaches the door as gRPC closes it may be CANCELLED by gRPC itself; either
+    # way it was never accepted.
+    closed = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+    late = {c.code for c in calls if c.started >= accepted_window}
+    assert late <= closed | {grpc.StatusCode.OK}, late
     during_drain = [c for c in calls if signalled < c.started < accepted_window]
     assert during_drain, "no request was sent during the drain"
     assert all(c.code == grpc.StatusCode.OK for c in calls if c.started < accepted_window)

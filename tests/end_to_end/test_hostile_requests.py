@@ -8,8 +8,10 @@ import io
 import os
 import queue
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -401,3 +403,54 @@ def encode_varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+def test_a_client_that_never_reads_its_answers_gives_its_call_slot_back(
+    demo_clip: ClipModel, tmp_path: Path
+) -> None:
+    config = demo_config(
+        tmp_path,
+        server=ServerConfig(
+            host="127.0.0.1",
+            port=0,
+            metrics_port=-1,
+            drain_seconds=0,
+            shutdown_grace_seconds=2,
+            stream_idle_seconds=1.0,
+            max_concurrent_rpcs=1,
+        ),
+    )
+    running = start_service(config, lambda _config: demo_clip)
+    service = next(running)
+    red = shape_png("red", "circle", 64, 64)
+    # big answers (embeddings, long ids) fill HTTP/2 flow control quickly
+    big = pb.ModerateRequest(
+        images=[pb.Image(id=f"{i:04d}" * 20, data=red) for i in range(16)],
+        include_embeddings=True,
+    )
+    stop_sending = threading.Event()
+
+    def requests() -> Iterator[pb.ModerateRequest]:
+        for _ in range(12):
+            yield big
+        stop_sending.wait(60)  # keeps its side open and sends nothing more
+
+    options = [("grpc.http2.bdp_probe", 0), ("grpc.use_local_subchannel_pool", 1)]
+    slow = grpc.insecure_channel(service.address, options=options)
+    stream = pb_grpc.ModeratorStub(slow).ModerateStream(requests())  # never read
+    try:
+        registry = service.service.registry
+        answered = {"method": "ModerateStream/request", "code": "OK"}
+        wait_until(
+            lambda: (registry.get_sample_value("moderator_requests_total", answered) or 0) > 0
+        )
+        wait_until(lambda: service.service.servicer._calls == 0)  # the write timed out
+        with own_connection(service.address) as other:
+            answer = raw_moderate(other)(request(red), timeout=30)
+        assert answer.results[0].decision == pb.DECISION_BLOCK
+    finally:
+        stop_sending.set()
+        stream.cancel()
+        slow.close()
+        for _ in running:
+            pass

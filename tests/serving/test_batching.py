@@ -274,3 +274,13 @@ def test_stopping_leaves_a_stuck_worker_behind_and_fails_what_is_queued(
     finally:
         encoder.release()
         worker.join(WAIT)  # not left running into interpreter exit
+
+
+def test_a_hurried_stop_of_an_idle_worker_is_not_reported_stuck(
+    encoder: GatedEncoder, metrics: Metrics, index: PolicyIndex, caplog: pytest.LogCaptureFixture
+) -> None:
+    batcher = Batcher(encoder, BatchConfig(max_batch_size=1, max_wait_ms=0), metrics)
+    batcher.start()
+    batcher.submit(views(1), index, None).result(WAIT)
+    batcher.stop(timeout=0.0)
+    assert "stuck" not in caplog.text

@@ -111,3 +111,23 @@ def test_closing_the_stream_leaves_no_answer_running() -> None:
         assert len(worker.started) == 4
 
     asyncio.run(scenario())
+
+
+def test_the_idle_clock_starts_when_the_last_answer_was_sent() -> None:
+    async def scenario() -> list[int]:
+        client = Client()
+
+        async def slow(n: int) -> int:
+            await asyncio.sleep(0.45)  # nearly the idle time, spent on the answer
+            return n
+
+        stream = answer_in_order(client.requests(), slow, 4, 0.5, asyncio.Event())
+        answers = []
+        for n in range(3):
+            client.queue.put_nowait(n)
+            answers.append(await anext(stream))
+            await asyncio.sleep(0.1)  # the client thinks a little before its next request
+        client.queue.put_nowait(None)
+        return answers
+
+    assert asyncio.run(scenario()) == [0, 1, 2]
