@@ -187,6 +187,10 @@ class ServerConfig:
     # shutdown_grace_seconds to finish. 5 + 25 fits Kubernetes' default 30 s.
     drain_seconds: float = 5.0
     shutdown_grace_seconds: float = 25.0
+    # YAML file of callers (token SHA-256 -> roles); None: every caller may call every method.
+    auth_tokens: Path | None = None
+    # Serve gRPC server reflection (lists the services; no credentials needed).
+    reflection: bool = True
 
     def __post_init__(self) -> None:
         require(bool(self.host), "--host", "must not be empty")

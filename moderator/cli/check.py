@@ -31,6 +31,13 @@ def add_parser(commands: Subparsers, env: Mapping[str, str]) -> None:
         "--policy", action="append", default=[], help="only this policy id (repeatable)"
     )
     check.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    check.add_argument(
+        "--token-file",
+        type=Path,
+        default=env.get(env_name("--token-file")),
+        help="file holding the bearer token (or the token itself in MODERATOR_TOKEN)",
+    )
+    check.set_defaults(token=env.get("MODERATOR_TOKEN"))
     check.set_defaults(handler=run)
 
 
@@ -41,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     with grpc.insecure_channel(args.server, options=options) as channel:
         stub = pb_grpc.ModeratorStub(channel)
+        metadata = bearer(args)
         for start in range(0, len(args.files), CHECK_BATCH_SIZE):
             files: list[Path] = args.files[start : start + CHECK_BATCH_SIZE]
             request = pb.ModerateRequest(
@@ -49,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
                 include_embeddings=args.embeddings,
             )
             try:
-                response = stub.Moderate(request, timeout=args.timeout)
+                response = stub.Moderate(request, timeout=args.timeout, metadata=metadata)
             except grpc.RpcError as exc:
                 print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
                 return 1
@@ -62,6 +70,12 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     print(format_line(result))
     return 0
+
+
+def bearer(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """The authorization metadata: --token-file, else MODERATOR_TOKEN, else none."""
+    token = Path(args.token_file).read_text().strip() if args.token_file else args.token
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 def format_line(result: pb.ImageResult) -> str:

@@ -42,6 +42,16 @@ def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper()
 
 
+def on_off(value: str) -> bool:
+    """An on/off flag value (also true/false, yes/no, 1/0)."""
+    word = value.strip().lower()
+    if word in ("on", *TRUE_WORDS):
+        return True
+    if word in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r}: use on or off")
+
+
 @dataclass(frozen=True)
 class Option:
     flag: str
@@ -187,6 +197,13 @@ SERVE_OPTIONS = (
         "close a ModerateStream that sends nothing for this long",
     ),
     Option(
+        "--auth-tokens",
+        Path,
+        None,
+        "YAML file of callers: token SHA-256 and roles (default: no authentication)",
+    ),
+    Option("--reflection", on_off, "on", "serve gRPC server reflection: on or off"),
+    Option(
         "--drain-seconds",
         float,
         ServerConfig.drain_seconds,
@@ -318,6 +335,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
             max_concurrent_rpcs=args.max_concurrent_rpcs,
             max_streams_per_connection=args.max_streams_per_connection,
             stream_idle_seconds=args.stream_idle_seconds,
+            auth_tokens=args.auth_tokens,
+            reflection=args.reflection,
             drain_seconds=args.drain_seconds,
             shutdown_grace_seconds=args.shutdown_grace_seconds,
         ),

@@ -45,8 +45,9 @@ class Metrics:
         self.registry = registry
         self.requests = Counter(
             "requests",
-            "RPCs by method and gRPC status code.",
-            ["method", "code"],
+            "RPCs by method, gRPC status code and caller (a name from the token file, "
+            "'anonymous' without one, 'unauthenticated' for calls without a known token).",
+            ["method", "code", "caller"],
             namespace=NAMESPACE,
             registry=registry,
         )
@@ -146,6 +147,20 @@ class Metrics:
             "admission_limit",
             "The most work admitted at once, by resource.",
             ["resource"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.auth_reloads = Counter(
+            "auth_reloads",
+            "Token file (re)loads by result (success or error; an error keeps the previous file).",
+            ["result"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.auth_file_info = Gauge(
+            "auth_file_info",
+            "The token file in force: a hash of its content (always 1; one series at a time).",
+            ["version"],
             namespace=NAMESPACE,
             registry=registry,
         )

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from moderator.config import Config, ModelConfig, ServerConfig
 from moderator.core.clip import ClipModel, load_clip
 from moderator.core.policies import ReloadStatus
+from moderator.serving.auth import AccessControl, AuthInterceptor
 from moderator.serving.engine import MODEL_STOP_SECONDS, ModerationEngine
 from moderator.serving.health import HealthMonitor
 from moderator.serving.metrics import Metrics
@@ -54,9 +55,11 @@ def create_server(
     max_message_bytes: int,
     servicer: ModeratorServicer,
     health_servicer: HealthServicer,
+    interceptor: AuthInterceptor,
 ) -> tuple[grpc.aio.Server, int]:
     """Build the server and bind its port (0 picks a free one). Returns (server, port)."""
     server = grpc.aio.server(
+        interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             # Compressed requests are refused (UNIMPLEMENTED): 130 KB of gzip can be 128 MiB.
@@ -66,9 +69,10 @@ def create_server(
     )
     server.add_generic_rpc_handlers((servicer.handler(),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    if config.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
@@ -89,6 +93,8 @@ class Service:
         self.metrics = Metrics(self.registry)
         self.engine = ModerationEngine(config, self.metrics, load_model)
         self.servicer = create_servicer(config, self.engine, self.metrics)
+        # read now: a broken token file stops the start before the model loads
+        self.access = AccessControl(config.server.auth_tokens, self.metrics)
         self.health = HealthServicer()
         self.monitor = HealthMonitor(
             self.health,
@@ -109,8 +115,13 @@ class Service:
         """Serve NOT_SERVING at once, load the engine off the loop, then serve SERVING."""
         self._start_metrics_endpoint()
         await self.monitor.accepting(False)
+        interceptor = AuthInterceptor(self.access, SERVICE_NAME, self.metrics)
         self.server, self.port = create_server(
-            self.config.server, self.config.max_message_bytes, self.servicer, self.health
+            self.config.server,
+            self.config.max_message_bytes,
+            self.servicer,
+            self.health,
+            interceptor,
         )
         await self.server.start()
         log.info(
@@ -128,6 +139,8 @@ class Service:
             raise
         if self.config.policy_poll_seconds > 0:
             self._tasks.append(asyncio.ensure_future(watcher.run()))
+            if self.access.enabled:
+                self._tasks.append(asyncio.ensure_future(self._watch_tokens()))
         self._tasks.append(asyncio.ensure_future(self.monitor.run()))
         await self.monitor.accepting(True)
         log.info("SERVING on port %d; metrics on port %d", self.port, self.metrics_port)
@@ -157,6 +170,14 @@ class Service:
         await asyncio.get_running_loop().run_in_executor(None, self.engine.stop, model_timeout)
         self._stop_metrics_endpoint()
         log.info("stopped")
+
+    async def _watch_tokens(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.policy_poll_seconds)
+            try:
+                await asyncio.to_thread(self.access.reload_if_changed)
+            except Exception:
+                log.exception("token file check failed")
 
     async def hurry(self) -> None:
         """Cut a drain short: stop accepting now and cancel what is in flight."""
@@ -241,7 +262,8 @@ def _reload_on_signal(service: Service) -> None:
     if not service.engine.ready:
         log.warning("SIGHUP ignored: still loading")
         return
-    log.info("SIGHUP: reloading policies")
+    log.info("SIGHUP: reloading policies and the token file")
+    service.access.reload()
     task = asyncio.ensure_future(service.engine.reload())
     _background.add(task)  # keep a reference until it is done
     task.add_done_callback(_background.discard)

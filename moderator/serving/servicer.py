@@ -23,6 +23,7 @@ from moderator.errors import (
     NotReady,
     Overloaded,
 )
+from moderator.serving.auth import CALLER, audit
 from moderator.serving.engine import ImageInput, ModerationEngine
 from moderator.serving.metrics import Metrics
 from moderator.serving.request_limits import (
@@ -246,10 +247,16 @@ class ModeratorServicer:
         )
 
     async def _reload_policies(self) -> pb.ReloadPoliciesResponse:
-        status = await self._engine.reload()
-        return pb.ReloadPoliciesResponse(
-            status=reload_status(status), policy_version=self._engine.policies.version
-        )
+        before = self._engine.policies.version
+        try:
+            status = await self._engine.reload()
+        except BaseException as exc:
+            audit(CALLER.get(), "ReloadPolicies", status_for(exc).name, before=before)
+            raise
+        after = self._engine.policies.version
+        result = "OK" if status.ok else "INVALID_POLICIES"
+        audit(CALLER.get(), "ReloadPolicies", result, before=before, after=after)
+        return pb.ReloadPoliciesResponse(status=reload_status(status), policy_version=after)
 
     async def _moderate(self, raw: bytes, context: Context, *, wait: bool) -> pb.ModerateResponse:
         """Check the request's shape, hold room for it, then parse and moderate it. `wait`:
@@ -328,10 +335,10 @@ class ModeratorServicer:
         code = status_for(exc)
         self._observe(method, started, code)
         if code is grpc.StatusCode.INTERNAL:
-            log.error("%s failed", method, exc_info=exc)
+            log.error("%s failed for %s", method, CALLER.get(), exc_info=exc)
             return code, "internal error; see the server log"
         return code, clipped(str(exc))
 
     def _observe(self, method: str, started: float, code: grpc.StatusCode) -> None:
-        self._metrics.requests.labels(method=method, code=code.name).inc()
+        self._metrics.requests.labels(method=method, code=code.name, caller=CALLER.get()).inc()
         self._metrics.request_duration.labels(method=method).observe(time.perf_counter() - started)

@@ -17,6 +17,7 @@ import pytest
 from moderator.cli.main import build_parser, main
 from moderator.cli.options import config_from_args
 from moderator.config import DEMO_CHECKPOINT_PATH, DEMO_POLICIES_DIR
+from moderator.serving.access import Role, load_access_file
 from moderator.v1 import moderator_pb2 as pb
 from moderator.v1 import moderator_pb2_grpc as pb_grpc
 from tests.helpers import copy_demo_policies, edit, shape_png
@@ -213,3 +214,20 @@ def test_sigterm_drains_and_exits_zero(demo_server: DemoServer) -> None:
     process = demo_server.process
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0
+
+
+def test_token_prints_a_new_token_and_the_entry_that_matches_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["token", "--name", "upload", "--role", "moderate", "--role", "rescore"]) == 0
+    out = capsys.readouterr().out
+    token = out.splitlines()[0].rsplit(" ", 1)[1]
+    entry = out.split("under 'tokens:':\n", 1)[1]
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text("tokens:\n" + entry)
+    caller = load_access_file(tokens).caller_for_token(token)
+    assert caller is not None
+    assert caller.name == "upload"
+    assert caller.roles == frozenset({Role.MODERATE, Role.RESCORE})
+    assert main(["token"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].rsplit(" ", 1)[1] != token  # random

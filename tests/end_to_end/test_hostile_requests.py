@@ -440,7 +440,7 @@ def test_a_client_that_never_reads_its_answers_gives_its_call_slot_back(
     stream = pb_grpc.ModeratorStub(slow).ModerateStream(requests())  # never read
     try:
         registry = service.service.registry
-        answered = {"method": "ModerateStream/request", "code": "OK"}
+        answered = {"method": "ModerateStream/request", "code": "OK", "caller": "anonymous"}
         wait_until(
             lambda: (registry.get_sample_value("moderator_requests_total", answered) or 0) > 0
         )

@@ -212,7 +212,7 @@ def test_metrics_are_exposed_and_move(
         ('moderator_images_total{decision="error"}', 1),
         ('moderator_image_errors_total{code="unsupported_format"}', 1),
         ('moderator_policy_violations_total{mode="enforce",policy="red"}', 1),
-        ('moderator_requests_total{code="OK",method="Moderate"}', 2),
+        ('moderator_requests_total{caller="anonymous",code="OK",method="Moderate"}', 2),
         ('moderator_request_duration_seconds_count{method="Moderate"}', 2),
         ("moderator_batch_images_count", 1),
         ("moderator_inference_duration_seconds_count", 1),

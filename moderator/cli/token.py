@@ -1,0 +1,34 @@
+"""`moderator token`: a new random bearer token and the token-file entry for it."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import secrets
+from collections.abc import Mapping
+
+from moderator.cli.options import Subparsers
+
+TOKEN_BYTES = 32  # 256 bits
+ROLES = ("moderate", "rescore", "admin")
+
+
+def add_parser(commands: Subparsers, env: Mapping[str, str]) -> None:
+    token = commands.add_parser(
+        "token", help="print a new bearer token and its --auth-tokens entry (SHA-256 only)"
+    )
+    token.add_argument("--name", default="my-caller", help="caller name (metrics and logs)")
+    token.add_argument(
+        "--role", action="append", choices=ROLES, help="a role (repeatable; default moderate)"
+    )
+    token.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    roles = ", ".join(args.role or ["moderate"])
+    print(f"token (give it to the caller; it is not stored anywhere): {token}")
+    print("entry for the --auth-tokens file, under 'tokens:':")
+    print(f'  - name: {args.name}\n    sha256: "{digest}"\n    roles: [{roles}]')
+    return 0

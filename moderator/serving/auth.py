@@ -1,0 +1,189 @@
+"""Authentication and authorization of every call, in one interceptor.
+
+With `--auth-tokens FILE`, a Moderator call must carry `authorization: Bearer <token>`
+metadata whose SHA-256 is in the file, for a caller holding the method's role
+(serving/access.py): no or an unknown token is UNAUTHENTICATED, a missing role
+PERMISSION_DENIED. Health and reflection stay open (probes carry no credentials). The caller's
+name travels with the call (CALLER) into logs and the `caller` label of
+moderator_requests_total. The file is re-read on change and on SIGHUP; a broken file keeps the
+previous one.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import grpc
+
+from moderator.core.policy_files import read_policy_bytes
+from moderator.errors import PolicyError
+from moderator.serving.access import ANONYMOUS, METHOD_ROLES, AccessFile, Caller, load_access_file
+from moderator.serving.metrics import Metrics
+
+log = logging.getLogger(__name__)
+audit_log = logging.getLogger("moderator.audit")
+
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default=ANONYMOUS)
+BEARER = "bearer "
+ADMIN_METHODS = frozenset({"ReloadPolicies"})
+
+
+@dataclass(frozen=True)
+class Verdict:
+    caller: str
+    code: grpc.StatusCode | None = None  # None: allowed
+    message: str = ""
+
+
+class AccessControl:
+    """The token file in force (None: no authentication) and its reloads."""
+
+    def __init__(self, path: Path | None, metrics: Metrics) -> None:
+        self.path = path
+        self._metrics = metrics
+        self.current: AccessFile | None = None
+        self._seen = ""
+        if path is not None:
+            self.current = load_access_file(path)  # a broken file stops the start
+            self._seen = self.fingerprint()
+            self._export(self.current)
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None
+
+    def fingerprint(self) -> str:
+        assert self.path is not None
+        try:
+            return hashlib.sha256(read_policy_bytes(self.path, None)).hexdigest()
+        except PolicyError as exc:
+            return "; ".join(exc.problems)
+
+    def reload_if_changed(self) -> None:
+        if self.enabled and self.fingerprint() != self._seen:
+            self.reload()
+
+    def reload(self) -> None:
+        """Read the file again; a broken one keeps the previous file in force."""
+        if self.path is None:
+            return
+        self._seen = self.fingerprint()
+        try:
+            loaded = load_access_file(self.path)
+        except PolicyError as exc:
+            self._metrics.auth_reloads.labels(result="error").inc()
+            log.error("token file %s not reloaded, the previous one stays: %s", self.path, exc)
+            return
+        previous, self.current = self.current, loaded
+        self._metrics.auth_reloads.labels(result="success").inc()
+        if previous is not None:
+            self._metrics.auth_file_info.remove(previous.version)
+        self._export(loaded)
+        log.info("token file %s loaded: %d callers", self.path, len(loaded.names))
+
+    def _export(self, loaded: AccessFile) -> None:
+        self._metrics.auth_file_info.labels(version=loaded.version).set(1)
+
+    def judge(self, method: str, metadata: Sequence[tuple[str, Any]] | None) -> Verdict:
+        role = METHOD_ROLES.get(method)
+        if self.current is None or role is None:
+            return Verdict(ANONYMOUS)
+        caller = self._caller(metadata)
+        if caller is None:
+            return Verdict(
+                "unauthenticated",
+                grpc.StatusCode.UNAUTHENTICATED,
+                "send 'authorization: Bearer <token>' metadata with a token this server knows",
+            )
+        if not caller.may(role):
+            return Verdict(
+                caller.name,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"caller '{caller.name}' lacks the '{role.value}' role that {method} needs",
+            )
+        return Verdict(caller.name)
+
+    def _caller(self, metadata: Sequence[tuple[str, Any]] | None) -> Caller | None:
+        assert self.current is not None
+        for key, value in metadata or ():
+            if (
+                key == "authorization"
+                and isinstance(value, str)
+                and value[: len(BEARER)].lower() == BEARER
+            ):
+                return self.current.caller_for_token(value[len(BEARER) :].strip())
+        return None
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    def __init__(self, access: AccessControl, service: str, metrics: Metrics) -> None:
+        self._access = access
+        self._service = service
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        if handler is None or service != self._service:
+            return handler  # health and reflection: open
+        verdict = self._access.judge(method, handler_call_details.invocation_metadata)
+        if verdict.code is not None:
+            self._metrics.requests.labels(
+                method=method, code=verdict.code.name, caller=verdict.caller
+            ).inc()
+            log.warning("%s refused for %s: %s", method, verdict.caller, verdict.code.name)
+            if method in ADMIN_METHODS:
+                audit(verdict.caller, method, verdict.code.name)
+        return _as_caller(handler, verdict)
+
+
+def audit(caller: str, method: str, result: str, **details: object) -> None:
+    """One JSON line per admin call on the `moderator.audit` logger."""
+    record = {"time": round(time.time(), 3), "caller": caller, "method": method, "result": result}
+    audit_log.info(json.dumps({**record, **details}, sort_keys=True))
+
+
+def _as_caller(handler: Handler, verdict: Verdict) -> Handler:
+    """The same handler run as `verdict.caller`, or refusing with the verdict's status."""
+    # the aio server's behaviours are coroutine functions; grpc's stubs type the sync ones
+    unary: Any = handler.unary_unary
+    streaming: Any = handler.stream_stream
+    if unary is not None:
+
+        async def unary_call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if verdict.code is not None:
+                context.set_code(verdict.code)
+                context.set_details(verdict.message)
+                return None
+            CALLER.set(verdict.caller)  # this call's own task and context
+            return await unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_call, handler.request_deserializer, handler.response_serializer
+        )
+    assert streaming is not None  # the Moderator service has no other kinds
+
+    async def stream_call(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if verdict.code is not None:
+            context.set_code(verdict.code)
+            context.set_details(verdict.message)
+            return None
+        CALLER.set(verdict.caller)
+        return await streaming(requests, context)
+
+    return grpc.stream_stream_rpc_method_handler(
+        stream_call, handler.request_deserializer, handler.response_serializer
+    )
