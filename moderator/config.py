@@ -191,6 +191,10 @@ class ServerConfig:
     auth_tokens: Path | None = None
     # Serve gRPC server reflection (lists the services; no credentials needed).
     reflection: bool = True
+    # TLS for the gRPC port (both or neither); with a client CA, mutual TLS.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
 
     def __post_init__(self) -> None:
         require(bool(self.host), "--host", "must not be empty")
@@ -217,6 +221,16 @@ class ServerConfig:
             self.max_streams_per_connection >= 1,
             "--max-streams-per-connection",
             "must be at least 1",
+        )
+        require(
+            (self.tls_cert is None) == (self.tls_key is None),
+            "--tls-cert",
+            "and --tls-key go together",
+        )
+        require(
+            self.tls_client_ca is None or self.tls_cert is not None,
+            "--tls-client-ca",
+            "needs --tls-cert and --tls-key (mutual TLS is TLS first)",
         )
         require(self.stream_idle_seconds > 0, "--stream-idle-seconds", "must be positive")
         require(self.drain_seconds >= 0, "--drain-seconds", "must not be negative")

@@ -205,3 +205,81 @@ def copy_demo_policies(directory: Path) -> Path:
 def unit(*values: float) -> list[float]:
     norm = math.sqrt(sum(v * v for v in values))
     return [v / norm for v in values]
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """PEM files made for a test: a CA, a server certificate for localhost and 127.0.0.1, and
+    a client certificate with CN=reviewer-tools, all signed by the CA."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_certificates(directory: Path, server_name: str = "localhost") -> Certificates:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+
+    def issue(
+        subject: str,
+        issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
+        names: list[x509.GeneralName],
+        ca: bool,
+    ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        issuer_name, issuer_key = issuer or (name, key)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(issuer_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256()), key
+
+    def write(name: str, certificate: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+        (directory / f"{name}.pem").write_bytes(
+            certificate.public_bytes(serialization.Encoding.PEM)
+        )
+        (directory / f"{name}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+
+    ca_cert, ca_key = issue("test-ca", None, [], ca=True)
+    server_names: list[x509.GeneralName] = [
+        x509.DNSName(server_name),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    ]
+    server = issue(server_name, (ca_cert.subject, ca_key), server_names, ca=False)
+    client = issue("reviewer-tools", (ca_cert.subject, ca_key), [], ca=False)
+    write("ca", ca_cert, ca_key)
+    write("server", *server)
+    write("client", *client)
+    return Certificates(
+        directory / "ca.pem",
+        directory / "server.pem",
+        directory / "server.key",
+        directory / "client.pem",
+        directory / "client.key",
+    )

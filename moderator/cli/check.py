@@ -38,6 +38,9 @@ def add_parser(commands: Subparsers, env: Mapping[str, str]) -> None:
         help="file holding the bearer token (or the token itself in MODERATOR_TOKEN)",
     )
     check.set_defaults(token=env.get("MODERATOR_TOKEN"))
+    check.add_argument("--tls-ca", type=Path, help="verify the server against this PEM CA (TLS)")
+    check.add_argument("--tls-cert", type=Path, help="client certificate (mutual TLS)")
+    check.add_argument("--tls-key", type=Path, help="client key (mutual TLS)")
     check.set_defaults(handler=run)
 
 
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         ("grpc.max_send_message_length", 256 * MIB),
         ("grpc.max_receive_message_length", 256 * MIB),
     ]
-    with grpc.insecure_channel(args.server, options=options) as channel:
+    with open_channel(args, options) as channel:
         stub = pb_grpc.ModeratorStub(channel)
         metadata = bearer(args)
         for start in range(0, len(args.files), CHECK_BATCH_SIZE):
@@ -70,6 +73,18 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     print(format_line(result))
     return 0
+
+
+def open_channel(args: argparse.Namespace, options: list[tuple[str, int]]) -> grpc.Channel:
+    """TLS when --tls-ca (or a client certificate) is given, else plaintext."""
+    if not (args.tls_ca or args.tls_cert):
+        return grpc.insecure_channel(args.server, options=options)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=args.tls_ca.read_bytes() if args.tls_ca else None,
+        private_key=args.tls_key.read_bytes() if args.tls_key else None,
+        certificate_chain=args.tls_cert.read_bytes() if args.tls_cert else None,
+    )
+    return grpc.secure_channel(args.server, credentials, options=options)
 
 
 def bearer(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:

@@ -145,11 +145,11 @@ def _caller(entry: Any, where: str, keys: set[str], problems: list[str]) -> Call
                 "(it is a metric label)"
             )
             return None
-        name = "subject"  # a subject's caller name comes from its match, made label-safe below
+        # a subject's caller name is its match, made safe for a metric label
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(name))[:64].strip("_") or "subject"
     roles = entry.get("roles")
     known = {role.value for role in Role}
     if not isinstance(roles, list) or not roles or not set(map(str, roles)) <= known:
         problems.append(f"{where}: 'roles' must be a non-empty list of {sorted(known)}")
         return None
-    label = name if CALLER_NAME.match(name) else re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:64]
-    return Caller(label, frozenset(Role(r) for r in roles))
+    return Caller(name, frozenset(Role(r) for r in roles))

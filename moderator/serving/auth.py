@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 audit_log = logging.getLogger("moderator.audit")
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default=ANONYMOUS)
 BEARER = "bearer "
 ADMIN_METHODS = frozenset({"ReloadPolicies"})
@@ -93,26 +94,41 @@ class AccessControl:
     def _export(self, loaded: AccessFile) -> None:
         self._metrics.auth_file_info.labels(version=loaded.version).set(1)
 
-    def judge(self, method: str, metadata: Sequence[tuple[str, Any]] | None) -> Verdict:
-        role = METHOD_ROLES.get(method)
-        if self.current is None or role is None:
+    def judge(
+        self,
+        method: str,
+        metadata: Iterable[tuple[str, Any]] | None,
+        peer: Sequence[str] = (),
+    ) -> Verdict:
+        """The verdict on one call: its bearer token first, else (mutual TLS) the names of
+        its client certificate (`peer`: "CN=..." and the SANs) against the subject rules."""
+        if self.current is None:
             return Verdict(ANONYMOUS)
-        caller = self._caller(metadata)
+        role = METHOD_ROLES.get(method)
+        caller = self._caller(metadata) or self._subject(peer)
         if caller is None:
             return Verdict(
                 "unauthenticated",
                 grpc.StatusCode.UNAUTHENTICATED,
                 "send 'authorization: Bearer <token>' metadata with a token this server knows",
             )
-        if not caller.may(role):
+        if role is None or not caller.may(role):
+            needed = role.value if role else "an unknown"
             return Verdict(
                 caller.name,
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"caller '{caller.name}' lacks the '{role.value}' role that {method} needs",
+                f"caller '{caller.name}' lacks the {needed} role that {method} needs",
             )
         return Verdict(caller.name)
 
-    def _caller(self, metadata: Sequence[tuple[str, Any]] | None) -> Caller | None:
+    def _subject(self, peer: Sequence[str]) -> Caller | None:
+        assert self.current is not None
+        for match, caller in self.current.subjects:
+            if match in peer:
+                return caller
+        return None
+
+    def _caller(self, metadata: Iterable[tuple[str, Any]] | None) -> Caller | None:
         assert self.current is not None
         for key, value in metadata or ():
             if (
@@ -139,7 +155,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
         if handler is None or service != self._service:
             return handler  # health and reflection: open
-        verdict = self._access.judge(method, handler_call_details.invocation_metadata)
+        return self._guarded(handler, method)
+
+    def verdict(self, method: str, context: Context) -> Verdict:
+        """Judged in the call itself: the client certificate is only known there."""
+        metadata: Any = context.invocation_metadata()  # grpc.aio.Metadata: (key, value) pairs
+        verdict = self._access.judge(method, metadata, peer_names(context))
         if verdict.code is not None:
             self._metrics.requests.labels(
                 method=method, code=verdict.code.name, caller=verdict.caller
@@ -147,43 +168,53 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             log.warning("%s refused for %s: %s", method, verdict.caller, verdict.code.name)
             if method in ADMIN_METHODS:
                 audit(verdict.caller, method, verdict.code.name)
-        return _as_caller(handler, verdict)
+        return verdict
+
+    def _guarded(self, handler: Handler, method: str) -> Handler:
+        """The same handler, run as its caller, or refusing with the verdict's status."""
+        # the aio server's behaviours are coroutine functions; grpc's stubs type the sync ones
+        unary: Any = handler.unary_unary
+        streaming: Any = handler.stream_stream
+
+        async def unary_call(request: Any, context: Context) -> Any:
+            verdict = self.verdict(method, context)
+            if verdict.code is not None:
+                return _refuse(context, verdict)
+            CALLER.set(verdict.caller)  # this call's own task and context
+            return await unary(request, context)
+
+        async def stream_call(requests: Any, context: Context) -> Any:
+            verdict = self.verdict(method, context)
+            if verdict.code is not None:
+                return _refuse(context, verdict)
+            CALLER.set(verdict.caller)
+            return await streaming(requests, context)
+
+        if unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                unary_call, handler.request_deserializer, handler.response_serializer
+            )
+        assert streaming is not None  # the Moderator service has no other kinds
+        return grpc.stream_stream_rpc_method_handler(
+            stream_call, handler.request_deserializer, handler.response_serializer
+        )
+
+
+def peer_names(context: Context) -> tuple[str, ...]:
+    """A mutual-TLS client's certificate names: "CN=<common name>" and each SAN."""
+    auth = context.auth_context() or {}
+    names = [f"CN={cn.decode(errors='replace')}" for cn in auth.get("x509_common_name", [])]
+    names += [san.decode(errors="replace") for san in auth.get("x509_subject_alternative_name", [])]
+    return tuple(names)
+
+
+def _refuse(context: Context, verdict: Verdict) -> None:
+    assert verdict.code is not None
+    context.set_code(verdict.code)
+    context.set_details(verdict.message)
 
 
 def audit(caller: str, method: str, result: str, **details: object) -> None:
     """One JSON line per admin call on the `moderator.audit` logger."""
     record = {"time": round(time.time(), 3), "caller": caller, "method": method, "result": result}
     audit_log.info(json.dumps({**record, **details}, sort_keys=True))
-
-
-def _as_caller(handler: Handler, verdict: Verdict) -> Handler:
-    """The same handler run as `verdict.caller`, or refusing with the verdict's status."""
-    # the aio server's behaviours are coroutine functions; grpc's stubs type the sync ones
-    unary: Any = handler.unary_unary
-    streaming: Any = handler.stream_stream
-    if unary is not None:
-
-        async def unary_call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            if verdict.code is not None:
-                context.set_code(verdict.code)
-                context.set_details(verdict.message)
-                return None
-            CALLER.set(verdict.caller)  # this call's own task and context
-            return await unary(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(
-            unary_call, handler.request_deserializer, handler.response_serializer
-        )
-    assert streaming is not None  # the Moderator service has no other kinds
-
-    async def stream_call(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        if verdict.code is not None:
-            context.set_code(verdict.code)
-            context.set_details(verdict.message)
-            return None
-        CALLER.set(verdict.caller)
-        return await streaming(requests, context)
-
-    return grpc.stream_stream_rpc_method_handler(
-        stream_call, handler.request_deserializer, handler.response_serializer
-    )

@@ -24,6 +24,7 @@ from moderator.serving.health import HealthMonitor
 from moderator.serving.metrics import Metrics
 from moderator.serving.request_limits import RequestLimits
 from moderator.serving.servicer import SERVICE_NAME, ModeratorServicer
+from moderator.serving.tls import TlsFiles, server_credentials
 from moderator.serving.watcher import PolicyWatcher
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,12 @@ def create_server(
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert is not None and config.tls_key is not None:
+        files = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
+        port = server.add_secure_port(address, server_credentials(files))
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     return server, port
