@@ -11,6 +11,7 @@ import grpc
 
 from moderator.cli.options import Subparsers, env_name
 from moderator.config import MIB
+from moderator.errors import ConfigError
 from moderator.v1 import moderator_pb2 as pb
 from moderator.v1 import moderator_pb2_grpc as pb_grpc
 
@@ -89,7 +90,12 @@ def open_channel(args: argparse.Namespace, options: list[tuple[str, int]]) -> gr
 
 def bearer(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
     """The authorization metadata: --token-file, else MODERATOR_TOKEN, else none."""
-    token = Path(args.token_file).read_text().strip() if args.token_file else args.token
+    try:
+        token = Path(args.token_file).read_text().strip() if args.token_file else args.token
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--token-file {args.token_file}: cannot read it ({exc})") from exc
+    if token and not token.isascii():
+        raise ConfigError("the token is not ASCII: was the wrong file given?")
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 

@@ -26,6 +26,8 @@ SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 CALLER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_ENTRIES = 1000
 ANONYMOUS = "anonymous"  # the caller label when no token file is configured
+UNAUTHENTICATED = "unauthenticated"  # the caller label of calls without a known token
+RESERVED_NAMES = (ANONYMOUS, UNAUTHENTICATED)
 
 
 class Role(enum.Enum):
@@ -138,6 +140,9 @@ def _caller(entry: Any, where: str, keys: set[str], problems: list[str]) -> Call
     if unknown:
         problems.append(f"{where}: unknown keys {sorted(unknown)}")
     name = entry.get("name")
+    if name in RESERVED_NAMES:
+        problems.append(f"{where}: '{name}' is a name the server uses itself; choose another")
+        return None
     if not isinstance(name, str) or not CALLER_NAME.match(name):
         if "match" not in keys:
             problems.append(

@@ -15,6 +15,7 @@ import contextvars
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -24,16 +25,28 @@ from typing import Any, TypeAlias
 import grpc
 
 from moderator.core.policy_files import read_policy_bytes
-from moderator.errors import PolicyError
-from moderator.serving.access import ANONYMOUS, METHOD_ROLES, AccessFile, Caller, load_access_file
+from moderator.errors import ConfigError, PolicyError
+from moderator.serving.access import (
+    ANONYMOUS,
+    METHOD_ROLES,
+    UNAUTHENTICATED,
+    AccessFile,
+    Caller,
+    load_access_file,
+)
 from moderator.serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("moderator.audit")
+audit_log.setLevel(logging.INFO)  # the audit trail does not follow --log-level
+REFUSAL_LOG_SECONDS = 10.0  # one warning per method, caller and code this often, at most
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default=ANONYMOUS)
+STILL_ALLOWED: contextvars.ContextVar[Callable[[], Verdict] | None] = contextvars.ContextVar(
+    "still_allowed", default=None
+)
 BEARER = "bearer "
 ADMIN_METHODS = frozenset({"ReloadPolicies"})
 
@@ -53,8 +66,12 @@ class AccessControl:
         self._metrics = metrics
         self.current: AccessFile | None = None
         self._seen = ""
+        self._lock = threading.Lock()  # the watcher thread and SIGHUP may both reload
         if path is not None:
-            self.current = load_access_file(path)  # a broken file stops the start
+            try:
+                self.current = load_access_file(path)
+            except PolicyError as exc:  # a broken file stops the start
+                raise ConfigError(f"--auth-tokens {path}: {exc}") from exc
             self._seen = self.fingerprint()
             self._export(self.current)
 
@@ -77,9 +94,13 @@ class AccessControl:
         """Read the file again; a broken one keeps the previous file in force."""
         if self.path is None:
             return
+        with self._lock:
+            self._reload(self.path)
+
+    def _reload(self, path: Path) -> None:
         self._seen = self.fingerprint()
         try:
-            loaded = load_access_file(self.path)
+            loaded = load_access_file(path)
         except PolicyError as exc:
             self._metrics.auth_reloads.labels(result="error").inc()
             log.error("token file %s not reloaded, the previous one stays: %s", self.path, exc)
@@ -108,7 +129,7 @@ class AccessControl:
         caller = self._caller(metadata) or self._subject(peer)
         if caller is None:
             return Verdict(
-                "unauthenticated",
+                UNAUTHENTICATED,
                 grpc.StatusCode.UNAUTHENTICATED,
                 "send 'authorization: Bearer <token>' metadata with a token this server knows",
             )
@@ -145,6 +166,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._access = access
         self._service = service
         self._metrics = metrics
+        self._logged: dict[tuple[str, str, grpc.StatusCode], float] = {}
 
     async def intercept_service(
         self,
@@ -165,10 +187,18 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             self._metrics.requests.labels(
                 method=method, code=verdict.code.name, caller=verdict.caller
             ).inc()
-            log.warning("%s refused for %s: %s", method, verdict.caller, verdict.code.name)
+            self._log_refusal(method, verdict)
             if method in ADMIN_METHODS:
                 audit(verdict.caller, method, verdict.code.name)
         return verdict
+
+    def _log_refusal(self, method: str, verdict: Verdict) -> None:
+        assert verdict.code is not None
+        key = (method, verdict.caller, verdict.code)
+        now = time.monotonic()
+        if now - self._logged.get(key, -REFUSAL_LOG_SECONDS) >= REFUSAL_LOG_SECONDS:
+            self._logged[key] = now
+            log.warning("%s refused for %s: %s", method, verdict.caller, verdict.code.name)
 
     def _guarded(self, handler: Handler, method: str) -> Handler:
         """The same handler, run as its caller, or refusing with the verdict's status."""
@@ -188,6 +218,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             if verdict.code is not None:
                 return _refuse(context, verdict)
             CALLER.set(verdict.caller)
+            # a stream outlives token file edits: each of its requests is judged again
+            STILL_ALLOWED.set(lambda: self.verdict(method, context))
             return await streaming(requests, context)
 
         if unary is not None:

@@ -265,11 +265,11 @@ def run_in_daemon_thread(fn: Callable[[], None]) -> asyncio.Future[None]:
 
 
 def _reload_on_signal(service: Service) -> None:
+    service.access.reload()  # the token file, even while the model loads
     if not service.engine.ready:
-        log.warning("SIGHUP ignored: still loading")
+        log.warning("SIGHUP: token file re-read; policies not yet (still loading)")
         return
-    log.info("SIGHUP: reloading policies and the token file")
-    service.access.reload()
+    log.info("SIGHUP: reloading policies")
     task = asyncio.ensure_future(service.engine.reload())
     _background.add(task)  # keep a reference until it is done
     task.add_done_callback(_background.discard)

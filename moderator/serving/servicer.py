@@ -23,7 +23,7 @@ from moderator.errors import (
     NotReady,
     Overloaded,
 )
-from moderator.serving.auth import CALLER, audit
+from moderator.serving.auth import ADMIN_METHODS, CALLER, STILL_ALLOWED, audit
 from moderator.serving.engine import ImageInput, ModerationEngine
 from moderator.serving.metrics import Metrics
 from moderator.serving.request_limits import (
@@ -83,7 +83,17 @@ def clipped(details: str) -> str:
     return details[: MAX_DETAILS_CHARS - len(tail)] + tail
 
 
+class AccessDenied(ModeratorError):
+    """A stream request whose caller lost its token or role since the stream opened."""
+
+    def __init__(self, message: str, code: grpc.StatusCode) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def status_for(error: BaseException) -> grpc.StatusCode:
+    if isinstance(error, AccessDenied):
+        return error.code
     for kind, code in STATUS_FOR_ERROR.items():
         if isinstance(error, kind):
             return code
@@ -135,14 +145,13 @@ class ModeratorServicer:
                 "ScoreEmbeddings": grpc.unary_unary_rpc_method_handler(
                     self.ScoreEmbeddings, response_serializer=moderate_out
                 ),
+                # their requests have no fields: the bytes are never parsed
                 "ListPolicies": grpc.unary_unary_rpc_method_handler(
                     self.ListPolicies,
-                    request_deserializer=pb.ListPoliciesRequest.FromString,
                     response_serializer=pb.ListPoliciesResponse.SerializeToString,
                 ),
                 "ReloadPolicies": grpc.unary_unary_rpc_method_handler(
                     self.ReloadPolicies,
-                    request_deserializer=pb.ReloadPoliciesRequest.FromString,
                     response_serializer=pb.ReloadPoliciesResponse.SerializeToString,
                 ),
             },
@@ -201,12 +210,12 @@ class ModeratorServicer:
         write.result()
 
     async def ListPolicies(  # noqa: N802
-        self, request: pb.ListPoliciesRequest, context: Context
+        self, request: bytes, context: Context
     ) -> pb.ListPoliciesResponse:
         return await self._unary("ListPolicies", context, self._list_policies)
 
     async def ReloadPolicies(  # noqa: N802
-        self, request: pb.ReloadPoliciesRequest, context: Context
+        self, request: bytes, context: Context
     ) -> pb.ReloadPoliciesResponse:
         return await self._unary("ReloadPolicies", context, self._reload_policies)
 
@@ -218,18 +227,22 @@ class ModeratorServicer:
     async def _unary(
         self, method: str, context: Context, handle: Callable[[], Awaitable[_Response]]
     ) -> _Response:
-        """Time and count one unary RPC; map a domain error to its status."""
+        """Time and count one unary RPC; map a domain error to its status; audit admin calls."""
         started = time.perf_counter()
+        before = self._policy_version()
         try:
             with self._call_slot():
                 response = await handle()
         except (grpc.aio.AbortError, asyncio.CancelledError):
             self._observe(method, started, grpc.StatusCode.CANCELLED)
+            self._audit(method, "CANCELLED", before)
             raise
         except BaseException as exc:
             code, details = self._failure(method, started, exc)
+            self._audit(method, code.name, before)
         else:
             self._observe(method, started, grpc.StatusCode.OK)
+            self._audit(method, "OK", before, response)
             return response
         # A status set, not raised (context.abort): an exception's traceback would hold the
         # frames holding the request's bytes in a reference cycle until the next full garbage
@@ -247,16 +260,20 @@ class ModeratorServicer:
         )
 
     async def _reload_policies(self) -> pb.ReloadPoliciesResponse:
-        before = self._engine.policies.version
-        try:
-            status = await self._engine.reload()
-        except BaseException as exc:
-            audit(CALLER.get(), "ReloadPolicies", status_for(exc).name, before=before)
-            raise
-        after = self._engine.policies.version
-        result = "OK" if status.ok else "INVALID_POLICIES"
-        audit(CALLER.get(), "ReloadPolicies", result, before=before, after=after)
-        return pb.ReloadPoliciesResponse(status=reload_status(status), policy_version=after)
+        status = await self._engine.reload()
+        return pb.ReloadPoliciesResponse(
+            status=reload_status(status), policy_version=self._engine.policies.version
+        )
+
+    def _policy_version(self) -> str:
+        return self._engine.policies.version if self._engine.ready else ""
+
+    def _audit(self, method: str, result: str, before: str, response: object = None) -> None:
+        if method not in ADMIN_METHODS:
+            return
+        if isinstance(response, pb.ReloadPoliciesResponse) and not response.status.ok:
+            result = "INVALID_POLICIES"  # the call worked; the directory did not load
+        audit(CALLER.get(), method, result, before=before, after=self._policy_version())
 
     async def _moderate(self, raw: bytes, context: Context, *, wait: bool) -> pb.ModerateResponse:
         """Check the request's shape, hold room for it, then parse and moderate it. `wait`:
@@ -285,6 +302,7 @@ class ModeratorServicer:
         """One request of a stream: a domain error becomes that request's response."""
         started = time.perf_counter()
         try:
+            self._check_still_allowed()
             response = await self._moderate(raw, context, wait=True)
         except Exception as exc:  # this request's failure, not the stream's
             code, details = self._failure(STREAM_REQUEST, started, exc)
@@ -294,6 +312,14 @@ class ModeratorServicer:
             )
         self._observe(STREAM_REQUEST, started, grpc.StatusCode.OK)
         return response
+
+    def _check_still_allowed(self) -> None:
+        """A stream's caller is judged again for each request: a token removed from the
+        file stops working on streams already open too."""
+        judge = STILL_ALLOWED.get()
+        verdict = judge() if judge is not None else None
+        if verdict is not None and verdict.code is not None:
+            raise AccessDenied(verdict.message, verdict.code)
 
     async def _score(self, raw: bytes) -> pb.ModerateResponse:
         self._engine.check_ready()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -172,3 +173,45 @@ def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition never held"
         time.sleep(0.1)
+
+
+def test_an_open_stream_stops_working_when_its_token_is_removed(
+    service: RunningService, tokens_path: Path
+) -> None:
+    sent: queue.Queue[pb.ModerateRequest | None] = queue.Queue()
+
+    def requests() -> Iterator[pb.ModerateRequest]:
+        while (item := sent.get()) is not None:
+            yield item
+
+    red = pb.ModerateRequest(images=[pb.Image(id="red", data=shape_png("red", "circle"))])
+    with grpc.insecure_channel(service.address) as channel:
+        stub = pb_grpc.ModeratorStub(channel)
+        stream = stub.ModerateStream(requests(), metadata=as_caller("mod"), timeout=60)
+        answers = iter(stream)
+        sent.put(red)
+        assert next(answers).results
+        moderate = calls(stub)["Moderate"]
+        try:
+            tokens_path.write_text(token_file({"res": ROLES["res"], "adm": ROLES["adm"]}))
+            wait_until(lambda: code_of(moderate, as_caller("mod")) != grpc.StatusCode.OK)
+            sent.put(red)
+            refused = next(answers)
+            assert refused.error.code == grpc.StatusCode.UNAUTHENTICATED.value[0]
+            assert not refused.results
+        finally:
+            sent.put(None)
+            tokens_path.write_text(token_file(ROLES))
+        wait_until(lambda: code_of(moderate, as_caller("mod")) == grpc.StatusCode.OK)
+
+
+def test_a_refused_call_is_refused_before_its_bytes_are_read(service: RunningService) -> None:
+    with grpc.insecure_channel(service.address) as channel:
+        reload = channel.unary_unary(
+            "/moderator.v1.Moderator/ReloadPolicies",
+            request_serializer=None,
+            response_deserializer=None,
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            reload(b"\xff\xff\xff", timeout=10)  # not a valid message
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
 from moderator.errors import PolicyError
-from moderator.serving.access import Role, load_access_file, token_digest
+from moderator.serving.access import METHOD_ROLES, Role, load_access_file, token_digest
+from moderator.serving.auth import audit_log
+from moderator.v1 import moderator_pb2 as pb
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -63,3 +66,25 @@ subjects:
 def test_every_problem_in_a_token_file_is_named(tmp_path: Path, text: str, words: str) -> None:
     with pytest.raises(PolicyError, match=words):
         load_access_file(write(tmp_path, text))
+
+
+def test_every_moderator_method_has_a_role() -> None:
+    service = pb.DESCRIPTOR.services_by_name["Moderator"]
+    assert set(METHOD_ROLES) == {method.name for method in service.methods}
+
+
+@pytest.mark.parametrize("name", ["anonymous", "unauthenticated"])
+def test_the_names_the_server_uses_itself_are_refused(tmp_path: Path, name: str) -> None:
+    text = f"tokens: [{{name: {name}, sha256: '{'0' * 64}', roles: [moderate]}}]"
+    with pytest.raises(PolicyError, match="a name the server uses itself"):
+        load_access_file(write(tmp_path, text))
+
+
+def test_the_audit_trail_does_not_follow_the_log_level() -> None:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        assert audit_log.isEnabledFor(logging.INFO)
+    finally:
+        root.setLevel(level)
