@@ -195,6 +195,19 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # A second port serving only ReloadPolicies and ScoreEmbeddings (the public port then
+    # answers them UNIMPLEMENTED); negative: off. Bind it to localhost or a private interface.
+    admin_port: int = -1
+    admin_host: str = "127.0.0.1"
+    # The metrics endpoint's address ("" = --host) and optional TLS.
+    metrics_host: str = ""
+    metrics_tls_cert: Path | None = None
+    metrics_tls_key: Path | None = None
+    metrics_tls_client_ca: Path | None = None
+    # Connections are closed (GOAWAY) after this long, so clients reconnect and spread over
+    # replicas added since; calls in flight get the grace to finish. 0 = never.
+    max_connection_age_seconds: float = 300.0
+    max_connection_age_grace_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         require(bool(self.host), "--host", "must not be empty")
@@ -231,6 +244,29 @@ class ServerConfig:
             self.tls_client_ca is None or self.tls_cert is not None,
             "--tls-client-ca",
             "needs --tls-cert and --tls-key (mutual TLS is TLS first)",
+        )
+        require(
+            self.admin_port <= MAX_PORT, "--admin-port", f"must be at most {MAX_PORT} (-1: off)"
+        )
+        require(
+            (self.metrics_tls_cert is None) == (self.metrics_tls_key is None),
+            "--metrics-tls-cert",
+            "and --metrics-tls-key go together",
+        )
+        require(
+            self.metrics_tls_client_ca is None or self.metrics_tls_cert is not None,
+            "--metrics-tls-client-ca",
+            "needs --metrics-tls-cert and --metrics-tls-key",
+        )
+        require(
+            self.max_connection_age_seconds >= 0,
+            "--max-connection-age-seconds",
+            "must not be negative (0: never)",
+        )
+        require(
+            self.max_connection_age_grace_seconds >= 0,
+            "--max-connection-age-grace-seconds",
+            "must not be negative",
         )
         require(self.stream_idle_seconds > 0, "--stream-idle-seconds", "must be positive")
         require(self.drain_seconds >= 0, "--drain-seconds", "must not be negative")

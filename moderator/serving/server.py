@@ -8,6 +8,7 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
@@ -23,13 +24,21 @@ from moderator.serving.engine import MODEL_STOP_SECONDS, ModerationEngine
 from moderator.serving.health import HealthMonitor
 from moderator.serving.metrics import Metrics
 from moderator.serving.request_limits import RequestLimits
-from moderator.serving.servicer import SERVICE_NAME, ModeratorServicer
+from moderator.serving.servicer import (
+    ADMIN_PORT_METHODS,
+    ALL_METHODS,
+    SERVICE_NAME,
+    ModeratorServicer,
+)
 from moderator.serving.tls import TlsFiles, server_credentials
 from moderator.serving.watcher import PolicyWatcher
 
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICES = ("", SERVICE_NAME)
+KEEPALIVE_TIME_MS = 60_000
+KEEPALIVE_TIMEOUT_MS = 20_000
+MIN_CLIENT_PING_INTERVAL_MS = 10_000
 IDENTITY_ONLY = 1  # bit 0 of grpc_compression_algorithm: no compression
 
 
@@ -51,38 +60,61 @@ def create_servicer(
     )
 
 
+def grpc_options(config: ServerConfig, max_message_bytes: int) -> list[tuple[str, int]]:
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # Compressed requests are refused (UNIMPLEMENTED): 130 KB of gzip can be 128 MiB.
+        ("grpc.compression_enabled_algorithms_bitset", IDENTITY_ONLY),
+        ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+        # Dead peers are found by pings; clients may ping every 10 s (gRPC's keepalive
+        # guidance), more often is a strike and two strikes close the connection.
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    if config.max_connection_age_seconds > 0:
+        # Behind a Kubernetes Service an HTTP/2 connection never moves: ageing connections
+        # makes clients reconnect and reach pods added by a scale-out.
+        options += [
+            ("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
+            (
+                "grpc.max_connection_age_grace_ms",
+                int(config.max_connection_age_grace_seconds * 1000),
+            ),
+        ]
+    return options
+
+
 def create_server(
     config: ServerConfig,
     max_message_bytes: int,
-    servicer: ModeratorServicer,
+    handler: grpc.GenericRpcHandler,  # type: ignore[type-arg]
     health_servicer: HealthServicer,
+    *,
     interceptor: AuthInterceptor,
+    address: tuple[str, int],
 ) -> tuple[grpc.aio.Server, int]:
-    """Build the server and bind its port (0 picks a free one). Returns (server, port)."""
+    """Build a server for `handler` and bind `address` (port 0 picks a free one)."""
     server = grpc.aio.server(
-        interceptors=[interceptor],
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            # Compressed requests are refused (UNIMPLEMENTED): 130 KB of gzip can be 128 MiB.
-            ("grpc.compression_enabled_algorithms_bitset", IDENTITY_ONLY),
-            ("grpc.max_concurrent_streams", config.max_streams_per_connection),
-        ],
+        interceptors=[interceptor], options=grpc_options(config, max_message_bytes)
     )
-    server.add_generic_rpc_handlers((servicer.handler(),))
+    server.add_generic_rpc_handlers((handler,))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-    address = f"{config.host}:{config.port}"
+    host, port = address
+    bind = f"{host}:{port}"
     if config.tls_cert is not None and config.tls_key is not None:
         files = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
-        port = server.add_secure_port(address, server_credentials(files))
+        bound = server.add_secure_port(bind, server_credentials(files))
     else:
-        port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot bind {config.host}:{config.port}")
-    return server, port
+        bound = server.add_insecure_port(bind)
+    if bound == 0:
+        raise OSError(f"cannot bind {bind}")
+    return server, bound
 
 
 class Service:
@@ -111,7 +143,9 @@ class Service:
             metrics=self.metrics,
         )
         self.server: grpc.aio.Server | None = None
+        self.admin_server: grpc.aio.Server | None = None
         self.port = 0
+        self.admin_port = 0
         self.metrics_port = 0
         self._metrics_server: object | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -121,15 +155,7 @@ class Service:
         """Serve NOT_SERVING at once, load the engine off the loop, then serve SERVING."""
         self._start_metrics_endpoint()
         await self.monitor.accepting(False)
-        interceptor = AuthInterceptor(self.access, SERVICE_NAME, self.metrics)
-        self.server, self.port = create_server(
-            self.config.server,
-            self.config.max_message_bytes,
-            self.servicer,
-            self.health,
-            interceptor,
-        )
-        await self.server.start()
+        await self._start_grpc()
         log.info(
             "gRPC listening on %s:%d (NOT_SERVING until loaded)", self.config.server.host, self.port
         )
@@ -140,7 +166,9 @@ class Service:
         try:
             await run_in_daemon_thread(self.engine.start)
         except BaseException:
-            await self.server.stop(grace=None)
+            for server in (self.server, self.admin_server):
+                if server is not None:
+                    await server.stop(grace=None)
             self._stop_metrics_endpoint()
             raise
         if self.config.policy_poll_seconds > 0:
@@ -171,11 +199,39 @@ class Service:
                 "no longer accepting; %.1f s for accepted requests to finish",
                 self.config.server.shutdown_grace_seconds,
             )
-            await self.server.stop(grace=self.config.server.shutdown_grace_seconds)
+            grace = self.config.server.shutdown_grace_seconds
+            servers = [self.server] + ([self.admin_server] if self.admin_server else [])
+            await asyncio.gather(*(server.stop(grace=grace) for server in servers))
         model_timeout = 0.0 if self._hurry.is_set() else MODEL_STOP_SECONDS
         await asyncio.get_running_loop().run_in_executor(None, self.engine.stop, model_timeout)
         self._stop_metrics_endpoint()
         log.info("stopped")
+
+    async def _start_grpc(self) -> None:
+        """The public port; with --admin-port, a second one for the admin methods only."""
+        config = self.config.server
+        interceptor = AuthInterceptor(self.access, SERVICE_NAME, self.metrics)
+        public = ALL_METHODS - ADMIN_PORT_METHODS if config.admin_port >= 0 else ALL_METHODS
+        self.server, self.port = create_server(
+            config,
+            self.config.max_message_bytes,
+            self.servicer.handler(public),
+            self.health,
+            interceptor=interceptor,
+            address=(config.host, config.port),
+        )
+        await self.server.start()
+        if config.admin_port >= 0:
+            self.admin_server, self.admin_port = create_server(
+                config,
+                self.config.max_message_bytes,
+                self.servicer.handler(ADMIN_PORT_METHODS),
+                self.health,
+                interceptor=interceptor,
+                address=(config.admin_host, config.admin_port),
+            )
+            await self.admin_server.start()
+            log.info("admin methods on %s:%d only", config.admin_host, self.admin_port)
 
     async def _watch_tokens(self) -> None:
         while True:
@@ -188,15 +244,26 @@ class Service:
     async def hurry(self) -> None:
         """Cut a drain short: stop accepting now and cancel what is in flight."""
         self._hurry.set()
-        if self.server is not None:
-            await self.server.stop(grace=None)
+        for server in (self.server, self.admin_server):
+            if server is not None:
+                await server.stop(grace=None)
 
     def _start_metrics_endpoint(self) -> None:
         port = self.config.server.metrics_port
         if port < 0:
             return
-        host = "::" if self.config.server.host in ("[::]", "::") else self.config.server.host
-        httpd, _thread = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
+        config = self.config.server
+        host = config.metrics_host or config.host
+        host = "::" if host in ("[::]", "::") else host.strip("[]")
+        httpd, _thread = start_http_server(
+            port,
+            addr=host,
+            registry=self.registry,
+            certfile=_optional(config.metrics_tls_cert),
+            keyfile=_optional(config.metrics_tls_key),
+            client_cafile=_optional(config.metrics_tls_client_ca),
+            client_auth_required=config.metrics_tls_client_ca is not None,
+        )
         self._metrics_server = httpd
         self.metrics_port = int(httpd.server_port)
 
@@ -235,6 +302,10 @@ async def run_until_signal(service: Service) -> None:
         await service.hurry()
     again.cancel()
     await draining
+
+
+def _optional(path: Path | None) -> str | None:
+    return str(path) if path is not None else None
 
 
 def run_in_daemon_thread(fn: Callable[[], None]) -> asyncio.Future[None]:

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
@@ -42,6 +42,9 @@ Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 _Response = TypeVar("_Response")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Moderator"].full_name
+ALL_METHODS = frozenset(m.name for m in pb.DESCRIPTOR.services_by_name["Moderator"].methods)
+# Served only on --admin-port when there is one.
+ADMIN_PORT_METHODS = frozenset({"ReloadPolicies", "ScoreEmbeddings"})
 # Requests of one stream moderated concurrently; responses still come back in order.
 STREAM_WINDOW = 4
 # The method label of each request inside a ModerateStream, in moderator_requests_total.
@@ -130,31 +133,32 @@ class ModeratorServicer:
         the rest elsewhere). Calls already accepted go on."""
         self._stopping.set()
 
-    def handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
-        """The service's method handlers (a request deserializer of None passes the bytes)."""
+    def handler(self, methods: Collection[str]) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
+        """Handlers of `methods` (the others answer UNIMPLEMENTED on this port). A request
+        deserializer of None passes the bytes."""
         moderate_out = pb.ModerateResponse.SerializeToString
+        handlers = {
+            "Moderate": grpc.unary_unary_rpc_method_handler(
+                self.Moderate, response_serializer=moderate_out
+            ),
+            "ModerateStream": grpc.stream_stream_rpc_method_handler(
+                self.ModerateStream, response_serializer=moderate_out
+            ),
+            "ScoreEmbeddings": grpc.unary_unary_rpc_method_handler(
+                self.ScoreEmbeddings, response_serializer=moderate_out
+            ),
+            # their requests have no fields: the bytes are never parsed
+            "ListPolicies": grpc.unary_unary_rpc_method_handler(
+                self.ListPolicies,
+                response_serializer=pb.ListPoliciesResponse.SerializeToString,
+            ),
+            "ReloadPolicies": grpc.unary_unary_rpc_method_handler(
+                self.ReloadPolicies,
+                response_serializer=pb.ReloadPoliciesResponse.SerializeToString,
+            ),
+        }
         return grpc.method_handlers_generic_handler(
-            SERVICE_NAME,
-            {
-                "Moderate": grpc.unary_unary_rpc_method_handler(
-                    self.Moderate, response_serializer=moderate_out
-                ),
-                "ModerateStream": grpc.stream_stream_rpc_method_handler(
-                    self.ModerateStream, response_serializer=moderate_out
-                ),
-                "ScoreEmbeddings": grpc.unary_unary_rpc_method_handler(
-                    self.ScoreEmbeddings, response_serializer=moderate_out
-                ),
-                # their requests have no fields: the bytes are never parsed
-                "ListPolicies": grpc.unary_unary_rpc_method_handler(
-                    self.ListPolicies,
-                    response_serializer=pb.ListPoliciesResponse.SerializeToString,
-                ),
-                "ReloadPolicies": grpc.unary_unary_rpc_method_handler(
-                    self.ReloadPolicies,
-                    response_serializer=pb.ReloadPoliciesResponse.SerializeToString,
-                ),
-            },
+            SERVICE_NAME, {name: h for name, h in handlers.items() if name in methods}
         )
 
     async def Moderate(  # noqa: N802 (gRPC method name)
