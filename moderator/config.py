@@ -249,6 +249,11 @@ class ServerConfig:
             self.admin_port <= MAX_PORT, "--admin-port", f"must be at most {MAX_PORT} (-1: off)"
         )
         require(
+            self.admin_port <= 0 or self.admin_port not in (self.port, self.metrics_port),
+            "--admin-port",
+            "must differ from --port and --metrics-port",
+        )
+        require(
             (self.metrics_tls_cert is None) == (self.metrics_tls_key is None),
             "--metrics-tls-cert",
             "and --metrics-tls-key go together",

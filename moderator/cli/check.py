@@ -77,9 +77,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def open_channel(args: argparse.Namespace, options: list[tuple[str, int]]) -> grpc.Channel:
-    """TLS when --tls-ca (or a client certificate) is given, else plaintext."""
-    if not (args.tls_ca or args.tls_cert):
+    """TLS when any --tls-* flag is given, else plaintext."""
+    if not (args.tls_ca or args.tls_cert or args.tls_key):
         return grpc.insecure_channel(args.server, options=options)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together (a client certificate)")
     credentials = grpc.ssl_channel_credentials(
         root_certificates=args.tls_ca.read_bytes() if args.tls_ca else None,
         private_key=args.tls_key.read_bytes() if args.tls_key else None,

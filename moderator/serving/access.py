@@ -115,8 +115,11 @@ def _parse(document: Any, source: str, problems: list[str]) -> AccessFile:
         if not isinstance(match, str) or not match.strip():
             problems.append(f"{where}: 'match' must name a certificate subject CN or a SAN")
             continue
-        caller = _caller({"name": match, **entry}, where, {"match", "roles", "name"}, problems)
-        if caller is not None:
+        caller = _caller(entry, where, {"match", "roles", "name"}, problems)
+        token_names = {c.name for c in by_digest.values()}
+        if caller is not None and caller.name in token_names:
+            problems.append(f"{where}: caller name '{caller.name}' is a token's: give it a 'name'")
+        elif caller is not None:
             subjects.append((match, caller))
     return AccessFile(by_digest, tuple(subjects))
 
@@ -140,18 +143,17 @@ def _caller(entry: Any, where: str, keys: set[str], problems: list[str]) -> Call
     if unknown:
         problems.append(f"{where}: unknown keys {sorted(unknown)}")
     name = entry.get("name")
+    if name is None and "match" in entry:
+        # a subject without a name is called by its match, made safe for a metric label
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(entry["match"]))[:64].strip("_") or "subject"
+    if not isinstance(name, str) or not CALLER_NAME.match(name):
+        problems.append(
+            f"{where}: 'name' must be 1-64 letters, digits, '_', '.' or '-' (it is a metric label)"
+        )
+        return None
     if name in RESERVED_NAMES:
         problems.append(f"{where}: '{name}' is a name the server uses itself; choose another")
         return None
-    if not isinstance(name, str) or not CALLER_NAME.match(name):
-        if "match" not in keys:
-            problems.append(
-                f"{where}: 'name' must be 1-64 letters, digits, '_', '.' or '-' "
-                "(it is a metric label)"
-            )
-            return None
-        # a subject's caller name is its match, made safe for a metric label
-        name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(name))[:64].strip("_") or "subject"
     roles = entry.get("roles")
     known = {role.value for role in Role}
     if not isinstance(roles, list) or not roles or not set(map(str, roles)) <= known:

@@ -17,7 +17,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -119,14 +119,16 @@ class AccessControl:
         self,
         method: str,
         metadata: Iterable[tuple[str, Any]] | None,
-        peer: Sequence[str] = (),
+        peer: PeerNames | None = None,
     ) -> Verdict:
         """The verdict on one call: its bearer token first, else (mutual TLS) the names of
         its client certificate (`peer`: "CN=..." and the SANs) against the subject rules."""
         if self.current is None:
             return Verdict(ANONYMOUS)
         role = METHOD_ROLES.get(method)
-        caller = self._caller(metadata) or self._subject(peer)
+        presented, caller = self._caller(metadata)
+        if not presented:  # a token, when sent, decides alone
+            caller = self._subject(peer or PeerNames())
         if caller is None:
             return Verdict(
                 UNAUTHENTICATED,
@@ -142,23 +144,27 @@ class AccessControl:
             )
         return Verdict(caller.name)
 
-    def _subject(self, peer: Sequence[str]) -> Caller | None:
+    def _subject(self, peer: PeerNames) -> Caller | None:
+        """`CN=<name>` rules match the certificate's common name only, others its SANs only
+        (a SAN reading "CN=admin" is not a common name)."""
         assert self.current is not None
         for match, caller in self.current.subjects:
-            if match in peer:
+            if match.startswith("CN="):
+                if match[3:] in peer.common_names:
+                    return caller
+            elif match in peer.sans:
                 return caller
         return None
 
-    def _caller(self, metadata: Iterable[tuple[str, Any]] | None) -> Caller | None:
+    def _caller(self, metadata: Iterable[tuple[str, Any]] | None) -> tuple[bool, Caller | None]:
+        """(whether authorization metadata was sent, the caller its bearer token names)."""
         assert self.current is not None
         for key, value in metadata or ():
-            if (
-                key == "authorization"
-                and isinstance(value, str)
-                and value[: len(BEARER)].lower() == BEARER
-            ):
-                return self.current.caller_for_token(value[len(BEARER) :].strip())
-        return None
+            if key == "authorization":
+                if isinstance(value, str) and value[: len(BEARER)].lower() == BEARER:
+                    return True, self.current.caller_for_token(value[len(BEARER) :].strip())
+                return True, None
+        return False, None
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -168,13 +174,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._metrics = metrics
         self._logged: dict[tuple[str, str, grpc.StatusCode], float] = {}
 
-    async def intercept_service(
+    # gRPC passes None on for a method no handler serves: the stubs do not say so
+    async def intercept_service(  # type: ignore[override]
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        if handler is None and service == self._service and method in ADMIN_METHODS:
+            audit(CALLER.get(), method, "UNIMPLEMENTED")  # on the public port of an admin split
         if handler is None or service != self._service:
             return handler  # health and reflection: open
         return self._guarded(handler, method)
@@ -232,12 +241,21 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         )
 
 
-def peer_names(context: Context) -> tuple[str, ...]:
-    """A mutual-TLS client's certificate names: "CN=<common name>" and each SAN."""
+@dataclass(frozen=True)
+class PeerNames:
+    """A mutual-TLS client certificate's common names and subject alternative names."""
+
+    common_names: tuple[str, ...] = ()
+    sans: tuple[str, ...] = ()
+
+
+def peer_names(context: Context) -> PeerNames:
     auth = context.auth_context() or {}
-    names = [f"CN={cn.decode(errors='replace')}" for cn in auth.get("x509_common_name", [])]
-    names += [san.decode(errors="replace") for san in auth.get("x509_subject_alternative_name", [])]
-    return tuple(names)
+
+    def values(key: str) -> tuple[str, ...]:
+        return tuple(value.decode(errors="replace") for value in auth.get(key, []))
+
+    return PeerNames(values("x509_common_name"), values("x509_subject_alternative_name"))
 
 
 def _refuse(context: Context, verdict: Verdict) -> None:

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from moderator.config import Config, ModelConfig, ServerConfig
 from moderator.core.clip import ClipModel, load_clip
 from moderator.core.policies import ReloadStatus
+from moderator.errors import ConfigError
 from moderator.serving.auth import AccessControl, AuthInterceptor
 from moderator.serving.engine import MODEL_STOP_SECONDS, ModerationEngine
 from moderator.serving.health import HealthMonitor
@@ -30,7 +31,7 @@ from moderator.serving.servicer import (
     SERVICE_NAME,
     ModeratorServicer,
 )
-from moderator.serving.tls import TlsFiles, server_credentials
+from moderator.serving.tls import TlsFiles, check_key_pair, server_credentials
 from moderator.serving.watcher import PolicyWatcher
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ def grpc_options(config: ServerConfig, max_message_bytes: int) -> list[tuple[str
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
         ("grpc.keepalive_permit_without_calls", 1),
+        # a port already in use is an error, not a second server sharing its connections
+        ("grpc.so_reuseport", 0),
     ]
     if config.max_connection_age_seconds > 0:
         # Behind a Kubernetes Service an HTTP/2 connection never moves: ageing connections
@@ -107,13 +110,16 @@ def create_server(
         )
     host, port = address
     bind = f"{host}:{port}"
-    if config.tls_cert is not None and config.tls_key is not None:
-        files = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
-        bound = server.add_secure_port(bind, server_credentials(files))
-    else:
-        bound = server.add_insecure_port(bind)
+    try:
+        if config.tls_cert is not None and config.tls_key is not None:
+            files = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
+            bound = server.add_secure_port(bind, server_credentials(files))
+        else:
+            bound = server.add_insecure_port(bind)
+    except RuntimeError as exc:  # grpcio raises this for a port it cannot bind
+        raise ConfigError(f"cannot listen on {bind}: {exc}") from exc
     if bound == 0:
-        raise OSError(f"cannot bind {bind}")
+        raise ConfigError(f"cannot listen on {bind}")
     return server, bound
 
 
@@ -153,9 +159,13 @@ class Service:
 
     async def start(self) -> None:
         """Serve NOT_SERVING at once, load the engine off the loop, then serve SERVING."""
-        self._start_metrics_endpoint()
         await self.monitor.accepting(False)
-        await self._start_grpc()
+        try:
+            self._start_metrics_endpoint()
+            await self._start_grpc()
+        except BaseException:
+            await self._stop_servers()
+            raise
         log.info(
             "gRPC listening on %s:%d (NOT_SERVING until loaded)", self.config.server.host, self.port
         )
@@ -166,10 +176,7 @@ class Service:
         try:
             await run_in_daemon_thread(self.engine.start)
         except BaseException:
-            for server in (self.server, self.admin_server):
-                if server is not None:
-                    await server.stop(grace=None)
-            self._stop_metrics_endpoint()
+            await self._stop_servers()
             raise
         if self.config.policy_poll_seconds > 0:
             self._tasks.append(asyncio.ensure_future(watcher.run()))
@@ -206,6 +213,12 @@ class Service:
         await asyncio.get_running_loop().run_in_executor(None, self.engine.stop, model_timeout)
         self._stop_metrics_endpoint()
         log.info("stopped")
+
+    async def _stop_servers(self) -> None:
+        for server in (self.server, self.admin_server):
+            if server is not None:
+                await server.stop(grace=None)
+        self._stop_metrics_endpoint()
 
     async def _start_grpc(self) -> None:
         """The public port; with --admin-port, a second one for the admin methods only."""
@@ -253,6 +266,8 @@ class Service:
         if port < 0:
             return
         config = self.config.server
+        if config.metrics_tls_cert is not None and config.metrics_tls_key is not None:
+            check_key_pair(config.metrics_tls_cert, config.metrics_tls_key, "--metrics-tls-cert")
         host = config.metrics_host or config.host
         host = "::" if host in ("[::]", "::") else host.strip("[]")
         httpd, _thread = start_http_server(

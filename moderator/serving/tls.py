@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,9 @@ class CertificateReloader:
         return tuple(identities)
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
+        # A certificate replaced before its key (or the other way) is refused here, and the
+        # next handshake tries again: the identity seen is only updated on success.
+        check_key_pair(self.files.cert, self.files.key, "--tls-cert")
         key, cert = _read_pem(self.files.key), _read_pem(self.files.cert)
         client_ca = _read_pem(self.files.client_ca) if self.files.client_ca else None
         return grpc.ssl_server_certificate_configuration([(key, cert)], client_ca)
@@ -72,6 +76,14 @@ def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
         reloader.fetch,  # type: ignore[arg-type]  # gRPC takes None as "unchanged"
         require_client_authentication=files.client_ca is not None,
     )
+
+
+def check_key_pair(cert: Path, key: Path, flag: str) -> None:
+    """ConfigError unless `cert` and `key` are PEM files of one certificate and its key."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{flag} {cert} with key {key}: not a usable pair ({exc})") from exc
 
 
 def _read_pem(path: Path) -> bytes:

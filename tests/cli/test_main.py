@@ -231,3 +231,13 @@ def test_token_prints_a_new_token_and_the_entry_that_matches_it(
     assert caller.roles == frozenset({Role.MODERATE, Role.RESCORE})
     assert main(["token"]) == 0
     assert capsys.readouterr().out.splitlines()[0].rsplit(" ", 1)[1] != token  # random
+
+
+def test_check_refuses_a_client_certificate_without_its_key(tmp_path: Path) -> None:
+    image = tmp_path / "red.png"
+    image.write_bytes(shape_png("red", "circle"))
+    cert = tmp_path / "client.pem"
+    cert.write_text("not used")
+    done = run_cli("check", "--server", "127.0.0.1:1", "--tls-cert", str(cert), str(image))
+    assert done.returncode == 2
+    assert "--tls-cert and --tls-key go together" in done.stderr

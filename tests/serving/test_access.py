@@ -3,11 +3,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 
 from moderator.errors import PolicyError
 from moderator.serving.access import METHOD_ROLES, Role, load_access_file, token_digest
-from moderator.serving.auth import audit_log
+from moderator.serving.auth import AccessControl, PeerNames, audit_log
+from moderator.serving.metrics import Metrics
 from moderator.v1 import moderator_pb2 as pb
 
 
@@ -88,3 +91,41 @@ def test_the_audit_trail_does_not_follow_the_log_level() -> None:
         assert audit_log.isEnabledFor(logging.INFO)
     finally:
         root.setLevel(level)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("subjects: [{match: _unauthenticated, roles: [admin]}]", "uses itself"),
+        ("subjects: [{match: 'CN=x', name: 'bad name!', roles: [admin]}]", "'name' must be"),
+        (
+            f"tokens: [{{name: CN_x, sha256: '{'0' * 64}', roles: [moderate]}}]\n"
+            "subjects: [{match: 'CN=x', roles: [admin]}]",
+            "is a token's",
+        ),
+    ],
+)
+def test_subject_caller_names_are_checked_like_token_names(
+    tmp_path: Path, text: str, words: str
+) -> None:
+    with pytest.raises(PolicyError, match=words):
+        load_access_file(write(tmp_path, text))
+
+
+def test_a_cn_rule_matches_common_names_only_and_a_sent_token_decides_alone(
+    tmp_path: Path,
+) -> None:
+    path = write(
+        tmp_path,
+        f"tokens: [{{name: t, sha256: '{token_digest('good')}', roles: [moderate]}}]\n"
+        "subjects: [{match: 'CN=reviewer-tools', roles: [moderate, admin]}]\n",
+    )
+    access = AccessControl(path, Metrics(CollectorRegistry()))
+    by_cn = PeerNames(common_names=("reviewer-tools",))
+    by_san = PeerNames(common_names=("intern",), sans=("CN=reviewer-tools",))
+    assert access.judge("ReloadPolicies", [], by_cn).code is None
+    assert access.judge("ReloadPolicies", [], by_san).code == grpc.StatusCode.UNAUTHENTICATED
+    unknown = [("authorization", "Bearer wrong")]
+    assert access.judge("Moderate", unknown, by_cn).code == grpc.StatusCode.UNAUTHENTICATED
+    good = [("authorization", "Bearer good")]
+    assert access.judge("ReloadPolicies", good, by_cn).code == grpc.StatusCode.PERMISSION_DENIED
