@@ -24,8 +24,6 @@ RUN pip install -e . torch==2.14.1 torchvision==0.29.1
 EXPOSE 50051 9090
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s \
-    CMD python -c "import grpc,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; \
-c=grpc.insecure_channel('localhost:50051'); \
-sys.exit(0 if g.HealthStub(c).Check(h.HealthCheckRequest(), timeout=2).status == 1 else 1)"
+    CMD ["moderator", "health", "--server", "localhost:50051", "--timeout", "2"]
 ENTRYPOINT ["moderator"]
 CMD ["serve"]

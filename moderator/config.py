@@ -57,9 +57,13 @@ class ModelConfig:
     allow_random_weights: bool = False
     # Extra open_clip model-config JSON to register before creating the model (demo model).
     config_path: Path | None = None
+    # torch intra-op threads; 0: the CPUs this process may use (affinity and cgroup quota),
+    # not the host's (torch's own default), so a 4-CPU pod on a 64-core node runs 4.
+    threads: int = 0
 
     def __post_init__(self) -> None:
         require(bool(self.name), "--model", "must name a model")
+        require(self.threads >= 0, "--torch-threads", "must not be negative (0: one per CPU)")
         require(
             self.precision in PRECISION_CHOICES,
             "--precision",

@@ -56,6 +56,7 @@ BAD_VALUES: list[tuple[type[Any], dict[str, Any], str]] = [
     (ImageConfig, {"max_views": 0}, "--max-views"),
     (ImageConfig, {"max_animation_frames": 0}, "--max-animation-frames"),
     (ModelConfig, {"precision": "fp8"}, "--precision"),
+    (ModelConfig, {"threads": -1}, "--torch-threads"),
     (Config, {"policy_poll_seconds": -1}, "--policy-poll-seconds"),
 ]
 

@@ -7,6 +7,7 @@ moderator policies test POLICY_DIR EXAMPLES_DIR
 moderator calibrate POLICY_DIR LABELS [--target-precision P | --target-recall R] [--report F]
 moderator rescore EMBEDDINGS --policies DIR [--baseline DIR] [--out FILE]
 moderator token [--name NAME] [--role ROLE]...
+moderator health [--server HOST:PORT] [--tls-ca CA]
 
 Each command is a module of this package with `add_parser` and its handlers; heavy imports
 (torch, the offline tools, the server) happen only in the handler that needs them.
@@ -20,10 +21,10 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from moderator.cli import calibrate, check, policies, rescore, serve, token
+from moderator.cli import calibrate, check, health, policies, rescore, serve, token
 from moderator.errors import ModeratorError, PolicyError
 
-COMMANDS = (serve, check, policies, calibrate, rescore, token)
+COMMANDS = (serve, check, health, policies, calibrate, rescore, token)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 

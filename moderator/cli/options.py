@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -81,6 +81,9 @@ MODEL_OPTIONS = (
     ),
     Option(
         "--cache-dir", Path, None, "text-embedding cache directory (default: ~/.cache/moderator)"
+    ),
+    Option(
+        "--torch-threads", int, 0, "torch intra-op threads (0: the CPUs this container may use)"
     ),
 )
 SERVE_OPTIONS = (
@@ -296,13 +299,14 @@ def add_options(
 
 def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
     if args.demo:
-        return demo_model_config(args.device, args.precision)
+        return replace(demo_model_config(args.device, args.precision), threads=args.torch_threads)
     return ModelConfig(
         name=args.model,
         pretrained=None if str(args.pretrained).lower() == "none" else args.pretrained,
         device=args.device,
         precision=args.precision,
         allow_random_weights=args.allow_random_weights,
+        threads=args.torch_threads,
     )
 
 

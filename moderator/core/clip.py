@@ -26,6 +26,7 @@ from open_clip.timm_model import TimmModel
 from open_clip.transformer import LayerNorm, LayerNormFp32
 
 from moderator.config import ModelConfig
+from moderator.core.cpus import usable_cpus
 from moderator.core.views import Preprocessing
 from moderator.errors import ConfigError, ModelLoadError
 
@@ -247,6 +248,8 @@ def load_clip(config: ModelConfig) -> ClipModel:
         )
     if config.config_path is not None:
         open_clip.add_model_config(config.config_path)
+    threads = config.threads or usable_cpus()
+    torch.set_num_threads(threads)
     device = resolve_device(config.device)
     dtype = resolve_precision(config.precision, device)
     pretrained = describe_pretrained(config)

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from moderator.config import DecodeConfig, ImageConfig
+from moderator.core.cpus import usable_cpus
 from moderator.core.views import Preprocessing
 from moderator.errors import DeadlineExceeded, ImageErrorCode, InvalidImage, NotReady
-from moderator.serving.cpus import usable_cpus
 from moderator.serving.decode_worker import (
     LENGTH_BYTES,
     MAX_MESSAGE_CHARS,

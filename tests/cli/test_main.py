@@ -210,6 +210,15 @@ def test_sighup_reloads_the_policies(demo_server: DemoServer) -> None:
         assert process.poll() is None
 
 
+def test_health_exits_zero_when_serving_and_one_otherwise(demo_server: DemoServer) -> None:
+    done = run_cli("health", "--server", f"127.0.0.1:{demo_server.port}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("SERVING")
+    nobody = run_cli("health", "--server", "127.0.0.1:1", "--timeout", "2")
+    assert nobody.returncode == 1
+    assert "UNAVAILABLE" in nobody.stderr
+
+
 def test_sigterm_drains_and_exits_zero(demo_server: DemoServer) -> None:
     process = demo_server.process
     process.send_signal(signal.SIGTERM)

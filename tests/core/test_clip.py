@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import open_clip
 import pytest
 import torch
@@ -20,6 +22,7 @@ from moderator.core.clip import (
     resolve_device,
     resolve_precision,
 )
+from moderator.core.cpus import usable_cpus
 from moderator.core.views import decode_views
 from moderator.errors import ConfigError, ModelLoadError
 from tests.helpers import shape_png
@@ -200,3 +203,14 @@ def test_gpu_batches_are_staged_in_reused_pinned_memory() -> None:
     cpu = load_clip(demo_model_config("cpu", "fp32"))
     cosine = (clip.encode_images(pixels).cpu() * cpu.encode_images(pixels)).sum(-1)
     assert float(cosine.min()) > 0.99
+
+
+def test_torch_threads_follow_the_cpus_this_process_may_use_unless_set() -> None:
+    before = torch.get_num_threads()
+    try:
+        load_clip(demo_model_config("cpu", "fp32"))
+        assert torch.get_num_threads() == usable_cpus()
+        load_clip(replace(demo_model_config("cpu", "fp32"), threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

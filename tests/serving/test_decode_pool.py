@@ -16,10 +16,10 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 
 from moderator.config import DecodeConfig, ImageConfig
+from moderator.core.cpus import cgroup_cpu_quota, usable_cpus
 from moderator.core.views import Preprocessing, decode_views
 from moderator.demo.hostile import gif_of_tiny_frames, png_pixel_bomb
 from moderator.errors import DeadlineExceeded, ImageErrorCode, InvalidImage, NotReady
-from moderator.serving.cpus import cgroup_cpu_quota, usable_cpus
 from moderator.serving.decode_pool import DecodePool
 from moderator.serving.metrics import Metrics
 from tests.helpers import encode, shape_png
