@@ -184,8 +184,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
         if handler is None and service == self._service and method in ADMIN_METHODS:
             audit(CALLER.get(), method, "UNIMPLEMENTED")  # on the public port of an admin split
-        if handler is None or service != self._service:
-            return handler  # health and reflection: open
+        if handler is None or service != self._service or not self._access.enabled:
+            return handler  # health and reflection are open; without a token file, everything
         return self._guarded(handler, method)
 
     def verdict(self, method: str, context: Context) -> Verdict:

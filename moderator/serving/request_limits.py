@@ -35,6 +35,11 @@ class RequestLimits:
     max_embeddings: int
     max_views: int
 
+    @property
+    def moderate_fields(self) -> int:
+        """The most top-level fields a ModerateRequest within these limits can have."""
+        return self.max_images + MAX_POLICY_IDS + MAX_OTHER_FIELDS
+
 
 @dataclass(frozen=True)
 class ModerateShape:
@@ -52,8 +57,9 @@ def moderate_shape(data: bytes, limits: RequestLimits) -> ModerateShape:
     images = 0
     policy_ids: list[str] = []
     request_id = ""
-    max_fields = limits.max_images + MAX_POLICY_IDS + MAX_OTHER_FIELDS
-    for number, wire, start, end in _fields(view, 0, len(view), max_fields, "the request"):
+    for number, wire, start, end in _fields(
+        view, 0, len(view), limits.moderate_fields, "the request"
+    ):
         if number == 1 and wire == LENGTH_DELIMITED:
             images += 1
             if images > limits.max_images:
@@ -74,9 +80,10 @@ def moderate_shape(data: bytes, limits: RequestLimits) -> ModerateShape:
 def find_request_id(data: bytes, limits: RequestLimits) -> str:
     """The request_id of a ModerateRequest that failed its checks, if its framing reads."""
     view = memoryview(data)
-    max_fields = limits.max_images + MAX_POLICY_IDS + MAX_OTHER_FIELDS
     try:
-        for number, wire, start, end in _fields(view, 0, len(view), max_fields, "the request"):
+        for number, wire, start, end in _fields(
+            view, 0, len(view), limits.moderate_fields, "the request"
+        ):
             if number == 4 and wire == LENGTH_DELIMITED:
                 return _short_text(view, start, end, MAX_REQUEST_ID_BYTES, "request_id")
     except InvalidRequest:

@@ -224,27 +224,32 @@ class Service:
         """The public port; with --admin-port, a second one for the admin methods only."""
         config = self.config.server
         interceptor = AuthInterceptor(self.access, SERVICE_NAME, self.metrics)
-        public = ALL_METHODS - ADMIN_PORT_METHODS if config.admin_port >= 0 else ALL_METHODS
-        self.server, self.port = create_server(
-            config,
+        split = config.admin_port >= 0
+        public = ALL_METHODS - ADMIN_PORT_METHODS if split else ALL_METHODS
+        self.server, self.port = await self._serve(public, (config.host, config.port), interceptor)
+        if split:
+            self.admin_server, self.admin_port = await self._serve(
+                ADMIN_PORT_METHODS, (config.admin_host, config.admin_port), interceptor
+            )
+            log.info("admin methods on %s:%d only", config.admin_host, self.admin_port)
+
+    async def _serve(
+        self, methods: frozenset[str], address: tuple[str, int], interceptor: AuthInterceptor
+    ) -> tuple[grpc.aio.Server, int]:
+        server, port = create_server(
+            self.config.server,
             self.config.max_message_bytes,
-            self.servicer.handler(public),
+            self.servicer.handler(methods),
             self.health,
             interceptor=interceptor,
-            address=(config.host, config.port),
+            address=address,
         )
-        await self.server.start()
-        if config.admin_port >= 0:
-            self.admin_server, self.admin_port = create_server(
-                config,
-                self.config.max_message_bytes,
-                self.servicer.handler(ADMIN_PORT_METHODS),
-                self.health,
-                interceptor=interceptor,
-                address=(config.admin_host, config.admin_port),
-            )
-            await self.admin_server.start()
-            log.info("admin methods on %s:%d only", config.admin_host, self.admin_port)
+        try:
+            await server.start()
+        except BaseException:
+            await server.stop(grace=None)
+            raise
+        return server, port
 
     async def _watch_tokens(self) -> None:
         while True:

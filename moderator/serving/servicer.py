@@ -23,7 +23,7 @@ from moderator.errors import (
     NotReady,
     Overloaded,
 )
-from moderator.serving.auth import ADMIN_METHODS, CALLER, STILL_ALLOWED, audit
+from moderator.serving.auth import CALLER, STILL_ALLOWED, audit
 from moderator.serving.engine import ImageInput, ModerationEngine
 from moderator.serving.metrics import Metrics
 from moderator.serving.request_limits import (
@@ -221,7 +221,7 @@ class ModeratorServicer:
     async def ReloadPolicies(  # noqa: N802
         self, request: bytes, context: Context
     ) -> pb.ReloadPoliciesResponse:
-        return await self._unary("ReloadPolicies", context, self._reload_policies)
+        return await self._unary("ReloadPolicies", context, self._reload_policies, audited=True)
 
     async def ScoreEmbeddings(  # noqa: N802
         self, request: bytes, context: Context
@@ -229,24 +229,33 @@ class ModeratorServicer:
         return await self._unary("ScoreEmbeddings", context, lambda: self._score(request))
 
     async def _unary(
-        self, method: str, context: Context, handle: Callable[[], Awaitable[_Response]]
+        self,
+        method: str,
+        context: Context,
+        handle: Callable[[], Awaitable[_Response]],
+        *,
+        audited: bool = False,
     ) -> _Response:
-        """Time and count one unary RPC; map a domain error to its status; audit admin calls."""
+        """Time and count one unary RPC; map a domain error to its status. `audited`: an
+        admin call, written to the audit log whatever its outcome."""
         started = time.perf_counter()
-        before = self._policy_version()
+        before = self._policy_version() if audited else ""
         try:
             with self._call_slot():
                 response = await handle()
         except (grpc.aio.AbortError, asyncio.CancelledError):
             self._observe(method, started, grpc.StatusCode.CANCELLED)
-            self._audit(method, "CANCELLED", before)
+            if audited:
+                self._audit(method, "CANCELLED", before)
             raise
         except BaseException as exc:
             code, details = self._failure(method, started, exc)
-            self._audit(method, code.name, before)
+            if audited:
+                self._audit(method, code.name, before)
         else:
             self._observe(method, started, grpc.StatusCode.OK)
-            self._audit(method, "OK", before, response)
+            if audited:
+                self._audit(method, "OK", before, response)
             return response
         # A status set, not raised (context.abort): an exception's traceback would hold the
         # frames holding the request's bytes in a reference cycle until the next full garbage
@@ -273,8 +282,6 @@ class ModeratorServicer:
         return self._engine.policies.version if self._engine.ready else ""
 
     def _audit(self, method: str, result: str, before: str, response: object = None) -> None:
-        if method not in ADMIN_METHODS:
-            return
         if isinstance(response, pb.ReloadPoliciesResponse) and not response.status.ok:
             result = "INVALID_POLICIES"  # the call worked; the directory did not load
         audit(CALLER.get(), method, result, before=before, after=self._policy_version())
