@@ -6,12 +6,18 @@ import asyncio
 import hashlib
 import io
 import math
+import os
+import re
 import shutil
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import torch
 from PIL import Image
 from prometheus_client import CollectorRegistry
@@ -283,3 +289,45 @@ def make_certificates(directory: Path, server_name: str = "localhost") -> Certif
         directory / "client.pem",
         directory / "client.key",
     )
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    """Poll `condition` until it holds; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.02)
+
+
+def code_of(call: Callable[..., object], *args: object, **kwargs: object) -> grpc.StatusCode:
+    """The status `call(*args, **kwargs)` ends with (OK when it returns)."""
+    try:
+        call(*args, **kwargs)
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def own_connection(address: str) -> grpc.Channel:
+    """A channel on a connection of its own (channels share connections by default)."""
+    return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def start_demo_server_process(*flags: str) -> tuple[subprocess.Popen[str], int]:
+    """`moderator serve --demo` as a child process on a free port, with `flags` added; returns
+    once it reports SERVING. Its log is read on in a thread, so a full pipe never blocks it."""
+    serve = [sys.executable, "-m", "moderator", "serve", "--demo", "--host", "127.0.0.1"]
+    defaults = ["--port", "0", "--metrics-port", "-1", "--policy-poll-seconds", "0"]
+    process = subprocess.Popen(
+        [*serve, *defaults, *flags],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stderr is not None
+    for line in process.stderr:
+        if match := re.search(r"SERVING on port (\d+)", line):
+            threading.Thread(target=process.stderr.read, daemon=True).start()
+            return process, int(match.group(1))
+    process.kill()
+    raise AssertionError("the server never reported SERVING")

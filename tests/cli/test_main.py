@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
 import subprocess
 import sys
@@ -20,7 +18,7 @@ from moderator.config import DEMO_CHECKPOINT_PATH, DEMO_POLICIES_DIR
 from moderator.serving.access import Role, load_access_file
 from moderator.v1 import moderator_pb2 as pb
 from moderator.v1 import moderator_pb2_grpc as pb_grpc
-from tests.helpers import copy_demo_policies, edit, shape_png
+from tests.helpers import copy_demo_policies, edit, shape_png, start_demo_server_process
 
 SERVE_TIMEOUT = 120
 
@@ -112,38 +110,9 @@ def demo_server(
 ) -> Iterator[DemoServer]:
     cache = tmp_path_factory.mktemp("cli-cache")
     policies = copy_demo_policies(tmp_path_factory.mktemp("cli") / "policies")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "moderator",
-            "serve",
-            "--demo",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "-1",
-            "--cache-dir",
-            str(cache),
-            "--policies",
-            str(policies),
-            "--policy-poll-seconds",
-            "0",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    process, port = start_demo_server_process(
+        "--cache-dir", str(cache), "--policies", str(policies)
     )
-    assert process.stderr is not None
-    port = 0
-    for line in process.stderr:
-        match = re.search(r"SERVING on port (\d+)", line)
-        if match:
-            port = int(match.group(1))
-            break
-    assert port, "the server never reported SERVING"
     yield DemoServer(process, port, policies)
     if process.poll() is None:
         process.kill()

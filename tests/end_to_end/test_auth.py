@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +19,14 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from moderator.serving.access import token_digest
 from moderator.v1 import moderator_pb2 as pb
 from moderator.v1 import moderator_pb2_grpc as pb_grpc
-from tests.helpers import RunningService, demo_config, shape_png, start_service
+from tests.helpers import (
+    RunningService,
+    code_of,
+    demo_config,
+    shape_png,
+    start_service,
+    wait_until,
+)
 
 TOKENS = {"mod": "token-mod", "res": "token-res", "adm": "token-adm"}
 ROLES = {"mod": ["moderate"], "res": ["rescore"], "adm": ["moderate", "rescore", "admin"]}
@@ -73,14 +79,6 @@ def calls(stub: pb_grpc.ModeratorStub) -> dict[str, Callable[[Any], object]]:
             pb.ReloadPoliciesRequest(), metadata=md, timeout=60
         ),
     }
-
-
-def code_of(call: Callable[[Any], object], metadata: Any) -> grpc.StatusCode:
-    try:
-        call(metadata)
-    except grpc.RpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
 
 
 ALLOWED = {
@@ -166,13 +164,6 @@ def test_a_token_file_edit_takes_effect_without_a_restart_and_a_broken_one_is_ig
 def reload_errors(service: RunningService) -> float:
     labels = {"result": "error"}
     return service.service.registry.get_sample_value("moderator_auth_reloads_total", labels) or 0
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition never held"
-        time.sleep(0.1)
 
 
 def test_an_open_stream_stops_working_when_its_token_is_removed(

@@ -3,11 +3,7 @@
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +17,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moderator.config import ServerConfig
 from moderator.v1 import moderator_pb2 as pb
 from moderator.v1 import moderator_pb2_grpc as pb_grpc
-from tests.helpers import demo_config, shape_png, start_service
+from tests.helpers import (
+    demo_config,
+    own_connection,
+    shape_png,
+    start_demo_server_process,
+    start_service,
+)
 
 DRAIN_SECONDS = 2.0
 CLIENTS = 4
@@ -36,48 +38,11 @@ class Call:
     code: grpc.StatusCode
 
 
-def start_server(tmp_path: Path) -> tuple[subprocess.Popen[str], int]:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "moderator",
-            "serve",
-            "--demo",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "-1",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--policy-poll-seconds",
-            "0",
-            "--drain-seconds",
-            str(DRAIN_SECONDS),
-            "--shutdown-grace-seconds",
-            "30",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert process.stderr is not None
-    for line in process.stderr:
-        if match := re.search(r"SERVING on port (\d+)", line):
-            # keep reading, so a full pipe never blocks the server's logging
-            threading.Thread(target=process.stderr.read, daemon=True).start()
-            return process, int(match.group(1))
-    raise AssertionError("the server never reported SERVING")
-
-
 def load(address: str, calls: list[Call], stop: threading.Event) -> None:
     request = pb.ModerateRequest(
         images=[pb.Image(id=str(i), data=shape_png("red", "circle")) for i in range(IMAGES)]
     )
-    options = [("grpc.use_local_subchannel_pool", 1)]
-    with grpc.insecure_channel(address, options=options) as channel:
+    with own_connection(address) as channel:
         stub = pb_grpc.ModeratorStub(channel)
         while not stop.is_set():
             started = time.monotonic()
@@ -98,7 +63,14 @@ def health(address: str) -> int:
 
 
 def test_sigterm_under_load_loses_no_accepted_request(tmp_path: Path) -> None:
-    process, port = start_server(tmp_path)
+    process, port = start_demo_server_process(
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--drain-seconds",
+        str(DRAIN_SECONDS),
+        "--shutdown-grace-seconds",
+        "30",
+    )
     address = f"127.0.0.1:{port}"
     calls: list[Call] = []
     stop = threading.Event()

@@ -3,8 +3,7 @@ rotation, and it comes back once the model works again."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -14,7 +13,14 @@ from moderator.config import BatchConfig
 from moderator.core.clip import ClipModel
 from moderator.v1 import moderator_pb2 as pb
 from moderator.v1 import moderator_pb2_grpc as pb_grpc
-from tests.helpers import GatedModel, RunningService, demo_config, shape_png, start_service
+from tests.helpers import (
+    GatedModel,
+    RunningService,
+    demo_config,
+    shape_png,
+    start_service,
+    wait_until,
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -39,13 +45,6 @@ def service(
 def status(channel: grpc.Channel) -> int:
     request = health_pb2.HealthCheckRequest(service="moderator.v1.Moderator")
     return int(health_pb2_grpc.HealthStub(channel).Check(request, timeout=10).status)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition never held"
-        time.sleep(0.05)
 
 
 def problem(service: RunningService, reason: str) -> float:

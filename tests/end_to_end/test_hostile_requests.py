@@ -10,7 +10,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -26,9 +26,11 @@ from tests.helpers import (
     GatedModel,
     RunningService,
     demo_config,
+    own_connection,
     process_rss_bytes,
     shape_png,
     start_service,
+    wait_until,
 )
 
 MODERATE = "/moderator.v1.Moderator/Moderate"
@@ -194,18 +196,6 @@ def test_concurrent_rpcs_are_bounded(small: RunningService, closed_gate: GatedMo
     finally:
         for channel in channels:
             channel.close()
-
-
-def own_connection(address: str) -> grpc.Channel:
-    """A channel on a connection of its own (channels share connections by default)."""
-    return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition never held"
-        time.sleep(0.01)
 
 
 def stream_call(channel: grpc.Channel) -> grpc.StreamStreamMultiCallable:  # type: ignore[type-arg]

@@ -16,7 +16,14 @@ import pytest
 
 from moderator.v1 import moderator_pb2 as pb
 from moderator.v1 import moderator_pb2_grpc as pb_grpc
-from tests.helpers import RunningService, demo_config, make_certificates, shape_png, start_service
+from tests.helpers import (
+    RunningService,
+    code_of,
+    demo_config,
+    make_certificates,
+    shape_png,
+    start_service,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +45,6 @@ def two_ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Runnin
         yield running, certs.ca
 
 
-def code_of(call: object, request: object) -> grpc.StatusCode:
-    try:
-        call(request, timeout=30)  # type: ignore[operator]
-    except grpc.RpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
-
-
 def test_admin_methods_are_served_only_on_the_admin_port(
     two_ports: tuple[RunningService, Path],
 ) -> None:
@@ -59,10 +58,12 @@ def test_admin_methods_are_served_only_on_the_admin_port(
         public_stub, admin_stub = pb_grpc.ModeratorStub(public), pb_grpc.ModeratorStub(admin)
         for stub, allowed in ((public_stub, False), (admin_stub, True)):
             expected = grpc.StatusCode.OK if allowed else grpc.StatusCode.UNIMPLEMENTED
-            assert code_of(stub.ReloadPolicies, pb.ReloadPoliciesRequest()) == expected
-            assert code_of(stub.ScoreEmbeddings, pb.ScoreEmbeddingsRequest()) == expected
-        assert code_of(public_stub.Moderate, red) == grpc.StatusCode.OK
-        assert code_of(admin_stub.Moderate, red) == grpc.StatusCode.UNIMPLEMENTED
+            assert code_of(stub.ReloadPolicies, pb.ReloadPoliciesRequest(), timeout=30) == expected
+            assert (
+                code_of(stub.ScoreEmbeddings, pb.ScoreEmbeddingsRequest(), timeout=30) == expected
+            )
+        assert code_of(public_stub.Moderate, red, timeout=30) == grpc.StatusCode.OK
+        assert code_of(admin_stub.Moderate, red, timeout=30) == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_metrics_are_served_over_tls_on_their_own_address(

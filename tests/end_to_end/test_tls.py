@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from moderator.v1 import moderator_pb2_grpc as pb_grpc
 from tests.helpers import (
     Certificates,
     RunningService,
+    code_of,
     demo_config,
     make_certificates,
     shape_png,
@@ -82,14 +83,6 @@ def red() -> pb.ModerateRequest:
 def served_ok(stub: pb_grpc.ModeratorStub) -> bool:
     request = pb.ListPoliciesRequest()
     return code_of(lambda: stub.ListPolicies(request, timeout=5)) == grpc.StatusCode.OK
-
-
-def code_of(call: Callable[[], object]) -> grpc.StatusCode:
-    try:
-        call()
-    except grpc.RpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
 
 
 def test_plaintext_and_clients_without_a_certificate_are_refused(
