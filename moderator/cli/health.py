@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moderator.cli.check import open_channel
 from moderator.cli.options import Subparsers, env_name
+from moderator.serving.health import LIVENESS_SERVICE
 
 SERVICE = "moderator.v1.Moderator"
 
@@ -19,6 +20,11 @@ SERVICE = "moderator.v1.Moderator"
 def add_parser(commands: Subparsers, env: Mapping[str, str]) -> None:
     health = commands.add_parser("health", help="exit 0 if the server is SERVING, else 1")
     health.add_argument("--server", default=env.get(env_name("--server"), "localhost:50051"))
+    health.add_argument(
+        "--service",
+        default=SERVICE,
+        help=f"health service to ask: {SERVICE}, '' or {LIVENESS_SERVICE} (worker not stuck)",
+    )
     health.add_argument("--timeout", type=float, default=5.0, help="seconds")
     health.add_argument("--tls-ca", type=Path, help="verify the server against this PEM CA (TLS)")
     health.add_argument("--tls-cert", type=Path, help="client certificate (mutual TLS)")
@@ -30,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     with open_channel(args, []) as channel:
         check = health_pb2_grpc.HealthStub(channel).Check
         try:
-            status = check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=args.timeout)
+            request = health_pb2.HealthCheckRequest(service=args.service)
+            status = check(request, timeout=args.timeout)
         except grpc.RpcError as exc:
             print(f"{args.server}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1

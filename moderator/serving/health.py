@@ -6,6 +6,11 @@ The monitor polls the model worker: after `max_failed_batches` forward passes fa
 A service that reports NOT_SERVING gets no traffic to prove itself with, so while batches are
 failing the monitor sends a probe (one blank image) now and then; health comes back as soon as
 a batch succeeds again.
+
+The health service name `liveness` answers a narrower question for a liveness probe: is the
+model worker stuck or failing? It is SERVING while loading and draining (a restart would not
+help there) and NOT_SERVING only while a worker problem holds, so an orchestrator restarts a
+process whose device hangs or broke, and only that.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 FAILED_BATCHES = "failed_batches"
 STUCK_BATCH = "stuck_batch"
 PROBLEMS = (FAILED_BATCHES, STUCK_BATCH)
+LIVENESS_SERVICE = "liveness"
 CHECK_SECONDS = 1.0
 PROBE_SECONDS = 5.0
 
@@ -66,6 +72,7 @@ class HealthMonitor:
         self._problems: frozenset[str] = frozenset()
         self._last_probe = 0.0
         self._reported: int | None = None
+        self._reported_liveness: int | None = None
         for reason in PROBLEMS:
             metrics.health_problem.labels(reason=reason).set(0)
         metrics.healthy.set(0)
@@ -118,6 +125,7 @@ class HealthMonitor:
             await asyncio.wait_for(self._probe(), self._config.stuck_batch_seconds)
 
     async def _report(self) -> None:
+        await self._report_liveness()
         healthy = self._accepting and not self._problems
         status = SERVING if healthy else NOT_SERVING
         self._metrics.healthy.set(int(healthy))
@@ -130,3 +138,9 @@ class HealthMonitor:
         self._reported = status
         for name in self._services:
             await self._health.set(name, status)
+
+    async def _report_liveness(self) -> None:
+        status = NOT_SERVING if self._problems else SERVING
+        if status != self._reported_liveness:
+            self._reported_liveness = status
+            await self._health.set(LIVENESS_SERVICE, status)

@@ -183,6 +183,11 @@ def test_health_exits_zero_when_serving_and_one_otherwise(demo_server: DemoServe
     done = run_cli("health", "--server", f"127.0.0.1:{demo_server.port}")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("SERVING")
+    alive = run_cli("health", "--server", f"127.0.0.1:{demo_server.port}", "--service", "liveness")
+    assert alive.returncode == 0, alive.stderr
+    unknown = run_cli("health", "--server", f"127.0.0.1:{demo_server.port}", "--service", "nope")
+    assert unknown.returncode == 1
+    assert "NOT_FOUND" in unknown.stderr
     nobody = run_cli("health", "--server", "127.0.0.1:1", "--timeout", "2")
     assert nobody.returncode == 1
     assert "UNAVAILABLE" in nobody.stderr

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 from moderator.config import BatchConfig
 from moderator.serving.health import (
     FAILED_BATCHES,
+    LIVENESS_SERVICE,
     NOT_SERVING,
     PROBE_SECONDS,
     SERVING,
@@ -45,8 +46,8 @@ class Fixture:
         self.probes += 1
         raise RuntimeError("still broken")
 
-    async def status(self) -> int:
-        request = health_pb2.HealthCheckRequest(service="")
+    async def status(self, service: str = "") -> int:
+        request = health_pb2.HealthCheckRequest(service=service)
         response = await self.health.Check(request, None)
         return int(response.status)
 
@@ -113,5 +114,30 @@ def test_a_probe_that_hangs_does_not_stop_the_checks() -> None:
         await asyncio.wait_for(f.monitor.check(), 5)  # gives up on the probe after 0.1 s
         assert hung.is_set()
         assert await f.status() == NOT_SERVING
+
+    asyncio.run(scenario())
+
+
+def test_liveness_fails_only_while_the_worker_is_stuck_or_failing() -> None:
+    async def scenario() -> None:
+        f = Fixture()
+        await f.monitor.accepting(False)  # loading: not ready, but alive
+        assert await f.status() == NOT_SERVING
+        assert await f.status(LIVENESS_SERVICE) == SERVING
+        await f.monitor.accepting(True)
+        f.state = WorkerState(0, running_since=f.now)
+        f.now += 11
+        await f.monitor.check()
+        assert await f.status(LIVENESS_SERVICE) == NOT_SERVING
+        f.state = WorkerState(3, None)
+        await f.monitor.check()
+        assert await f.status(LIVENESS_SERVICE) == NOT_SERVING
+        f.state = WorkerState(0, None)
+        await f.monitor.check()
+        assert await f.status(LIVENESS_SERVICE) == SERVING
+        await f.monitor.accepting(False)  # draining: not ready, still alive
+        await f.monitor.check()
+        assert await f.status() == NOT_SERVING
+        assert await f.status(LIVENESS_SERVICE) == SERVING
 
     asyncio.run(scenario())
