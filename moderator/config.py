@@ -8,6 +8,7 @@ without a flag).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ MIN_DECODE_MEMORY_MB = 256
 MESSAGE_IMAGES = 4
 MESSAGE_OVERHEAD_BYTES = 1 * MIB
 MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC takes the limit as a C int
+OTLP_ENDPOINT = r"https?://[A-Za-z0-9.\-]+(:\d{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?"
 
 
 def default_cache_dir() -> Path:
@@ -212,6 +214,8 @@ class ServerConfig:
     # replicas added since; calls in flight get the grace to finish. 0 = never.
     max_connection_age_seconds: float = 300.0
     max_connection_age_grace_seconds: float = 60.0
+    # OpenTelemetry collector (OTLP over gRPC) for a span per RPC; "" = no tracing.
+    otlp_endpoint: str = ""
 
     def __post_init__(self) -> None:
         require(bool(self.host), "--host", "must not be empty")
@@ -281,6 +285,11 @@ class ServerConfig:
         require(self.drain_seconds >= 0, "--drain-seconds", "must not be negative")
         require(
             self.shutdown_grace_seconds >= 0, "--shutdown-grace-seconds", "must not be negative"
+        )
+        require(
+            not self.otlp_endpoint or re.fullmatch(OTLP_ENDPOINT, self.otlp_endpoint) is not None,
+            "--otlp-endpoint",
+            "must be http://HOST:PORT or https://HOST:PORT",
         )
 
 

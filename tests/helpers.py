@@ -37,6 +37,7 @@ from moderator.core.embeddings import EmbeddingCache, PolicyIndex, build_policy_
 from moderator.core.policies import build_policy_set, parse_policy
 from moderator.demo.shapes import render_shape
 from moderator.serving.server import Service
+from moderator.serving.tracing import Tracing
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **save_args: object) -> bytes:
@@ -103,13 +104,15 @@ class RunningService:
 
 
 def start_service(
-    config: Config, load_model: Callable[[ModelConfig], ClipModel] | None = None
+    config: Config,
+    load_model: Callable[[ModelConfig], ClipModel] | None = None,
+    tracing: Tracing | None = None,
 ) -> Iterator[RunningService]:
     """Run the real service on its own event loop thread; yield once it is SERVING."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    service = Service(config, CollectorRegistry(), load_model or load_clip)
+    service = Service(config, CollectorRegistry(), load_model or load_clip, tracing)
     running = RunningService(service, loop)
     running.call(service.start())
     try:
@@ -313,9 +316,12 @@ def own_connection(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
 
 
-def start_demo_server_process(*flags: str) -> tuple[subprocess.Popen[str], int]:
+def start_demo_server_process(
+    *flags: str, log: list[str] | None = None
+) -> tuple[subprocess.Popen[str], int]:
     """`moderator serve --demo` as a child process on a free port, with `flags` added; returns
-    once it reports SERVING. Its log is read on in a thread, so a full pipe never blocks it."""
+    once it reports SERVING. Its log is read on in a thread, so a full pipe never blocks it;
+    `log`, when given, gets every line."""
     serve = [sys.executable, "-m", "moderator", "serve", "--demo", "--host", "127.0.0.1"]
     defaults = ["--port", "0", "--metrics-port", "-1", "--policy-poll-seconds", "0"]
     process = subprocess.Popen(
@@ -325,9 +331,11 @@ def start_demo_server_process(*flags: str) -> tuple[subprocess.Popen[str], int]:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert process.stderr is not None
+    lines = log if log is not None else []
     for line in process.stderr:
+        lines.append(line)
         if match := re.search(r"SERVING on port (\d+)", line):
-            threading.Thread(target=process.stderr.read, daemon=True).start()
+            threading.Thread(target=lines.extend, args=(process.stderr,), daemon=True).start()
             return process, int(match.group(1))
     process.kill()
-    raise AssertionError("the server never reported SERVING")
+    raise AssertionError("the server never reported SERVING:\n" + "".join(lines[-20:]))

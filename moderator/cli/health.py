@@ -12,7 +12,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moderator.cli.check import open_channel
 from moderator.cli.options import Subparsers, env_name
-from moderator.serving.health import LIVENESS_SERVICE
 
 SERVICE = "moderator.v1.Moderator"
 
@@ -23,7 +22,7 @@ def add_parser(commands: Subparsers, env: Mapping[str, str]) -> None:
     health.add_argument(
         "--service",
         default=SERVICE,
-        help=f"health service to ask: {SERVICE}, '' or {LIVENESS_SERVICE} (worker not stuck)",
+        help=f"health service to ask: {SERVICE}, '' or liveness (the model worker is not stuck)",
     )
     health.add_argument("--timeout", type=float, default=5.0, help="seconds")
     health.add_argument("--tls-ca", type=Path, help="verify the server against this PEM CA (TLS)")

@@ -16,16 +16,15 @@ Each command is a module of this package with `add_parser` and its handlers; hea
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
 
 from moderator.cli import calibrate, check, health, policies, rescore, serve, token
 from moderator.errors import ModeratorError, PolicyError
+from moderator.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 
 COMMANDS = (serve, check, health, policies, calibrate, rescore, token)
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -39,12 +38,15 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     args = build_parser(os.environ if env is None else env).parse_args(argv)
     level = getattr(args, "log_level", "INFO")
-    if level not in LOG_LEVELS:
-        print(f"error: --log-level {level}: use one of {', '.join(LOG_LEVELS)}", file=sys.stderr)
-        return 2
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    log_format = getattr(args, "log_format", "text")
+    for flag, value, allowed in (
+        ("--log-level", level, LOG_LEVELS),
+        ("--log-format", log_format, LOG_FORMATS),
+    ):
+        if value not in allowed:
+            print(f"error: {flag} {value}: use one of {', '.join(allowed)}", file=sys.stderr)
+            return 2
+    configure_logging(level, log_format, getattr(args, "log_requests", False))
     try:
         code: int = args.handler(args)
     except PolicyError as exc:

@@ -64,6 +64,11 @@ class Option:
         return env_name(self.flag)
 
 
+LOG_OPTIONS = (
+    Option("--log-level", str.upper, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    Option("--log-format", str.lower, "text", "text, or json: one object per line"),
+    Option("--log-requests", on_off, "off", "log one line per RPC (and stream request)"),
+)
 MODEL_OPTIONS = (
     Option("--model", str, ModelConfig.name, "open_clip model name, or hf-hub:ORG/REPO"),
     Option(
@@ -273,7 +278,14 @@ SERVE_OPTIONS = (
         ImageConfig.max_tiff_pages,
         "most pages in a TIFF (TOO_COMPLEX above)",
     ),
-    Option("--log-level", str.upper, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    Option(
+        "--otlp-endpoint",
+        str,
+        "",
+        "send a trace span per RPC to this OpenTelemetry collector (OTLP/gRPC, "
+        "http://HOST:4317); needs moderator[tracing]",
+    ),
+    *LOG_OPTIONS,
 )
 MODEL_SWITCHES = (
     ("--demo", "use the bundled demo model (and policies/demo when serving); no network needed"),
@@ -370,6 +382,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             max_connection_age_grace_seconds=args.max_connection_age_grace_seconds,
             drain_seconds=args.drain_seconds,
             shutdown_grace_seconds=args.shutdown_grace_seconds,
+            otlp_endpoint=args.otlp_endpoint,
         ),
     )
 

@@ -26,6 +26,7 @@ from moderator.core.scoring import ViewScores, score_views
 from moderator.errors import DeadlineExceeded, ModelFailed, NotReady
 from moderator.serving.health import WorkerState
 from moderator.serving.metrics import Metrics
+from moderator.serving.tracing import BatchTimes
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class WorkItem:
     enqueued: float = field(default_factory=time.monotonic)
     future: Future[ViewScores] = field(default_factory=Future)
     on_done: Callable[[], None] | None = None  # called once the item has left the worker
+    on_timed: Callable[[BatchTimes], None] | None = None  # its forward pass's times (tracing)
 
     @property
     def views(self) -> int:
@@ -109,11 +111,18 @@ class Batcher:
         index: PolicyIndex,
         deadline: float | None,
         on_done: Callable[[], None] | None = None,
+        on_timed: Callable[[BatchTimes], None] | None = None,
     ) -> Future[ViewScores]:
         """Queue one image's views; `on_done` is called from the worker thread once the
-        image has left it (scored, failed or dropped)."""
+        image has left it (scored, failed or dropped), `on_timed` with the times of the
+        forward pass that scored it."""
         item = WorkItem(
-            pixels=pixels, index=index, deadline=deadline, enqueued=self._clock(), on_done=on_done
+            pixels=pixels,
+            index=index,
+            deadline=deadline,
+            enqueued=self._clock(),
+            on_done=on_done,
+            on_timed=on_timed,
         )
         with self._cond:
             if not self._running:
@@ -185,11 +194,12 @@ class Batcher:
         if not live:
             return
         started = self._clock()
+        started_ns = time.time_ns()
         for item in live:
             self._metrics.queue_wait.observe(max(0.0, started - item.enqueued))
         self._running_since = started
         try:
-            results = self._forward(live)
+            results, encoded_ns = self._forward(live)
         except Exception as exc:  # the model failed: fail these images, keep serving
             self._failed_in_a_row += 1
             log.exception("forward pass failed for a batch of %d images", len(live))
@@ -201,8 +211,11 @@ class Batcher:
             self._running_since = None
         self._failed_in_a_row = 0
         self._metrics.inference_duration.observe(self._clock() - started)
-        self._metrics.batch_images.observe(sum(item.views for item in live))
+        views = sum(item.views for item in live)
+        self._metrics.batch_images.observe(views)
+        times = BatchTimes(started_ns, encoded_ns, time.time_ns(), views, len(live))
         for item, result in zip(live, results, strict=True):
+            _report_times(item, times)
             item.future.set_result(result)
 
     def _drop_dead(self, batch: list[WorkItem]) -> list[WorkItem]:
@@ -218,9 +231,11 @@ class Batcher:
                 live.append(item)
         return live
 
-    def _forward(self, items: list[WorkItem]) -> list[ViewScores]:
+    def _forward(self, items: list[WorkItem]) -> tuple[list[ViewScores], int]:
+        """The items' scores, and when (time.time_ns()) the encoder returned."""
         pixels = torch.cat([item.pixels for item in items])
         embeddings = self._encode_images(pixels)
+        encoded_ns = time.time_ns()
         bounds = _item_bounds(items)
         results: dict[int, ViewScores] = {}
         # Items normally share one policy index; during a policy reload a batch can hold two,
@@ -239,7 +254,7 @@ class Batcher:
                     matched=matched[offset:end],
                 )
                 offset = end
-        return [results[i] for i in range(len(items))]
+        return [results[i] for i in range(len(items))], encoded_ns
 
 
 def _done(item: WorkItem) -> None:
@@ -248,6 +263,14 @@ def _done(item: WorkItem) -> None:
             item.on_done()
         except Exception:  # a caller's callback must not stop the worker
             log.exception("a work item's completion callback failed")
+
+
+def _report_times(item: WorkItem, times: BatchTimes) -> None:
+    if item.on_timed is not None:
+        try:
+            item.on_timed(times)
+        except Exception:  # tracing must not fail an image
+            log.exception("recording a batch's times failed")
 
 
 def _item_bounds(items: list[WorkItem]) -> list[tuple[int, int]]:

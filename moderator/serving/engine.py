@@ -36,6 +36,7 @@ from moderator.serving.decode_pool import DecodePool
 from moderator.serving.health import WorkerState
 from moderator.serving.metrics import Metrics
 from moderator.serving.reload import PolicyReloader
+from moderator.serving.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,11 @@ class ModerationEngine:
         config: Config,
         metrics: Metrics,
         load_model: Callable[[ModelConfig], ClipModel] = load_clip,
+        tracing: Tracing | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
+        self.tracing = tracing or Tracing(None)
         self._load_model = load_model
         self._clip: ClipModel | None = None
         self._index: PolicyIndex | None = None
@@ -352,13 +355,19 @@ class ModerationEngine:
         try:
             self._decoding_images += 1
             try:
-                pixels = torch.from_numpy(await self._decode_pool.decode(image.data, deadline))
+                with self.tracing.span("decode", **{"image.bytes": len(image.data)}):
+                    decoded = await self._decode_pool.decode(image.data, deadline)
+                pixels = torch.from_numpy(decoded)
                 held = pixels.shape[0]
                 self.budgets.more_views(ticket, held)
                 # The views stay held until the image leaves the model's queue, even when
                 # this request is cancelled first: its pixels are there until then.
                 future = self._batcher.submit(
-                    pixels, index, deadline, on_done=self.budgets.views_released_later(held)
+                    pixels,
+                    index,
+                    deadline,
+                    on_done=self.budgets.views_released_later(held),
+                    on_timed=self.tracing.batch_recorder(),
                 )
                 held = 0
             except InvalidImage as exc:

@@ -32,11 +32,15 @@ from moderator.serving.servicer import (
     ModeratorServicer,
 )
 from moderator.serving.tls import TlsFiles, check_key_pair, server_credentials
+from moderator.serving.tracing import Tracing, otlp_tracing
 from moderator.serving.watcher import PolicyWatcher
 
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICES = ("", SERVICE_NAME)
+# Spans still buffered at shutdown get this long to reach the collector; the drain's budget is
+# the pod's termination grace period.
+TRACE_FLUSH_SECONDS = 2.0
 KEEPALIVE_TIME_MS = 60_000
 KEEPALIVE_TIMEOUT_MS = 20_000
 MIN_CLIENT_PING_INTERVAL_MS = 10_000
@@ -131,11 +135,13 @@ class Service:
         config: Config,
         registry: CollectorRegistry | None = None,
         load_model: Callable[[ModelConfig], ClipModel] = load_clip,
+        tracing: Tracing | None = None,
     ) -> None:
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
-        self.engine = ModerationEngine(config, self.metrics, load_model)
+        self.tracing = tracing or otlp_tracing(config.server.otlp_endpoint)
+        self.engine = ModerationEngine(config, self.metrics, load_model, self.tracing)
         self.servicer = create_servicer(config, self.engine, self.metrics)
         # read now: a broken token file stops the start before the model loads
         self.access = AccessControl(config.server.auth_tokens, self.metrics)
@@ -212,6 +218,7 @@ class Service:
         model_timeout = 0.0 if self._hurry.is_set() else MODEL_STOP_SECONDS
         await asyncio.get_running_loop().run_in_executor(None, self.engine.stop, model_timeout)
         self._stop_metrics_endpoint()
+        self.tracing.shutdown(TRACE_FLUSH_SECONDS)
         log.info("stopped")
 
     async def _stop_servers(self) -> None:

@@ -14,16 +14,9 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from moderator.errors import (
-    DeadlineExceeded,
-    Disabled,
-    InvalidRequest,
-    ModelFailed,
-    ModeratorError,
-    NotReady,
-    Overloaded,
-)
+from moderator.errors import DeadlineExceeded, InvalidRequest, NotReady, Overloaded
 from moderator.serving.auth import CALLER, STILL_ALLOWED, audit
+from moderator.serving.calls import AccessDenied, CallRecorder
 from moderator.serving.engine import ImageInput, ModerationEngine
 from moderator.serving.metrics import Metrics
 from moderator.serving.request_limits import (
@@ -50,16 +43,6 @@ STREAM_WINDOW = 4
 # The method label of each request inside a ModerateStream, in moderator_requests_total.
 STREAM_REQUEST = "ModerateStream/request"
 _Message = TypeVar("_Message", bound=Message)
-MAX_DETAILS_CHARS = 2000
-
-STATUS_FOR_ERROR: dict[type[ModeratorError], grpc.StatusCode] = {
-    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    ModelFailed: grpc.StatusCode.UNAVAILABLE,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    NotReady: grpc.StatusCode.UNAVAILABLE,
-    Disabled: grpc.StatusCode.FAILED_PRECONDITION,
-}
 
 
 def parse(kind: type[_Message], raw: bytes) -> _Message:
@@ -73,36 +56,6 @@ def deadline_of(context: Context) -> float | None:
     """The call's deadline in time.monotonic() seconds."""
     remaining = context.time_remaining()
     return time.monotonic() + remaining if remaining is not None else None
-
-
-def clipped(details: str) -> str:
-    """Error details short enough for a trailer: gRPC refuses metadata over 8-16 KB (the client
-    would see RESOURCE_EXHAUSTED instead of the real status) and percent-encodes every byte
-    outside printable ASCII, so the text is made ASCII first (escapes), then cut."""
-    details = details.encode("ascii", "backslashreplace").decode("ascii")
-    if len(details) <= MAX_DETAILS_CHARS:
-        return details
-    tail = f" ... ({len(details)} characters)"
-    return details[: MAX_DETAILS_CHARS - len(tail)] + tail
-
-
-class AccessDenied(ModeratorError):
-    """A stream request whose caller lost its token or role since the stream opened."""
-
-    def __init__(self, message: str, code: grpc.StatusCode) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def status_for(error: BaseException) -> grpc.StatusCode:
-    if isinstance(error, AccessDenied):
-        return error.code
-    for kind, code in STATUS_FOR_ERROR.items():
-        if isinstance(error, kind):
-            return code
-    if isinstance(error, asyncio.CancelledError | GeneratorExit):  # the caller went away
-        return grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.INTERNAL
 
 
 class ModeratorServicer:
@@ -126,6 +79,8 @@ class ModeratorServicer:
         self._calls = 0  # Moderator calls running (health and reflection do not count)
         self._stream_idle_seconds = stream_idle_seconds
         self._stopping = asyncio.Event()
+        self._tracing = engine.tracing
+        self._recorder = CallRecorder(metrics, engine.tracing)
 
     def stop_accepting(self) -> None:
         """The end of the drain: new calls get UNAVAILABLE (not accepted), and open streams
@@ -177,27 +132,28 @@ class ModeratorServicer:
         reading (HTTP/2 flow control holds the write) cannot keep its call slot forever."""
         method = "ModerateStream"
         started = time.perf_counter()
-        try:
-            with self._call_slot():
-                answers = answer_in_order(
-                    request_iterator,
-                    lambda raw: self._stream_request(raw, context),
-                    STREAM_WINDOW,
-                    self._stream_idle_seconds,
-                    self._stopping,
-                )
-                async for response in answers:
-                    await self._write(context, response)
-        except (grpc.aio.AbortError, asyncio.CancelledError):
-            self._observe(method, started, grpc.StatusCode.CANCELLED)
-            raise
-        except BaseException as exc:
-            code, details = self._failure(method, started, exc)
-        else:
-            self._observe(method, started, grpc.StatusCode.OK)
-            return
-        context.set_code(code)
-        context.set_details(details)
+        with self._tracing.span(f"{SERVICE_NAME}/{method}"):
+            try:
+                with self._call_slot():
+                    answers = answer_in_order(
+                        request_iterator,
+                        lambda raw: self._stream_request(raw, context),
+                        STREAM_WINDOW,
+                        self._stream_idle_seconds,
+                        self._stopping,
+                    )
+                    async for response in answers:
+                        await self._write(context, response)
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                self._recorder.observe(method, started, grpc.StatusCode.CANCELLED)
+                raise
+            except BaseException as exc:
+                code, details = self._recorder.failure(method, started, exc)
+            else:
+                self._recorder.observe(method, started, grpc.StatusCode.OK)
+                return
+            context.set_code(code)
+            context.set_details(details)
 
     async def _write(self, context: Context, response: pb.ModerateResponse) -> None:
         write = asyncio.ensure_future(context.write(response))
@@ -239,30 +195,31 @@ class ModeratorServicer:
         """Time and count one unary RPC; map a domain error to its status. `audited`: an
         admin call, written to the audit log whatever its outcome."""
         started = time.perf_counter()
-        before = self._policy_version() if audited else ""
-        try:
-            with self._call_slot():
-                response = await handle()
-        except (grpc.aio.AbortError, asyncio.CancelledError):
-            self._observe(method, started, grpc.StatusCode.CANCELLED)
-            if audited:
-                self._audit(method, "CANCELLED", before)
-            raise
-        except BaseException as exc:
-            code, details = self._failure(method, started, exc)
-            if audited:
-                self._audit(method, code.name, before)
-        else:
-            self._observe(method, started, grpc.StatusCode.OK)
-            if audited:
-                self._audit(method, "OK", before, response)
-            return response
-        # A status set, not raised (context.abort): an exception's traceback would hold the
-        # frames holding the request's bytes in a reference cycle until the next full garbage
-        # collection, 80 MiB per refused request.
-        context.set_code(code)
-        context.set_details(details)
-        return None  # type: ignore[return-value]
+        with self._tracing.span(f"{SERVICE_NAME}/{method}"):
+            before = self._policy_version() if audited else ""
+            try:
+                with self._call_slot():
+                    response = await handle()
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                self._recorder.observe(method, started, grpc.StatusCode.CANCELLED)
+                if audited:
+                    self._audit(method, "CANCELLED", before)
+                raise
+            except BaseException as exc:
+                code, details = self._recorder.failure(method, started, exc)
+                if audited:
+                    self._audit(method, code.name, before)
+            else:
+                self._recorder.observe(method, started, grpc.StatusCode.OK, response)
+                if audited:
+                    self._audit(method, "OK", before, response)
+                return response
+            # A status set, not raised (context.abort): an exception's traceback would hold the
+            # frames holding the request's bytes in a reference cycle until the next full garbage
+            # collection, 80 MiB per refused request.
+            context.set_code(code)
+            context.set_details(details)
+            return None  # type: ignore[return-value]
 
     async def _list_policies(self) -> pb.ListPoliciesResponse:
         policy_set = self._engine.policies
@@ -312,17 +269,18 @@ class ModeratorServicer:
     async def _stream_request(self, raw: bytes, context: Context) -> pb.ModerateResponse:
         """One request of a stream: a domain error becomes that request's response."""
         started = time.perf_counter()
-        try:
-            self._check_still_allowed()
-            response = await self._moderate(raw, context, wait=True)
-        except Exception as exc:  # this request's failure, not the stream's
-            code, details = self._failure(STREAM_REQUEST, started, exc)
-            return pb.ModerateResponse(
-                request_id=find_request_id(raw, self._limits),
-                error=pb.RequestError(code=code.value[0], message=details),
-            )
-        self._observe(STREAM_REQUEST, started, grpc.StatusCode.OK)
-        return response
+        with self._tracing.span(f"{SERVICE_NAME}/{STREAM_REQUEST}"):
+            try:
+                self._check_still_allowed()
+                response = await self._moderate(raw, context, wait=True)
+            except Exception as exc:  # this request's failure, not the stream's
+                code, details = self._recorder.failure(STREAM_REQUEST, started, exc)
+                return pb.ModerateResponse(
+                    request_id=find_request_id(raw, self._limits),
+                    error=pb.RequestError(code=code.value[0], message=details),
+                )
+            self._recorder.observe(STREAM_REQUEST, started, grpc.StatusCode.OK, response)
+            return response
 
     def _check_still_allowed(self) -> None:
         """A stream's caller is judged again for each request: a token removed from the
@@ -364,18 +322,3 @@ class ModeratorServicer:
             yield
         finally:
             self._calls -= 1
-
-    def _failure(
-        self, method: str, started: float, exc: BaseException
-    ) -> tuple[grpc.StatusCode, str]:
-        """Record a failed call; its status and details (a domain error's own message)."""
-        code = status_for(exc)
-        self._observe(method, started, code)
-        if code is grpc.StatusCode.INTERNAL:
-            log.error("%s failed for %s", method, CALLER.get(), exc_info=exc)
-            return code, "internal error; see the server log"
-        return code, clipped(str(exc))
-
-    def _observe(self, method: str, started: float, code: grpc.StatusCode) -> None:
-        self._metrics.requests.labels(method=method, code=code.name, caller=CALLER.get()).inc()
-        self._metrics.request_duration.labels(method=method).observe(time.perf_counter() - started)

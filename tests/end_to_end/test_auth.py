@@ -3,7 +3,6 @@ health stays open; the token file is re-read without a restart; admin calls are 
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 from collections.abc import Callable, Iterator
@@ -16,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from moderator.logs import fields_of
 from moderator.serving.access import token_digest
 from moderator.v1 import moderator_pb2 as pb
 from moderator.v1 import moderator_pb2_grpc as pb_grpc
@@ -134,7 +134,7 @@ def test_admin_calls_are_audited(service: RunningService, caplog: pytest.LogCapt
         stub.ReloadPolicies(pb.ReloadPoliciesRequest(), metadata=as_caller("adm"), timeout=60)
         with pytest.raises(grpc.RpcError):
             stub.ReloadPolicies(pb.ReloadPoliciesRequest(), metadata=as_caller("mod"))
-    lines = [json.loads(r.message) for r in caplog.records if r.name == "moderator.audit"]
+    lines = [fields_of(r) for r in caplog.records if r.name == "moderator.audit"]
     assert [(line["caller"], line["result"]) for line in lines] == [
         ("adm", "OK"),
         ("mod", "PERMISSION_DENIED"),

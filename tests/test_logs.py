@@ -1,0 +1,71 @@
+"""Log formats: JSON lines a pipeline can parse, text lines whose fields cannot be forged."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import pytest
+
+from moderator.logs import REQUEST_LOGGER, JsonFormatter, TextFormatter, configure_logging
+
+
+def record(message: str, fields: object = None, exc: bool = False) -> logging.LogRecord:
+    exc_info = None
+    if exc:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            exc_info = sys.exc_info()
+    made = logging.LogRecord("moderator.x", logging.WARNING, __file__, 1, message, (), exc_info)
+    if fields is not None:
+        made.fields = fields
+    return made
+
+
+def test_json_lines_carry_the_fields_beside_the_core_keys() -> None:
+    line = JsonFormatter().format(record("done", {"method": "Moderate", "images": 3}))
+    parsed = json.loads(line)
+    assert parsed["message"] == "done"
+    assert parsed["level"] == "WARNING"
+    assert parsed["logger"] == "moderator.x"
+    assert (parsed["method"], parsed["images"]) == ("Moderate", 3)
+    assert parsed["time"].endswith("Z")
+    assert "T" in parsed["time"]
+
+
+def test_a_field_cannot_replace_the_core_keys_nor_break_the_line() -> None:
+    hostile = {"message": "forged", "level": "DEBUG", "request_id": 'a"\n{"level": "ERROR"}'}
+    line = JsonFormatter().format(record("real\nmessage", hostile))
+    assert "\n" not in line
+    parsed = json.loads(line)
+    assert (parsed["message"], parsed["level"]) == ("real\nmessage", "WARNING")
+    assert parsed["request_id"] == hostile["request_id"]
+
+
+def test_json_lines_include_the_traceback() -> None:
+    parsed = json.loads(JsonFormatter().format(record("failed", exc=True)))
+    assert "ValueError: boom" in parsed["exception"]
+
+
+def test_text_lines_end_with_the_fields_as_one_json_object() -> None:
+    line = TextFormatter().format(record("done", {"request_id": "x y\nz"}))
+    first_line = line.splitlines()[0]
+    assert first_line.endswith('done {"request_id": "x y\\nz"}')
+    assert "\n" not in line
+    assert TextFormatter().format(record("plain")).endswith("moderator.x: plain")
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_the_request_log_is_on_or_off_whatever_the_level(on: bool) -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("ERROR", "json", log_requests=on)
+        assert logging.getLogger(REQUEST_LOGGER).isEnabledFor(logging.INFO) is on
+        assert isinstance(root.handlers[0].formatter, JsonFormatter)
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+        logging.getLogger(REQUEST_LOGGER).setLevel(logging.NOTSET)
