@@ -7,7 +7,8 @@
 #   docker build -t moderator:cuda --build-arg VARIANT=cuda .        # CUDA torch (host driver)
 #   docker build -t moderator:cpu-baked --build-arg WEIGHTS=baked \
 #       --build-arg WEIGHTS_SHA256=<sha256 of weights/model.safetensors> .
-#   docker run --read-only --tmpfs /tmp -v moderator-cache:/cache -p 50051:50051 -p 9090:9090 moderator:cpu
+#   docker run --read-only --tmpfs /tmp -v moderator-cache:/cache --stop-timeout 40 \
+#       -p 50051:50051 -p 9090:9090 moderator:cpu
 #   docker run ... moderator:cpu serve --demo     # the bundled demo model: no network, no weights
 #
 # Without baked weights the default model (ViT-B-32 / laion2b_s34b_b79k) is downloaded from the
@@ -60,8 +61,8 @@ RUN groupadd --system --gid 10001 moderator \
  && chown 10001:10001 /cache
 COPY --from=build /opt/venv /opt/venv
 COPY policies /etc/moderator/policies
-# Everything written at run time lands under /cache (caches) or /tmp; the decode workers'
-# shared memory is /dev/shm.
+# Everything written at run time lands under /cache (caches) or /tmp. (The decode workers hand
+# pixels back through memfd shared memory, which counts against the container's memory limit.)
 # MALLOC_ARENA_MAX: glibc's default of 8 arenas per core lets the gRPC, torch and decode
 # threads each keep their own freed memory; 2 bounds that growth (see BENCHMARKS.md, Memory).
 ENV HOME=/home/moderator \

@@ -190,7 +190,8 @@ class ServerConfig:
     stream_idle_seconds: float = 300.0
     # On SIGTERM: NOT_SERVING, keep accepting for drain_seconds (load balancers and
     # Kubernetes endpoints catch up), then stop accepting and give accepted requests
-    # shutdown_grace_seconds to finish. 5 + 25 fits Kubernetes' default 30 s.
+    # shutdown_grace_seconds to finish; then up to 5 s for a running forward pass and 2 s
+    # for buffered trace spans. A pod's terminationGracePeriodSeconds must cover the sum.
     drain_seconds: float = 5.0
     shutdown_grace_seconds: float = 25.0
     # YAML file of callers (token SHA-256 -> roles); None: every caller may call every method.

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moderator.cli.options import MODEL_OPTIONS, Subparsers, add_options, load_model
+from moderator.cli.flags import Subparsers
+from moderator.cli.options import MODEL_OPTIONS, add_options, load_model
 from moderator.core.policies import load_policy_dir
 from moderator.errors import ConfigError
 

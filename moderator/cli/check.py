@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from moderator.cli.options import Subparsers, env_name
+from moderator.cli.flags import Subparsers, env_name
 from moderator.config import MIB
 from moderator.errors import ConfigError
 from moderator.v1 import moderator_pb2 as pb

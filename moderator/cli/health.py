@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moderator.cli.check import open_channel
-from moderator.cli.options import Subparsers, env_name
+from moderator.cli.flags import Subparsers, env_name
 
 SERVICE = "moderator.v1.Moderator"
 

@@ -7,11 +7,12 @@ read. The CLI is the only place that reads the environment.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING
 
+from moderator.cli.flags import TRUE_WORDS, Option, env_name, kind_with_env, on_off, one_of
 from moderator.config import (
     DEFAULT_POLICIES_DIR,
     DEMO_POLICIES_DIR,
@@ -25,48 +26,15 @@ from moderator.config import (
     default_cache_dir,
     demo_model_config,
 )
+from moderator.logs import LOG_FORMATS, LOG_LEVELS
 
 if TYPE_CHECKING:
     from moderator.core.clip import ClipModel
     from moderator.core.embeddings import EmbeddingCache
 
-# what `ArgumentParser.add_subparsers` returns: each command module adds its parser to it
-Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
-
-ENV_PREFIX = "MODERATOR_"
-TRUE_WORDS = ("1", "true", "yes", "on")
-
-
-def env_name(flag: str) -> str:
-    """--max-wait-ms -> MODERATOR_MAX_WAIT_MS"""
-    return ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper()
-
-
-def on_off(value: str) -> bool:
-    """An on/off flag value (also true/false, yes/no, 1/0)."""
-    word = value.strip().lower()
-    if word in ("on", *TRUE_WORDS):
-        return True
-    if word in ("off", "false", "no", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"{value!r}: use on or off")
-
-
-@dataclass(frozen=True)
-class Option:
-    flag: str
-    kind: Callable[[str], Any]
-    default: Any
-    help: str
-
-    @property
-    def env(self) -> str:
-        return env_name(self.flag)
-
-
 LOG_OPTIONS = (
-    Option("--log-level", str.upper, "INFO", "DEBUG, INFO, WARNING or ERROR"),
-    Option("--log-format", str.lower, "text", "text, or json: one object per line"),
+    Option("--log-level", one_of(*LOG_LEVELS), "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    Option("--log-format", one_of(*LOG_FORMATS), "text", "text, or json: one object per line"),
     Option("--log-requests", on_off, "off", "log one line per RPC (and stream request)"),
 )
 MODEL_OPTIONS = (
@@ -301,7 +269,10 @@ def add_options(
         # argparse converts a string default with `type`, so a bad value gets a clean usage error
         default = env.get(option.env, option.default)
         parser.add_argument(
-            option.flag, type=option.kind, default=default, help=f"{option.help} [{option.env}]"
+            option.flag,
+            type=kind_with_env(option, env),
+            default=default,
+            help=f"{option.help} [{option.env}]",
         )
     for flag, text in MODEL_SWITCHES:
         variable = env_name(flag)

@@ -6,7 +6,8 @@ import argparse
 from collections.abc import Mapping
 from pathlib import Path
 
-from moderator.cli.options import MODEL_OPTIONS, Subparsers, add_options, load_model
+from moderator.cli.flags import Subparsers
+from moderator.cli.options import MODEL_OPTIONS, add_options, load_model
 from moderator.core.policies import load_policy_dir
 from moderator.errors import PolicyError
 

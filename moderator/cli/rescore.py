@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from moderator.cli.options import MODEL_OPTIONS, Subparsers, add_options, load_model
+from moderator.cli.flags import Subparsers
+from moderator.cli.options import MODEL_OPTIONS, add_options, load_model
 from moderator.core.policies import load_policy_dir
 from moderator.errors import ConfigError
 

@@ -6,10 +6,10 @@ import argparse
 import asyncio
 from collections.abc import Mapping
 
+from moderator.cli.flags import Subparsers
 from moderator.cli.options import (
     MODEL_OPTIONS,
     SERVE_OPTIONS,
-    Subparsers,
     add_options,
     config_from_args,
 )

@@ -7,7 +7,7 @@ import hashlib
 import secrets
 from collections.abc import Mapping
 
-from moderator.cli.options import Subparsers
+from moderator.cli.flags import Subparsers
 
 TOKEN_BYTES = 32  # 256 bits
 ROLES = ("moderate", "rescore", "admin")

@@ -54,7 +54,29 @@ def test_bad_environment_values_get_a_usage_error(capsys: pytest.CaptureFixture[
         build_parser({"MODERATOR_PORT": "fifty"}).parse_args(["serve"])
     assert info.value.code == 2
     assert "--port" in capsys.readouterr().err
-    assert main(["serve", "--log-level", "loud"]) == 2
+    for flag, value in (("--log-level", "loud"), ("--log-format", "xml")):
+        with pytest.raises(SystemExit) as info:
+            main(["serve", flag, value])
+        assert info.value.code == 2
+        assert f"{value!r}: use one of" in capsys.readouterr().err
+
+
+def test_log_choices_take_any_case() -> None:
+    args = build_parser({"MODERATOR_LOG_FORMAT": "JSON"}).parse_args(
+        ["serve", "--log-level", "debug"]
+    )
+    assert (args.log_format, args.log_level) == ("json", "DEBUG")
+
+
+def test_a_kubernetes_service_link_is_named_as_such(capsys: pytest.CaptureFixture[str]) -> None:
+    """A Service named `moderator` gives every pod MODERATOR_PORT=tcp://IP:PORT."""
+    env = {"MODERATOR_PORT": "tcp://10.96.0.12:50051"}
+    with pytest.raises(SystemExit):
+        build_parser(env).parse_args(["serve"])
+    error = capsys.readouterr().err
+    assert "Kubernetes service link" in error
+    assert "enableServiceLinks: false" in error
+    assert build_parser(env).parse_args(["serve", "--port", "7000"]).port == 7000
 
 
 def test_demo_flag_selects_the_bundled_model_and_policies() -> None:
