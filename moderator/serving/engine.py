@@ -183,6 +183,7 @@ class ModerationEngine:
     ) -> None:
         self.metrics.policy_reloads.labels(result="success").inc()
         self.metrics.policy_last_reload.set(now)
+        self.metrics.policy_last_reload_success.set(1)
         if previous is not None:
             self.metrics.policy_set_info.remove(previous.policy_set.version)
         self.metrics.policy_set_info.labels(version=policy_set.version).set(1)

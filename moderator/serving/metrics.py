@@ -8,9 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from moderator.core.outcomes import ImageOutcome
+from moderator.core.scoring import Decision
+from moderator.errors import ImageErrorCode
 
 NAMESPACE = "moderator"
 # Model batches take milliseconds to seconds: finer than the web defaults at the low end,
@@ -38,11 +47,17 @@ LATENCY_BUCKETS = (
     30.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+REJECTION_REASONS = ("overload", "request_limit", "deadline", "cancelled")
+RESTART_REASONS = ("timeout", "crash")
+RESULTS = ("success", "error")
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # process_* (memory, CPU seconds, open files) and python_info, on this registry too
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
         self.requests = Counter(
             "requests",
             "RPCs by method, gRPC status code and caller (a name from the token file, "
@@ -198,6 +213,13 @@ class Metrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        self.policy_last_reload_success = Gauge(
+            "policy_last_reload_success",
+            "1 if the last policy (re)load attempt succeeded, 0 while the running set is older "
+            "than a directory that failed to load.",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
         self.policy_set_info = Gauge(
             "policy_set_info",
             "The active policy-set version (always 1; one series at a time).",
@@ -225,6 +247,23 @@ class Metrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        self.start_known_series_at_zero()
+
+    def start_known_series_at_zero(self) -> None:
+        """Every known label value exported from the start: rate() and increase() cannot see
+        a counter's first event when its series appears with it (the first failed reload, the
+        first overload of a pod would be invisible to alerts)."""
+        for decision in Decision:
+            self.images.labels(decision=decision.name.lower())
+        for code in ImageErrorCode:
+            self.image_errors.labels(code=code.value)
+        for reason in REJECTION_REASONS:
+            self.rejected_requests.labels(reason=reason)
+        for reason in RESTART_REASONS:
+            self.decode_worker_restarts.labels(reason=reason)
+        for result in RESULTS:
+            self.policy_reloads.labels(result=result)
+            self.auth_reloads.labels(result=result)
 
     def count_outcomes(self, outcomes: Iterable[ImageOutcome]) -> None:
         """Images by decision and error code, and policy violations, of moderated images."""

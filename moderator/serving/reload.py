@@ -100,6 +100,7 @@ class PolicyReloader:
                 return self._failed(running, error), seen
             if policy_set.version == running.version:
                 message = f"policies unchanged (version {policy_set.version})"
+                self._metrics.policy_last_reload_success.set(1)
                 self.last = ReloadStatus(ok=True, message=message, unix_time=time.time())
                 return self.last, seen
             try:
@@ -116,5 +117,6 @@ class PolicyReloader:
         )
         log.error(message)
         self._metrics.policy_reloads.labels(result="error").inc()
+        self._metrics.policy_last_reload_success.set(0)
         self.last = ReloadStatus(ok=False, message=message, unix_time=time.time())
         return self.last

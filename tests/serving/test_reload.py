@@ -184,8 +184,10 @@ def test_a_hostile_directory_is_a_recorded_and_counted_failure(tmp_path: Path) -
     assert reloader.last is status
     assert installer.installed == []
     assert metrics.policy_reloads.labels(result="error")._value.get() == 1
+    assert metrics.policy_last_reload_success._value.get() == 0
     remove_hostile_files(policies)
     assert asyncio.run(reloader.reload()).ok
+    assert metrics.policy_last_reload_success._value.get() == 1  # the running set is current
 
 
 def test_an_unexpected_error_while_loading_is_a_recorded_failure(
