@@ -14,6 +14,8 @@ Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 ENV_PREFIX = "MODERATOR_"
 TRUE_WORDS = ("1", "true", "yes", "on")
+# read by the client commands (check, health), not by serve
+CLIENT_VARIABLES = frozenset({"MODERATOR_SERVER", "MODERATOR_TOKEN", "MODERATOR_TOKEN_FILE"})
 # Kubernetes gives every pod {SERVICE}_PORT=tcp://10.0.0.1:50051 and friends for each Service
 # in its namespace (service links): a Service named "moderator" sets MODERATOR_PORT.
 SERVICE_LINK = re.compile(r"(tcp|udp|sctp)://[^\s]+")

@@ -261,6 +261,12 @@ MODEL_SWITCHES = (
 )
 
 
+def serve_variables() -> frozenset[str]:
+    """The MODERATOR_* variable of every `moderator serve` setting."""
+    switches = {env_name(flag) for flag, _ in MODEL_SWITCHES}
+    return frozenset({o.env for o in (*MODEL_OPTIONS, *SERVE_OPTIONS)} | switches)
+
+
 def add_options(
     parser: argparse.ArgumentParser, options: Sequence[Option], env: Mapping[str, str]
 ) -> None:

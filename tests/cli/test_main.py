@@ -61,6 +61,18 @@ def test_bad_environment_values_get_a_usage_error(capsys: pytest.CaptureFixture[
         assert f"{value!r}: use one of" in capsys.readouterr().err
 
 
+def test_a_misspelt_setting_is_named_not_silently_lost() -> None:
+    env = {
+        "MODERATOR_MAX_BATCHSIZE": "64",  # misspelt
+        "MODERATOR_MAX_BATCH_SIZE": "64",
+        "MODERATOR_TOKEN": "t",  # the client commands' own
+        "HOME": "/root",
+    }
+    args = build_parser(env).parse_args(["serve"])
+    assert args.unknown_variables == ["MODERATOR_MAX_BATCHSIZE"]
+    assert args.max_batch_size == 64
+
+
 def test_log_choices_take_any_case() -> None:
     args = build_parser({"MODERATOR_LOG_FORMAT": "JSON"}).parse_args(
         ["serve", "--log-level", "debug"]

@@ -4,7 +4,6 @@ image runs it: as uid 10001, with nothing writable but the cache volume and /tmp
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import re
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from moderator.cli.main import build_parser
-from moderator.cli.options import config_from_args
+from moderator.cli.options import config_from_args, serve_variables
 from moderator.config import REPO_ROOT
 from tests.deploy.conftest import REQUIRE_TOOLS
 
@@ -134,20 +133,13 @@ def test_the_image_environment_is_real_flags_with_working_values(image: Dockerfi
         env = image_env(image, weights)
         flags = {k: v for k, v in env.items() if k.startswith("MODERATOR_")}
         parser = build_parser(flags)
-        known = serve_env_names(parser)
+        known = serve_variables()
         assert set(flags) <= known, f"not flags of moderator serve: {set(flags) - known}"
         config = config_from_args(parser.parse_args(["serve"]))
         assert str(config.policies_dir) == env["MODERATOR_POLICIES"]
         assert str(config.embedding_cache_dir).startswith(env["XDG_CACHE_HOME"])
     assert image_env(image, "baked")["MODERATOR_PRETRAINED"] == BAKED_WEIGHTS
     assert "MODERATOR_PRETRAINED" not in image_env(image, "none")
-
-
-def serve_env_names(parser: argparse.ArgumentParser) -> set[str]:
-    """The MODERATOR_* variable of every `moderator serve` flag (named in its help)."""
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    helps = [action.help or "" for action in commands.choices["serve"]._actions]
-    return {m.group(1) for text in helps if (m := re.search(r"\[(MODERATOR_\w+)\]", text))}
 
 
 def test_every_file_the_build_copies_is_in_the_repository_and_the_context(

@@ -5,7 +5,6 @@ Config, its health services, its drain, its policy loader), and every selector f
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib
 import re
@@ -18,9 +17,9 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from moderator.cli.flags import ENV_PREFIX, env_name
+from moderator.cli.flags import ENV_PREFIX
 from moderator.cli.main import build_parser
-from moderator.cli.options import config_from_args
+from moderator.cli.options import config_from_args, serve_variables
 from moderator.config import Config
 from moderator.core.policies import POLICY_SUFFIXES, load_policy_dir
 from moderator.serving import server
@@ -116,16 +115,6 @@ def quantity(text: str | int) -> float:
     match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(text))
     assert match, f"cannot read quantity {text!r}"
     return float(match[1]) * QUANTITY_SUFFIXES.get(match[2], 1)
-
-
-@functools.cache
-def serve_variables() -> frozenset[str]:
-    """The environment variable of every `moderator serve` option, from the CLI's own parser."""
-    parser = build_parser({})
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    serve = commands.choices["serve"]
-    flags = (flag for action in serve._actions for flag in action.option_strings)
-    return frozenset(env_name(flag) for flag in flags if flag.startswith("--") and flag != "--help")
 
 
 def served_config(objects: Objects) -> Config:
