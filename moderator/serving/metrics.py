@@ -216,7 +216,7 @@ class Metrics:
         self.policy_last_reload_success = Gauge(
             "policy_last_reload_success",
             "1 if the last policy (re)load attempt succeeded, 0 while the running set is older "
-            "than a directory that failed to load.",
+            "than a directory that failed to load (and before the first load).",
             namespace=NAMESPACE,
             registry=registry,
         )
