@@ -9,7 +9,8 @@
 #       --build-arg WEIGHTS_SHA256=<sha256 of weights/model.safetensors> .
 #   docker run --read-only --tmpfs /tmp -v moderator-cache:/cache --stop-timeout 40 \
 #       -p 50051:50051 -p 9090:9090 moderator:cpu
-#   docker run ... moderator:cpu serve --demo     # the bundled demo model: no network, no weights
+#   docker run ... moderator:cpu serve --demo --policies /etc/moderator/policies/demo
+#                                   # the bundled demo model and its policies: no network, no weights
 #
 # Without baked weights the default model (ViT-B-32 / laion2b_s34b_b79k) is downloaded from the
 # hub on first start into /cache/huggingface: give /cache a persistent volume. With
@@ -46,10 +47,10 @@ FROM torch-${VARIANT} AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY moderator ./moderator
-# Not editable: the venv must not point back into /src. Byte-code compiled now, since the
-# running container cannot write it.
-RUN pip install '.[tracing]' torch==2.14.1 torchvision==0.29.1 \
- && python -m compileall -q /opt/venv/lib
+# Not editable: the venv must not point back into /src. pip compiles the byte code as it
+# installs (the running container cannot write it); a separate `compileall` would fail on
+# torch's own py312-only test helper.
+RUN pip install '.[tracing]' torch==2.14.1 torchvision==0.29.1
 
 # -- runtime ---------------------------------------------------------------------------------
 FROM python AS runtime

@@ -1,6 +1,7 @@
 """The image definition: stages the build arguments select, a fixed non-root user, an
-environment of real flags, checked baked weights, and the container's command run the way the
-image runs it: as uid 10001, with nothing writable but the cache volume and /tmp."""
+environment of real flags, checked baked weights, and the container's command run with the
+image's environment on a read-only root filesystem, nothing writable but the cache and /tmp.
+(That it runs as uid 10001 is checked on the Dockerfile and, in a pod, by runAsNonRoot.)"""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import pytest
 from moderator.cli.main import build_parser
 from moderator.cli.options import config_from_args, serve_variables
 from moderator.config import REPO_ROOT
-from tests.deploy.conftest import REQUIRE_TOOLS
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 USER_ID = 10001
@@ -197,12 +197,12 @@ def test_the_health_check_is_moderator_health(image: Dockerfile) -> None:
     assert args.timeout < 3  # inside the check's --timeout=3s
 
 
-def require_root() -> None:
-    if os.geteuid() == 0:
-        return
-    if os.environ.get(REQUIRE_TOOLS) == "1":
-        pytest.fail("a read-only root filesystem in a mount namespace needs root")
-    pytest.skip("a read-only root filesystem in a mount namespace needs root")
+def require_mount_namespaces(unshare: Path) -> None:
+    """Skip where this process may not make mount namespaces (not root, or a container without
+    CAP_SYS_ADMIN): a property of where the tests run, not a missing tool."""
+    probe = [str(unshare), "--mount", "--propagation", "private", "--", "true"]
+    if os.geteuid() != 0 or subprocess.run(probe, capture_output=True, check=False).returncode:
+        pytest.skip("needs root with CAP_SYS_ADMIN (mount namespaces) to make a read-only root")
 
 
 # In a private mount namespace: the cache directory bound on /mnt (the image's /cache volume),
@@ -218,8 +218,8 @@ CACHE_MOUNT = "/mnt"
 @pytest.fixture
 def read_only_root(require_tool: Callable[[str], Path]) -> Callable[..., list[str]]:
     """argv -> the same command run with a read-only root filesystem."""
-    require_root()
     unshare = require_tool("unshare")
+    require_mount_namespaces(unshare)
 
     def command(*argv: str) -> list[str]:
         namespace = [str(unshare), "--mount", "--propagation", "private", "--"]
@@ -253,9 +253,10 @@ def test_the_container_command_needs_nothing_writable_but_cache_and_tmp(
     cache = tmp_path / "cache"
     cache.mkdir()
     env = container_env(image, cache)
-    serve = [sys.executable, "-m", "moderator", "serve", "--demo", "--host", "127.0.0.1"]
+    demo_policies = f"{env['MODERATOR_POLICIES']}/demo"  # as deploy/README.md runs the demo
+    serve = [sys.executable, "-m", "moderator", "serve", "--demo", "--policies", demo_policies]
     process = subprocess.Popen(
-        read_only_root(*serve, "--port", "0", "--metrics-port", "0"),
+        read_only_root(*serve, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"),
         cwd="/",
         env=env,
         stderr=subprocess.PIPE,

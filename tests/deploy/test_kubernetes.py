@@ -369,7 +369,12 @@ def test_hardware_of_each_overlay(overlay: str, objects: Objects) -> None:
     # Admitted request bytes sit beside the model, the decode workers and gRPC's own copies.
     assert config.batching.max_queue_bytes <= quantity(limits["memory"]) / 4
     tolerated = {t["key"]: t for t in pod_spec(objects).get("tolerations", [])}
+    # Every node a pod tolerates is a spread domain, fitting or not: a hard rule strands pods.
+    spread = pod_spec(objects)["topologySpreadConstraints"]
+    assert {c["whenUnsatisfiable"] for c in spread} == {"ScheduleAnyway"}
+    surge = the(objects, "Deployment")["spec"]["strategy"]["rollingUpdate"]
     if overlay == "gpu":
+        assert (surge["maxSurge"], surge["maxUnavailable"]) == (0, 1), "no spare GPU to surge to"
         assert limits[GPU] == requests[GPU] == "1"
         assert tolerated[GPU]["effect"] == "NoSchedule"
         assert (config.model.device, config.model.precision) == ("cuda", "fp16")
