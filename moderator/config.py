@@ -34,7 +34,9 @@ MIN_DECODE_MEMORY_MB = 256
 MESSAGE_IMAGES = 4
 MESSAGE_OVERHEAD_BYTES = 1 * MIB
 MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC takes the limit as a C int
-OTLP_ENDPOINT = r"https?://[A-Za-z0-9.\-]+(:\d{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?"
+OTLP_ENDPOINT = re.compile(
+    r"https?://([A-Za-z0-9._\-]+|\[[0-9A-Fa-f:.]+\])(:(?P<port>\d{1,5}))?/?"
+)
 
 
 def default_cache_dir() -> Path:
@@ -287,8 +289,10 @@ class ServerConfig:
         require(
             self.shutdown_grace_seconds >= 0, "--shutdown-grace-seconds", "must not be negative"
         )
+        endpoint = OTLP_ENDPOINT.fullmatch(self.otlp_endpoint)
         require(
-            not self.otlp_endpoint or re.fullmatch(OTLP_ENDPOINT, self.otlp_endpoint) is not None,
+            not self.otlp_endpoint
+            or (endpoint is not None and int(endpoint["port"] or 1) <= MAX_PORT),
             "--otlp-endpoint",
             "must be http://HOST:PORT or https://HOST:PORT",
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -46,7 +47,18 @@ class JsonFormatter(logging.Formatter):
         )
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, separators=(",", ":"))
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(_finite(entry), default=str, separators=(",", ":"))
+
+
+def _finite(entry: dict[str, Any]) -> dict[str, Any]:
+    """NaN and infinities as strings: json.dumps would write them as bare NaN/Infinity, which
+    is not JSON."""
+    return {
+        key: str(value) if isinstance(value, float) and not math.isfinite(value) else value
+        for key, value in entry.items()
+    }
 
 
 class TextFormatter(logging.Formatter):
@@ -64,4 +76,5 @@ def configure_logging(level: str, log_format: str, log_requests: bool = False) -
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.captureWarnings(True)  # Python warnings as log records, in the same format
     logging.getLogger(REQUEST_LOGGER).setLevel(logging.INFO if log_requests else logging.WARNING)

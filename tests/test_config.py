@@ -118,3 +118,19 @@ def test_serve_names_the_bad_flag_before_loading_anything() -> None:
     )
     assert done.stdout.split() == ["2", "False", "False"]
     assert "--max-batch-size must be at least 1" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["http://otel-collector.monitoring:4317", "https://[::1]:4317", "http://otel_collector:4317"],
+)
+def test_otlp_endpoints_that_work_are_accepted(endpoint: str) -> None:
+    assert ServerConfig(otlp_endpoint=endpoint).otlp_endpoint == endpoint
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["otel:4317", "grpc://otel:4317", "http://otel:99999", "http://otel:4317/x y"]
+)
+def test_otlp_endpoints_that_cannot_work_name_the_flag(endpoint: str) -> None:
+    with pytest.raises(ConfigError, match="--otlp-endpoint"):
+        ServerConfig(otlp_endpoint=endpoint)

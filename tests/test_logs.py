@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +71,29 @@ def test_the_request_log_is_on_or_off_whatever_the_level(on: bool) -> None:
         root.handlers[:], _ = saved
         root.setLevel(saved[1])
         logging.getLogger(REQUEST_LOGGER).setLevel(logging.NOTSET)
+
+
+def test_json_lines_stay_json_with_non_finite_numbers_and_stacks() -> None:
+    made = record("odd", {"ratio": float("nan"), "limit": float("inf")})
+    made.stack_info = "Stack (most recent call last):\n  here"
+    parsed = json.loads(JsonFormatter().format(made))  # json.loads accepts NaN: check the text
+    assert (parsed["ratio"], parsed["limit"]) == ("nan", "inf")
+    assert "here" in parsed["stack"]
+    assert "NaN" not in JsonFormatter().format(made)
+
+
+def test_the_error_that_stops_the_server_is_a_json_line_too(tmp_path: Path) -> None:
+    """The line that explains a crash loop must reach a JSON log pipeline whole."""
+    serve = [sys.executable, "-m", "moderator", "serve", "--demo", "--log-format", "json"]
+    done = subprocess.run(
+        [*serve, "--policies", str(tmp_path / "missing"), "--port", "0", "--metrics-port", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert lines[-1]["level"] == "ERROR"
+    assert lines[-1]["message"] == "error: invalid policies"
+    assert "does not exist" in lines[-1]["problems"][0]

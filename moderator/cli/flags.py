@@ -19,6 +19,11 @@ CLIENT_VARIABLES = frozenset({"MODERATOR_SERVER", "MODERATOR_TOKEN", "MODERATOR_
 # Kubernetes gives every pod {SERVICE}_PORT=tcp://10.0.0.1:50051 and friends for each Service
 # in its namespace (service links): a Service named "moderator" sets MODERATOR_PORT.
 SERVICE_LINK = re.compile(r"(tcp|udp|sctp)://[^\s]+")
+# ... and the rest of each Service's set: {SVC}_SERVICE_HOST, {SVC}_SERVICE_PORT[_{NAME}],
+# {SVC}_PORT_{N}_{PROTO}[_PROTO|_PORT|_ADDR].
+SERVICE_LINK_NAME = re.compile(
+    r"\w+_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)"
+)
 
 
 def env_name(flag: str) -> str:
@@ -70,7 +75,8 @@ def kind_with_env(option: Option, env: Mapping[str, str]) -> Callable[[str], Any
     value = env.get(option.env, "")
     if not SERVICE_LINK.fullmatch(value.strip()):
         return option.kind
-    service = option.env.removeprefix(ENV_PREFIX).rsplit("_", 1)[0].lower().replace("_", "-")
+    # MODERATOR_PORT comes from a Service named moderator, MODERATOR_ADMIN_PORT from moderator-admin
+    service = option.env.removesuffix("_PORT").lower().replace("_", "-")
 
     def refuse_service_link(given: str) -> Any:
         if given != value:  # the same flag given on the command line

@@ -16,6 +16,7 @@ Each command is a module of this package with `add_parser` and its handlers; hea
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -45,12 +46,25 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     try:
         code: int = args.handler(args)
     except PolicyError as exc:
-        print("error: invalid policies:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
+        fail(args, "invalid policies", exc.problems)
         return 2
     except ModeratorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        fail(args, str(exc), [])
         return 2
     return code
+
+
+def fail(args: argparse.Namespace, message: str, problems: list[str]) -> None:
+    """The error that stops a command: one JSON line with --log-format json (a log pipeline
+    keeps the line that explains a crash loop), readable lines otherwise."""
+    if getattr(args, "log_format", "text") == "json":
+        fields = {"problems": problems} if problems else {}
+        logging.getLogger("moderator").error("error: %s", message, extra={"fields": fields})
+        return
+    if problems:
+        print(f"error: {message}:\n  " + "\n  ".join(problems), file=sys.stderr)
+    else:
+        print(f"error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

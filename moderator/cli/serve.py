@@ -7,7 +7,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 
-from moderator.cli.flags import CLIENT_VARIABLES, ENV_PREFIX, Subparsers
+from moderator.cli.flags import CLIENT_VARIABLES, ENV_PREFIX, SERVICE_LINK_NAME, Subparsers
 from moderator.cli.options import (
     MODEL_OPTIONS,
     SERVE_OPTIONS,
@@ -26,9 +26,16 @@ def add_parser(commands: Subparsers, env: Mapping[str, str]) -> None:
 
 
 def unknown_variables(env: Mapping[str, str]) -> list[str]:
-    """MODERATOR_* variables that set nothing: a misspelt setting is otherwise silently lost."""
+    """MODERATOR_* variables that set nothing: a misspelt setting is otherwise silently lost.
+    (Kubernetes service links of a Service named moderator... are not settings, nor typos.)"""
     known = serve_variables() | CLIENT_VARIABLES
-    return sorted(name for name in env if name.startswith(ENV_PREFIX) and name not in known)
+    return sorted(
+        name
+        for name in env
+        if name.startswith(ENV_PREFIX)
+        and name not in known
+        and not SERVICE_LINK_NAME.fullmatch(name)
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ import grpc
 
 from moderator.core.policy_files import read_policy_bytes
 from moderator.errors import ConfigError, PolicyError
+from moderator.logs import REQUEST_LOGGER
 from moderator.serving.access import (
     ANONYMOUS,
     METHOD_ROLES,
@@ -37,6 +38,7 @@ from moderator.serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("moderator.audit")
+request_log = logging.getLogger(REQUEST_LOGGER)
 audit_log.setLevel(logging.INFO)  # the audit trail does not follow --log-level
 REFUSAL_LOG_SECONDS = 10.0  # one warning per method, caller and code this often, at most
 
@@ -196,6 +198,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 method=method, code=verdict.code.name, caller=verdict.caller
             ).inc()
             self._log_refusal(method, verdict)
+            if request_log.isEnabledFor(logging.INFO):
+                fields = {"method": method, "code": verdict.code.name, "caller": verdict.caller}
+                request_log.info("%s %s", method, verdict.code.name, extra={"fields": fields})
             if method in ADMIN_METHODS:
                 audit(verdict.caller, method, verdict.code.name)
         return verdict

@@ -93,7 +93,7 @@ class CallRecorder:
         self._tracing = tracing
 
     def failure(
-        self, method: str, started: float, exc: BaseException
+        self, method: str, started: float, exc: BaseException, request_id: str = ""
     ) -> tuple[grpc.StatusCode, str]:
         """Record a failed call; its status and details (a domain error's own message)."""
         code = status_for(exc)
@@ -102,7 +102,7 @@ class CallRecorder:
             details = "internal error; see the server log"
         else:
             details = clipped(str(exc))
-        self.observe(method, started, code, error=details)
+        self.observe(method, started, code, error=details, request_id=request_id)
         return code, details
 
     def observe(
@@ -111,7 +111,9 @@ class CallRecorder:
         started: float,
         code: grpc.StatusCode,
         response: object = None,
+        *,
         error: str = "",
+        request_id: str = "",
     ) -> None:
         seconds = time.perf_counter() - started
         caller = CALLER.get()
@@ -127,6 +129,8 @@ class CallRecorder:
             "duration_ms": round(seconds * 1000, 3),
             **response_fields(response),
         }
+        if request_id:
+            fields["request_id"] = request_id
         if error:
             fields["error"] = error
         self._tracing.annotate(fields, failed=code is not grpc.StatusCode.OK)

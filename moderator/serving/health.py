@@ -73,6 +73,7 @@ class HealthMonitor:
         self._last_probe = 0.0
         self._reported: int | None = None
         self._reported_liveness: int | None = None
+        self._served_before = False
         for reason in PROBLEMS:
             metrics.health_problem.labels(reason=reason).set(0)
         metrics.healthy.set(0)
@@ -133,9 +134,10 @@ class HealthMonitor:
             return
         if self._accepting and self._problems:
             log.error("health NOT_SERVING: %s", ", ".join(sorted(self._problems)))
-        elif self._accepting and self._reported == NOT_SERVING:
+        elif self._accepting and self._served_before and self._reported == NOT_SERVING:
             log.info("health SERVING again")
         self._reported = status
+        self._served_before = self._served_before or healthy
         for name in self._services:
             await self._health.set(name, status)
 

@@ -120,7 +120,7 @@ class ModeratorServicer:
         self, request: bytes, context: Context
     ) -> pb.ModerateResponse:
         return await self._unary(
-            "Moderate", context, lambda: self._moderate(request, context, wait=False)
+            "Moderate", context, lambda: self._moderate(request, context, wait=False), request
         )
 
     async def ModerateStream(  # noqa: N802
@@ -189,11 +189,13 @@ class ModeratorServicer:
         method: str,
         context: Context,
         handle: Callable[[], Awaitable[_Response]],
+        raw: bytes = b"",
         *,
         audited: bool = False,
     ) -> _Response:
-        """Time and count one unary RPC; map a domain error to its status. `audited`: an
-        admin call, written to the audit log whatever its outcome."""
+        """Time and count one unary RPC; map a domain error to its status. `raw`: a moderation
+        request's bytes, for its request_id in a failure's log line. `audited`: an admin
+        call, written to the audit log whatever its outcome."""
         started = time.perf_counter()
         with self._tracing.span(f"{SERVICE_NAME}/{method}"):
             before = self._policy_version() if audited else ""
@@ -206,7 +208,8 @@ class ModeratorServicer:
                     self._audit(method, "CANCELLED", before)
                 raise
             except BaseException as exc:
-                code, details = self._recorder.failure(method, started, exc)
+                request_id = find_request_id(raw, self._limits) if raw else ""
+                code, details = self._recorder.failure(method, started, exc, request_id)
                 if audited:
                     self._audit(method, code.name, before)
             else:
@@ -274,9 +277,10 @@ class ModeratorServicer:
                 self._check_still_allowed()
                 response = await self._moderate(raw, context, wait=True)
             except Exception as exc:  # this request's failure, not the stream's
-                code, details = self._recorder.failure(STREAM_REQUEST, started, exc)
+                request_id = find_request_id(raw, self._limits)
+                code, details = self._recorder.failure(STREAM_REQUEST, started, exc, request_id)
                 return pb.ModerateResponse(
-                    request_id=find_request_id(raw, self._limits),
+                    request_id=request_id,
                     error=pb.RequestError(code=code.value[0], message=details),
                 )
             self._recorder.observe(STREAM_REQUEST, started, grpc.StatusCode.OK, response)

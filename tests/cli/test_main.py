@@ -67,6 +67,11 @@ def test_a_misspelt_setting_is_named_not_silently_lost() -> None:
         "MODERATOR_MAX_BATCH_SIZE": "64",
         "MODERATOR_TOKEN": "t",  # the client commands' own
         "HOME": "/root",
+        # the rest of a Service's links (with enableServiceLinks left on)
+        "MODERATOR_SERVICE_HOST": "10.96.0.12",
+        "MODERATOR_SERVICE_PORT_GRPC": "50051",
+        "MODERATOR_PORT_50051_TCP_ADDR": "10.96.0.12",
+        "MODERATOR_METRICS_SERVICE_PORT": "9090",
     }
     args = build_parser(env).parse_args(["serve"])
     assert args.unknown_variables == ["MODERATOR_MAX_BATCHSIZE"]
@@ -86,7 +91,7 @@ def test_a_kubernetes_service_link_is_named_as_such(capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         build_parser(env).parse_args(["serve"])
     error = capsys.readouterr().err
-    assert "Kubernetes service link" in error
+    assert "Kubernetes service link (from a Service named moderator)" in error
     assert "enableServiceLinks: false" in error
     assert build_parser(env).parse_args(["serve", "--port", "7000"]).port == 7000
 

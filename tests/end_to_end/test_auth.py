@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from moderator.logs import fields_of
+from moderator.logs import REQUEST_LOGGER, fields_of
 from moderator.serving.access import token_digest
 from moderator.v1 import moderator_pb2 as pb
 from moderator.v1 import moderator_pb2_grpc as pb_grpc
@@ -141,6 +141,16 @@ def test_admin_calls_are_audited(service: RunningService, caplog: pytest.LogCapt
     ]
     assert lines[0]["before"] == lines[0]["after"]
     assert lines[0]["method"] == "ReloadPolicies"
+
+
+def test_refused_calls_are_in_the_request_log(
+    service: RunningService, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    with grpc.insecure_channel(service.address) as channel, pytest.raises(grpc.RpcError):
+        pb_grpc.ModeratorStub(channel).ListPolicies(pb.ListPoliciesRequest(), timeout=10)
+    lines = [fields_of(r) for r in caplog.records if r.name == REQUEST_LOGGER]
+    assert {"method": "ListPolicies", "code": "UNAUTHENTICATED"}.items() <= lines[-1].items()
 
 
 def test_a_token_file_edit_takes_effect_without_a_restart_and_a_broken_one_is_ignored(

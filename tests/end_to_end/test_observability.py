@@ -74,6 +74,8 @@ def test_a_moderate_call_is_one_span_with_each_images_stages_under_it(
     )
     with grpc.insecure_channel(service.address) as channel:
         response = pb_grpc.ModeratorStub(channel).Moderate(request, timeout=60)
+    # the stage spans are made on the recorder thread, moments after the answer
+    wait_until(lambda: bool(named("scoring", spans.get_finished_spans())))
     finished = spans.get_finished_spans()
     [rpc] = named(RPC + "Moderate", finished)
     assert rpc.attributes is not None
@@ -132,6 +134,7 @@ def test_each_request_of_a_stream_is_a_span_under_the_streams(
     with grpc.insecure_channel(service.address) as channel:
         answers = list(pb_grpc.ModeratorStub(channel).ModerateStream(iter(requests), timeout=60))
     assert [a.request_id for a in answers] == ["r0", "r1"]
+    wait_until(lambda: len(named("scoring", spans.get_finished_spans())) == 2)
     finished = spans.get_finished_spans()
     [stream] = named(RPC + "ModerateStream", finished)
     per_request = named(RPC + "ModerateStream/request", children(stream, finished))
@@ -156,7 +159,9 @@ def test_json_logs_are_one_object_per_line_with_the_request_fields() -> None:
             stub = pb_grpc.ModeratorStub(channel)
             answer = stub.Moderate(request, timeout=60)
             with pytest.raises(grpc.RpcError):
-                stub.Moderate(pb.ModerateRequest(policy_ids=["nope"]), timeout=60)
+                stub.Moderate(
+                    pb.ModerateRequest(request_id="bad-1", policy_ids=["nope"]), timeout=60
+                )
     finally:
         process.terminate()
         assert process.wait(timeout=60) == 0
@@ -173,6 +178,7 @@ def test_json_logs_are_one_object_per_line_with_the_request_fields() -> None:
     assert done["caller"] == "anonymous"
     assert done["duration_ms"] > 0
     assert refused["code"] == "INVALID_ARGUMENT"
+    assert refused["request_id"] == "bad-1"  # failures are where correlation matters
     assert "nope" in refused["error"]
 
 
