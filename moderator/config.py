@@ -34,9 +34,7 @@ MIN_DECODE_MEMORY_MB = 256
 MESSAGE_IMAGES = 4
 MESSAGE_OVERHEAD_BYTES = 1 * MIB
 MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC takes the limit as a C int
-OTLP_ENDPOINT = re.compile(
-    r"https?://([A-Za-z0-9._\-]+|\[[0-9A-Fa-f:.]+\])(:(?P<port>\d{1,5}))?/?"
-)
+OTLP_ENDPOINT = re.compile(r"https?://([A-Za-z0-9._\-]+|\[[0-9A-Fa-f:.]+\])(:(?P<port>\d{1,5}))?/?")
 
 
 def default_cache_dir() -> Path:
