@@ -205,12 +205,13 @@ def require_mount_namespaces(unshare: Path) -> None:
         pytest.skip("needs root with CAP_SYS_ADMIN (mount namespaces) to make a read-only root")
 
 
-# In a private mount namespace: the cache directory bound on /mnt (the image's /cache volume),
-# then "/" remounted read-only (the image's readOnlyRootFilesystem), then a tmpfs on /tmp (the
-# pod's emptyDir). /dev/shm stays the writable tmpfs it is (the pod's memory-backed emptyDir).
+# In a private mount namespace: the cache directory bound on /mnt (the image's /cache volume)
+# and /tmp bound on itself (the pod's emptyDir; a mount of its own stays writable), then "/"
+# remounted read-only (the image's readOnlyRootFilesystem). /tmp keeps its content: a checkout
+# (and its venv) may live there. /dev/shm stays the writable tmpfs it is.
 READ_ONLY_ROOT = (
-    'mount --bind "$MOUNT_CACHE" /mnt && mount -o remount,bind,ro / '
-    '&& mount -t tmpfs -o size=256m tmpfs /tmp && exec "$@"'
+    'mount --bind "$MOUNT_CACHE" /mnt && mount --bind /tmp /tmp '
+    '&& mount -o remount,bind,ro / && exec "$@"'
 )
 CACHE_MOUNT = "/mnt"
 
