@@ -7,6 +7,7 @@ result reads the same wherever it is written.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 from google.protobuf.json_format import MessageToDict
 
@@ -36,20 +37,26 @@ IMAGE_ERROR_CODES = {
 }
 
 
-def moderate_response(result: ModerationResult) -> pb.ModerateResponse:
+DETAILS = frozenset(pb.Detail.values())
+
+
+def moderate_response(
+    result: ModerationResult, detail: int = pb.DETAIL_ALL_POLICIES
+) -> pb.ModerateResponse:
+    """The response message; `detail` (a pb.Detail) chooses which PolicyResults it carries."""
     return pb.ModerateResponse(
-        results=[image_result(outcome) for outcome in result.results],
+        results=[image_result(outcome, detail) for outcome in result.results],
         policy_version=result.policy_version,
         model=result.model_id,
         precision=result.precision,
     )
 
 
-def image_result(outcome: ImageOutcome) -> pb.ImageResult:
+def image_result(outcome: ImageOutcome, detail: int = pb.DETAIL_ALL_POLICIES) -> pb.ImageResult:
     result = pb.ImageResult(
         id=outcome.id,
         decision=DECISIONS[outcome.decision],
-        policies=[policy_result(p) for p in outcome.policies],
+        policies=[policy_result(p) for p in reported_policies(outcome, detail)],
         embedding=outcome.embedding,
         views=[pb.Embedding(values=view) for view in outcome.views],
     )
@@ -57,6 +64,14 @@ def image_result(outcome: ImageOutcome) -> pb.ImageResult:
         result.error.code = IMAGE_ERROR_CODES[outcome.error.code]
         result.error.message = outcome.error.message
     return result
+
+
+def reported_policies(outcome: ImageOutcome, detail: int) -> Sequence[PolicyOutcome]:
+    if detail == pb.DETAIL_DECISION:
+        return ()
+    if detail == pb.DETAIL_VIOLATIONS:
+        return [p for p in outcome.policies if p.violated]
+    return outcome.policies
 
 
 def policy_result(outcome: PolicyOutcome) -> pb.PolicyResult:

@@ -27,7 +27,7 @@ from moderator.serving.request_limits import (
 )
 from moderator.serving.stream import answer_in_order
 from moderator.v1 import moderator_pb2 as pb
-from moderator.wire import embedded, moderate_response, policy_info, reload_status
+from moderator.wire import DETAILS, embedded, moderate_response, policy_info, reload_status
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,14 @@ def parse(kind: type[_Message], raw: bytes) -> _Message:
         return kind.FromString(raw)
     except DecodeError as exc:
         raise InvalidRequest(f"malformed {kind.__name__}: {exc}") from None
+
+
+def checked_detail(detail: int) -> int:
+    """A request's pb.Detail; UNSPECIFIED means every policy, a value this server does not
+    know is refused (rather than answered with more or less than was asked)."""
+    if detail not in DETAILS:
+        raise InvalidRequest(f"detail {detail} is not a Detail (see the API)")
+    return detail or pb.DETAIL_ALL_POLICIES
 
 
 def deadline_of(context: Context) -> float | None:
@@ -258,6 +266,7 @@ class ModeratorServicer:
             shape.images, len(raw), wait=wait, deadline=deadline
         ) as ticket:
             request = parse(pb.ModerateRequest, raw)
+            detail = checked_detail(request.detail)
             result = await self._engine.moderate(
                 [ImageInput(id=image.id, data=image.data) for image in request.images],
                 policy_ids=shape.policy_ids,
@@ -265,7 +274,7 @@ class ModeratorServicer:
                 deadline=deadline,
                 ticket=ticket,
             )
-        response = moderate_response(result)
+        response = moderate_response(result, detail)
         response.request_id = shape.request_id
         return response
 
@@ -301,6 +310,7 @@ class ModeratorServicer:
             # up to 0.1 s of Python for the largest requests: off the event loop
             await asyncio.to_thread(check_score_shape, raw, self._limits)
             request = parse(pb.ScoreEmbeddingsRequest, raw)
+            detail = checked_detail(request.detail)
             result = await self._engine.score_embeddings(
                 [embedded(image) for image in request.images],
                 policy_ids=list(request.policy_ids),
@@ -308,7 +318,7 @@ class ModeratorServicer:
                 slot_taken=True,
             )
         # thousands of results: build the message off the event loop
-        return await asyncio.to_thread(moderate_response, result)
+        return await asyncio.to_thread(moderate_response, result, detail)
 
     @contextlib.contextmanager
     def _call_slot(self) -> Iterator[None]:

@@ -7,6 +7,13 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Detail(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DETAIL_UNSPECIFIED: _ClassVar[Detail]
+    DETAIL_ALL_POLICIES: _ClassVar[Detail]
+    DETAIL_VIOLATIONS: _ClassVar[Detail]
+    DETAIL_DECISION: _ClassVar[Detail]
+
 class Decision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DECISION_UNSPECIFIED: _ClassVar[Decision]
@@ -37,6 +44,10 @@ class ImageErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     IMAGE_ERROR_CODE_CORRUPT: _ClassVar[ImageErrorCode]
     IMAGE_ERROR_CODE_INVALID_EMBEDDING: _ClassVar[ImageErrorCode]
     IMAGE_ERROR_CODE_TOO_COMPLEX: _ClassVar[ImageErrorCode]
+DETAIL_UNSPECIFIED: Detail
+DETAIL_ALL_POLICIES: Detail
+DETAIL_VIOLATIONS: Detail
+DETAIL_DECISION: Detail
 DECISION_UNSPECIFIED: Decision
 DECISION_ALLOW: Decision
 DECISION_REVIEW: Decision
@@ -66,16 +77,18 @@ class Image(_message.Message):
     def __init__(self, id: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ModerateRequest(_message.Message):
-    __slots__ = ("images", "policy_ids", "include_embeddings", "request_id")
+    __slots__ = ("images", "policy_ids", "include_embeddings", "request_id", "detail")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     POLICY_IDS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     policy_ids: _containers.RepeatedScalarFieldContainer[str]
     include_embeddings: bool
     request_id: str
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., policy_ids: _Optional[_Iterable[str]] = ..., include_embeddings: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    detail: Detail
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., policy_ids: _Optional[_Iterable[str]] = ..., include_embeddings: _Optional[bool] = ..., request_id: _Optional[str] = ..., detail: _Optional[_Union[Detail, str]] = ...) -> None: ...
 
 class ModerateResponse(_message.Message):
     __slots__ = ("results", "policy_version", "model", "precision", "request_id", "error")
@@ -218,11 +231,13 @@ class EmbeddedImage(_message.Message):
     def __init__(self, id: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., views: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ...) -> None: ...
 
 class ScoreEmbeddingsRequest(_message.Message):
-    __slots__ = ("images", "policy_ids", "model")
+    __slots__ = ("images", "policy_ids", "model", "detail")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     POLICY_IDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[EmbeddedImage]
     policy_ids: _containers.RepeatedScalarFieldContainer[str]
     model: str
-    def __init__(self, images: _Optional[_Iterable[_Union[EmbeddedImage, _Mapping]]] = ..., policy_ids: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ...) -> None: ...
+    detail: Detail
+    def __init__(self, images: _Optional[_Iterable[_Union[EmbeddedImage, _Mapping]]] = ..., policy_ids: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., detail: _Optional[_Union[Detail, str]] = ...) -> None: ...

@@ -138,6 +138,13 @@ def test_score_embeddings_rpc_equals_live_scoring(
     scored_live = [r for r in response.results if r.decision != pb.DECISION_ERROR]
     assert_same_results(list(rescored.results), scored_live)
     assert not any(r.embedding for r in rescored.results)
+    request.detail = pb.DETAIL_VIOLATIONS
+    violations = stub.ScoreEmbeddings(request, timeout=60).results
+    assert [r.decision for r in violations] == [r.decision for r in rescored.results]
+    for brief, full in zip(violations, rescored.results, strict=True):
+        assert [p.policy_id for p in brief.policies] == [
+            p.policy_id for p in full.policies if p.violated
+        ]
 
 
 def test_score_embeddings_rpc_fails_a_bad_embedding_alone_and_refuses_another_model(

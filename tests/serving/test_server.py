@@ -146,6 +146,29 @@ def test_unknown_policy_is_invalid_argument(stub: pb_grpc.ModeratorStub) -> None
     assert "nope" in str(info.value.details())
 
 
+def test_detail_chooses_which_policy_results_come_back(stub: pb_grpc.ModeratorStub) -> None:
+    red_star = shape_png("red", "star")
+    full = moderate_one(stub, red_star)
+    assert len(full.policies) == 3  # every demo policy, the shadow one included
+    assert moderate_one(stub, red_star, detail=pb.DETAIL_ALL_POLICIES) == full
+    violations = moderate_one(stub, red_star, detail=pb.DETAIL_VIOLATIONS)
+    assert list(violations.policies) == [p for p in full.policies if p.violated]
+    assert violated(violations) == {"red", "stars"}
+    decision = moderate_one(stub, red_star, detail=pb.DETAIL_DECISION)
+    assert (decision.decision, len(decision.policies)) == (full.decision, 0)
+    broken = moderate_one(stub, b"not an image", detail=pb.DETAIL_DECISION)
+    assert broken.error.code == pb.IMAGE_ERROR_CODE_UNSUPPORTED_FORMAT  # never left out
+
+
+def test_an_unknown_detail_is_refused_before_any_work(stub: pb_grpc.ModeratorStub) -> None:
+    request = pb.ModerateRequest(images=[pb.Image(id="a", data=shape_png("red", "star"))])
+    request.detail = 42  # type: ignore[assignment]  # what a newer client could send
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Moderate(request, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "detail 42" in str(info.value.details())
+
+
 def test_embeddings_on_request(stub: pb_grpc.ModeratorStub) -> None:
     result = moderate_one(stub, shape_png("red", "circle"), include_embeddings=True)
     vector = np.array(result.embedding)
