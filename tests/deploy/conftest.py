@@ -25,8 +25,12 @@ from tests.helpers import wait_until
 
 # Set by CI, which installs the tools: a missing tool is then a failure, not a skip.
 REQUIRE_TOOLS = "MODERATOR_REQUIRE_DEPLOY_TOOLS"
-# Where each tool comes from on Debian/Ubuntu, for the skip message.
-PACKAGES = {"prometheus": "prometheus", "promtool": "prometheus", "kubectl": "kubernetes-client"}
+# Where each tool comes from, for the skip message.
+HINTS = {
+    "prometheus": "Debian: apt-get install prometheus",
+    "promtool": "Debian: apt-get install prometheus",
+    "kubectl": "1.27 or newer from kubernetes.io; Debian's kubernetes-client is too old",
+}
 
 
 def find_tool(name: str) -> Path:
@@ -35,8 +39,7 @@ def find_tool(name: str) -> Path:
     found = shutil.which(name)
     if found is not None:
         return Path(found)
-    package = PACKAGES.get(name)
-    hint = f" (Debian: apt-get install {package})" if package else ""
+    hint = f" ({HINTS[name]})" if name in HINTS else ""
     if os.environ.get(REQUIRE_TOOLS) == "1":
         pytest.fail(f"{name} is not on PATH{hint}, and {REQUIRE_TOOLS}=1 requires it")
     pytest.skip(f"{name} is not on PATH{hint}; set {REQUIRE_TOOLS}=1 to fail instead of skipping")
