@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,14 +118,19 @@ def tree_rss(pid: int | None) -> int | None:
 
 
 @contextmanager
-def server_process(extra: list[str]) -> Iterator[tuple[int, int]]:
-    """Run the demo server in its own process; yield (port, pid) once it says SERVING."""
+def server_process(
+    extra: list[str],
+    model_flags: Sequence[str] = ("--demo",),
+    env: Mapping[str, str] | None = None,
+) -> Iterator[tuple[int, int]]:
+    """Run `moderator serve` (the demo model unless `model_flags` say otherwise) in its own
+    process with a cold text cache; yield (port, pid) once it says SERVING."""
     with tempfile.TemporaryDirectory() as cache:
         command = [
-            sys.executable, "-m", "moderator", "serve", "--demo", "--host", "127.0.0.1",
+            sys.executable, "-m", "moderator", "serve", *model_flags, "--host", "127.0.0.1",
             "--port", "0", "--metrics-port", "-1", "--cache-dir", cache, *extra,
         ]  # fmt: skip
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
         process = subprocess.Popen(
             command, stderr=subprocess.STDOUT, stdout=subprocess.PIPE, text=True, env=env
         )

@@ -73,8 +73,11 @@ def timed(fn: Callable[[], object], seconds: float, min_runs: int = 3) -> float:
     return (time.perf_counter() - start) / runs
 
 
-def photo_like_jpeg(width: int, height: int, seed: int) -> bytes:
-    """A JPEG that compresses like a photo: smooth gradients, shapes and mild noise."""
+def photo_like_jpeg(
+    width: int, height: int, seed: int, *, fmt: str = "JPEG", quality: int = 90, noise: float = 6
+) -> bytes:
+    """An image (a JPEG unless `fmt` says otherwise) that compresses like a photo: smooth
+    gradients, shapes and sensor-like noise."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     base = np.stack(
@@ -85,7 +88,7 @@ def photo_like_jpeg(width: int, height: int, seed: int) -> bytes:
         ],
         axis=-1,
     )
-    base += rng.normal(0, 6, base.shape)
+    base += rng.normal(0, noise, base.shape)
     image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for _ in range(12):
@@ -94,7 +97,7 @@ def photo_like_jpeg(width: int, height: int, seed: int) -> bytes:
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         draw.ellipse((x0, y0, x0 + size, y0 + size), fill=colour)
     buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=90)
+    image.save(buffer, fmt, **({"quality": quality} if fmt == "JPEG" else {}))
     return buffer.getvalue()
 
 
