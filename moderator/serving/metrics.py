@@ -252,11 +252,10 @@ class Metrics:
     def start_known_series_at_zero(self) -> None:
         """Every known label value exported from the start: rate() and increase() cannot see
         a counter's first event when its series appears with it (the first failed reload, the
-        first overload of a pod would be invisible to alerts)."""
-        for decision in Decision:
-            self.images.labels(decision=decision.name.lower())
-        for code in ImageErrorCode:
-            self.image_errors.labels(code=code.value)
+        first overload of a pod would be invisible to alerts). The per-image series are kept,
+        so counting a request's images needs no label lookup."""
+        self._by_decision = {d: self.images.labels(decision=d.name.lower()) for d in Decision}
+        self._by_error = {c: self.image_errors.labels(code=c.value) for c in ImageErrorCode}
         for reason in REJECTION_REASONS:
             self.rejected_requests.labels(reason=reason)
         for reason in RESTART_REASONS:
@@ -266,13 +265,22 @@ class Metrics:
             self.auth_reloads.labels(result=result)
 
     def count_outcomes(self, outcomes: Iterable[ImageOutcome]) -> None:
-        """Images by decision and error code, and policy violations, of moderated images."""
+        """Images by decision and error code, and policy violations, of moderated images:
+        tallied per request, one increment per series (not one label lookup per image)."""
+        decisions: dict[Decision, int] = {}
+        errors: dict[ImageErrorCode, int] = {}
+        violations: dict[tuple[str, str], int] = {}
         for outcome in outcomes:
-            self.images.labels(decision=outcome.decision.name.lower()).inc()
+            decisions[outcome.decision] = decisions.get(outcome.decision, 0) + 1
             if outcome.error is not None:
-                self.image_errors.labels(code=outcome.error.code.value).inc()
+                errors[outcome.error.code] = errors.get(outcome.error.code, 0) + 1
             for p in outcome.policies:
                 if p.violated:
-                    self.policy_violations.labels(
-                        policy=p.policy.id, mode=p.policy.mode.value
-                    ).inc()
+                    key = (p.policy.id, p.policy.mode.value)
+                    violations[key] = violations.get(key, 0) + 1
+        for decision, count in decisions.items():
+            self._by_decision[decision].inc(count)
+        for code, count in errors.items():
+            self._by_error[code].inc(count)
+        for (policy, mode), count in violations.items():
+            self.policy_violations.labels(policy=policy, mode=mode).inc(count)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import torch
 from prometheus_client import CollectorRegistry, generate_latest
 
-from moderator.core.scoring import Decision
-from moderator.errors import ImageErrorCode
+from moderator.core.outcomes import build_outcomes
+from moderator.core.scoring import Decision, ViewScores
+from moderator.errors import ImageErrorCode, InvalidImage
 from moderator.serving.metrics import REJECTION_REASONS, Metrics
+from tests.helpers import make_index, policy_doc
 
 
 def exported(metrics: Metrics) -> str:
@@ -32,3 +35,32 @@ def test_process_memory_and_cpu_are_exported_on_the_injected_registry() -> None:
     assert "process_resident_memory_bytes " in text
     assert "process_cpu_seconds_total " in text
     assert "python_info{" in text
+
+
+def test_a_requests_images_are_counted_by_decision_error_and_violated_policy() -> None:
+    index = make_index(
+        ("red", policy_doc("block", ["red"], threshold=0.5)),
+        ("blue", policy_doc("review", ["blue"], threshold=0.5)),
+    )
+    # columns in policy-id order (blue, red): red alone, both, neither
+    scores = [[0.1, 0.9], [0.9, 0.9], [0.1, 0.1]]
+    views: list[ViewScores | InvalidImage] = [
+        ViewScores(
+            embeddings=torch.zeros(1, 4),
+            scores=torch.tensor([row]),
+            matched=torch.zeros(1, 2, dtype=torch.long),
+        )
+        for row in scores
+    ]
+    views.append(InvalidImage(ImageErrorCode.CORRUPT, "broken"))
+    outcomes = build_outcomes(["a", "b", "c", "d"], views, index, torch.ones(2, dtype=torch.bool))
+    metrics = Metrics(CollectorRegistry())
+    metrics.count_outcomes(outcomes)
+    metrics.count_outcomes(outcomes[:1])
+    text = exported(metrics)
+    assert 'moderator_images_total{decision="block"} 3.0' in text
+    assert 'moderator_images_total{decision="allow"} 1.0' in text
+    assert 'moderator_images_total{decision="error"} 1.0' in text
+    assert 'moderator_image_errors_total{code="corrupt"} 1.0' in text
+    assert 'moderator_policy_violations_total{mode="enforce",policy="red"} 3.0' in text
+    assert 'moderator_policy_violations_total{mode="enforce",policy="blue"} 1.0' in text
