@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,12 +27,12 @@ from moderator.errors import ConfigError
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.trace import Span
 
 log = logging.getLogger(__name__)
 
 INSTRUMENTATION = "moderator.serving"
 SERVICE = "moderator"
+NO_SPAN = contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -59,15 +59,12 @@ class Tracing:
     def enabled(self) -> bool:
         return self._tracer is not None
 
-    @contextlib.contextmanager
-    def span(self, name: str, **attributes: Any) -> Iterator[Span | None]:
-        """A span, current for the block (so spans started inside are its children); None
-        when tracing is off. An exception leaving the block marks it as an error."""
+    def span(self, name: str, **attributes: Any) -> contextlib.AbstractContextManager[Any]:
+        """A span, current for the block (so spans started inside are its children); a shared
+        no-op context when tracing is off. An exception leaving the block marks it failed."""
         if self._tracer is None:
-            yield None
-            return
-        with self._tracer.start_as_current_span(name, attributes=attributes) as span:
-            yield span
+            return NO_SPAN
+        return self._tracer.start_as_current_span(name, attributes=attributes)
 
     def annotate(self, fields: dict[str, Any], *, failed: bool) -> None:
         """Set `fields` on the current span (a call's outcome); mark it failed."""
