@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -170,6 +171,10 @@ class Budgets:
         self.rescore = Admission({"rescore_requests": max_rescore_requests}, metrics)
         self._max_request_views = config.max_request_views
         self._metrics = metrics
+        # views the model worker has let go of, released on the loop in one call per batch
+        self._freed_views = 0
+        self._freeing_scheduled = False
+        self._freed_lock = threading.Lock()
 
     @contextlib.asynccontextmanager
     async def request(
@@ -219,11 +224,23 @@ class Budgets:
         self.work.release({"views": views})
 
     def views_released_later(self, views: int) -> Callable[[], None]:
-        """A callback for another thread (the model worker): release `views` on this loop."""
+        """A callback for another thread (the model worker): release `views` on this loop.
+        The views of a whole batch go back in one loop callback, not one wake-up per image."""
         loop = asyncio.get_running_loop()
 
         def release() -> None:
+            with self._freed_lock:
+                self._freed_views += views
+                if self._freeing_scheduled:
+                    return
+                self._freeing_scheduled = True
             with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
-                loop.call_soon_threadsafe(self.release_views, views)
+                loop.call_soon_threadsafe(self._release_freed_views)
 
         return release
+
+    def _release_freed_views(self) -> None:
+        with self._freed_lock:
+            views, self._freed_views = self._freed_views, 0
+            self._freeing_scheduled = False
+        self.release_views(views)
