@@ -234,8 +234,11 @@ class Budgets:
                 if self._freeing_scheduled:
                     return
                 self._freeing_scheduled = True
-            with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
+            try:
                 loop.call_soon_threadsafe(self._release_freed_views)
+            except RuntimeError:  # the loop closed (shutdown): nothing is waiting for views
+                with self._freed_lock:
+                    self._freed_views, self._freeing_scheduled = 0, False
 
         return release
 

@@ -100,9 +100,9 @@ class Batcher:
                 abandoned = list(self._queue)
                 self._queue.clear()
             for item in abandoned:
+                _done(item)
                 if item.future.set_running_or_notify_cancel():
                     item.future.set_exception(NotReady("the model worker is stuck"))
-                _done(item)
         self._thread = None
 
     def submit(
@@ -205,6 +205,7 @@ class Batcher:
             log.exception("forward pass failed for a batch of %d images", len(live))
             failed = ModelFailed(f"the model failed on this batch ({type(exc).__name__}): retry")
             for item in live:
+                _done(item)
                 item.future.set_exception(failed)
             return
         finally:
@@ -216,6 +217,7 @@ class Batcher:
         times = BatchTimes(started_ns, encoded_ns, time.time_ns(), views, len(live))
         for item, result in zip(live, results, strict=True):
             _report_times(item, times)
+            _done(item)  # before the caller can see its result (and, in tests, close its loop)
             item.future.set_result(result)
 
     def _drop_dead(self, batch: list[WorkItem]) -> list[WorkItem]:
@@ -226,6 +228,7 @@ class Batcher:
                 self._metrics.rejected_requests.labels(reason="cancelled").inc()
             elif item.deadline is not None and item.deadline <= now:
                 self._metrics.rejected_requests.labels(reason="deadline").inc()
+                _done(item)
                 item.future.set_exception(DeadlineExceeded("deadline passed while queued"))
             else:
                 live.append(item)
@@ -258,9 +261,11 @@ class Batcher:
 
 
 def _done(item: WorkItem) -> None:
-    if item.on_done is not None:
+    """The item's completion callback, once: items are done before their futures resolve."""
+    on_done, item.on_done = item.on_done, None
+    if on_done is not None:
         try:
-            item.on_done()
+            on_done()
         except Exception:  # a caller's callback must not stop the worker
             log.exception("a work item's completion callback failed")
 

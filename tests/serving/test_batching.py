@@ -255,6 +255,30 @@ def test_every_image_reports_leaving_the_worker_scored_dropped_or_failed(
         assert sorted(left) == [1, 2, 3]
 
 
+def test_an_image_has_left_the_worker_before_its_result_is_seen(
+    encoder: GatedEncoder, metrics: Metrics, index: PolicyIndex
+) -> None:
+    """A caller may end (its event loop with it) as soon as its result resolves: its views
+    must have been handed back by then, scored, failed or dropped."""
+    left: list[int] = []
+    seen: list[tuple[int, bool]] = []
+    for batcher in running(encoder, metrics, max_batch_size=1, max_wait_ms=0):
+        block_worker(batcher, encoder, index)
+        scored = batcher.submit(views(1), index, None, on_done=lambda: left.append(1))
+        late = batcher.submit(views(3), index, time.monotonic(), on_done=lambda: left.append(3))
+
+        def note_when_resolved(tag: int) -> Callable[[object], None]:
+            return lambda _: seen.append((tag, tag in left))
+
+        scored.add_done_callback(note_when_resolved(1))
+        late.add_done_callback(note_when_resolved(3))
+        encoder.release()
+        scored.result(WAIT)
+        with pytest.raises(DeadlineExceeded):
+            late.result(WAIT)
+    assert sorted(seen) == [(1, True), (3, True)]
+
+
 def test_stopping_leaves_a_stuck_worker_behind_and_fails_what_is_queued(
     encoder: GatedEncoder, metrics: Metrics, index: PolicyIndex
 ) -> None:
