@@ -48,6 +48,7 @@ class ModerateShape:
     images: int
     policy_ids: tuple[str, ...]
     request_id: str
+    detail: int = 0  # the Detail enum's number, as protobuf will read it
 
 
 def moderate_shape(data: bytes, limits: RequestLimits) -> ModerateShape:
@@ -57,6 +58,7 @@ def moderate_shape(data: bytes, limits: RequestLimits) -> ModerateShape:
     images = 0
     policy_ids: list[str] = []
     request_id = ""
+    detail = 0
     for number, wire, start, end in _fields(
         view, 0, len(view), limits.moderate_fields, "the request"
     ):
@@ -74,7 +76,9 @@ def moderate_shape(data: bytes, limits: RequestLimits) -> ModerateShape:
             policy_ids.append(_short_text(view, start, end, MAX_POLICY_ID_BYTES, "a policy id"))
         elif number == 4 and wire == LENGTH_DELIMITED:
             request_id = _short_text(view, start, end, MAX_REQUEST_ID_BYTES, "request_id")
-    return ModerateShape(images, tuple(policy_ids), request_id)
+        elif number == 5 and wire == VARINT:  # the last one counts, as for protobuf
+            detail = _int32(_varint(view, start, end)[0])
+    return ModerateShape(images, tuple(policy_ids), request_id, detail)
 
 
 def find_request_id(data: bytes, limits: RequestLimits) -> str:
@@ -190,6 +194,12 @@ def _fields(
             raise InvalidRequest(f"malformed message: {what} is truncated")
         yield number, wire, position, value_end
         position = value_end
+
+
+def _int32(value: int) -> int:
+    """A varint as protobuf reads an enum: its low 32 bits, two's complement."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
 
 
 def _varint(view: memoryview, position: int, end: int) -> tuple[int, int]:

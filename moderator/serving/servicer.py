@@ -260,13 +260,13 @@ class ModeratorServicer:
         self._engine.check_ready()
         shape = moderate_shape(raw, self._limits)
         self._engine.check_policy_ids(shape.policy_ids)
+        detail = checked_detail(shape.detail)  # refused before any room is taken
         deadline = deadline_of(context)
         # The whole message counts: protobuf keeps fields this server does not know, too.
         async with self._engine.admitted(
             shape.images, len(raw), wait=wait, deadline=deadline
         ) as ticket:
             request = parse(pb.ModerateRequest, raw)
-            detail = checked_detail(request.detail)
             result = await self._engine.moderate(
                 [ImageInput(id=image.id, data=image.data) for image in request.images],
                 policy_ids=shape.policy_ids,

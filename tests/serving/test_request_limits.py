@@ -152,3 +152,19 @@ def test_unpacked_embedding_values_are_refused() -> None:
     unpacked = b"\x0a\x0a" + (b"\x15" + b"\x00\x00\x80\x3f") * 2  # field 2, wire type 5, twice
     with pytest.raises(InvalidRequest, match="must be packed"):
         check_score_shape(unpacked, LIMITS)
+
+
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        b"",
+        b"\x28\x03",  # detail = 3
+        b"\x28\x2a",  # 42: not a Detail, read as protobuf reads it
+        b"\x28" + b"\xff" * 9 + b"\x01",  # -1, as ten bytes
+        b"\x28\x83\x80\x80\x80\x10",  # 2**32 + 3: protobuf keeps the low 32 bits
+        b"\x28\x02\x28\x03",  # repeated: the last one counts
+    ],
+)
+def test_detail_is_read_from_the_framing_as_protobuf_reads_it(encoded: bytes) -> None:
+    raw = moderate_bytes(request_id="r") + encoded
+    assert moderate_shape(raw, LIMITS).detail == pb.ModerateRequest.FromString(raw).detail

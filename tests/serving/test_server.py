@@ -169,6 +169,27 @@ def test_an_unknown_detail_is_refused_before_any_work(stub: pb_grpc.ModeratorStu
     assert "detail 42" in str(info.value.details())
 
 
+def test_an_unknown_detail_is_refused_even_when_the_server_is_full(
+    demo_service: RunningService, stub: pb_grpc.ModeratorStub
+) -> None:
+    """Refused on its framing, before admission: INVALID_ARGUMENT, not RESOURCE_EXHAUSTED."""
+    work = demo_service.service.engine.budgets.work
+    full = {"images": work.limits["images"]}
+
+    async def on_the_loop(change: Callable[[dict[str, int]], None]) -> None:
+        change(full)
+
+    demo_service.call(on_the_loop(work.add))  # every image slot taken
+    try:
+        request = pb.ModerateRequest(images=[pb.Image(id="a", data=shape_png("red", "star"))])
+        request.detail = 42  # type: ignore[assignment]
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Moderate(request, timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        demo_service.call(on_the_loop(work.release))
+
+
 def test_embeddings_on_request(stub: pb_grpc.ModeratorStub) -> None:
     result = moderate_one(stub, shape_png("red", "circle"), include_embeddings=True)
     vector = np.array(result.embedding)
