@@ -53,6 +53,7 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procs import descendants, process_cpu_seconds
 from soak import server_process
 from throughput import photo_like_jpeg
 
@@ -140,30 +141,6 @@ def status_field(pid: int, name: str) -> int:
     if not match:
         return 0
     return int(match.group(1)) * (1 if name == "Threads" else 1024)
-
-
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (the decode workers)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue  # exited meanwhile
-            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process (all its threads), in seconds; 0 once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 (state) on
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def machine_ticks() -> tuple[int, int, int]:
@@ -307,21 +284,23 @@ class Meter:
         self.pid, self.result = pid, result
         self.worker_peaks: dict[int, int] = {}
         self.worker_cpu: dict[int, float] = {}
-        self.worker_cpu_start = {w: cpu_seconds(w) for w in children(pid)}  # a new one starts at 0
-        self.server_cpu, self.ticks, self.own = cpu_seconds(pid), machine_ticks(), time.process_time()  # fmt: skip
+        self.worker_cpu_start = {
+            w: process_cpu_seconds(w) for w in descendants(pid)
+        }  # a new one starts at 0
+        self.server_cpu, self.ticks, self.own = process_cpu_seconds(pid), machine_ticks(), time.process_time()  # fmt: skip
         self.start = time.perf_counter()
 
     def sample(self) -> None:
         self.result.threads = max(self.result.threads, status_field(self.pid, "Threads"))
-        for worker in children(self.pid):  # a replaced worker's peak and CPU still count
+        for worker in descendants(self.pid):  # a replaced worker's peak and CPU still count
             self.worker_peaks[worker] = max(self.worker_peaks.get(worker, 0), status_field(worker, "VmHWM"))  # fmt: skip
-            seconds = cpu_seconds(worker) - self.worker_cpu_start.get(worker, 0.0)
+            seconds = process_cpu_seconds(worker) - self.worker_cpu_start.get(worker, 0.0)
             self.worker_cpu[worker] = max(self.worker_cpu.get(worker, 0.0), seconds)
 
     def finish(self) -> None:
         result = self.result
         result.seconds = time.perf_counter() - self.start
-        result.server_cpu = cpu_seconds(self.pid) - self.server_cpu
+        result.server_cpu = process_cpu_seconds(self.pid) - self.server_cpu
         result.client_cpu = time.process_time() - self.own
         result.server_peak = status_field(self.pid, "VmHWM")
         self.sample()
@@ -344,7 +323,7 @@ async def drive(port: int, pid: int, load: Load, clients: int, result: Round) ->
         for images in load.first:
             await stub.Moderate(load.request(images), timeout=REQUEST_TIMEOUT)
         await asyncio.sleep(1.0)
-        workers = children(pid)
+        workers = descendants(pid)
         result.server_idle = status_field(pid, "VmRSS")
         result.workers_idle = sum(status_field(w, "VmRSS") for w in workers)
         for process in (pid, *workers):
@@ -393,7 +372,7 @@ def run_round(
         time.sleep(args.settle_seconds)
         result.server_settled = status_field(pid, "VmRSS")
         result.server_anon_settled = status_field(pid, "RssAnon")
-        result.workers_settled = sum(status_field(w, "VmRSS") for w in children(pid))
+        result.workers_settled = sum(status_field(w, "VmRSS") for w in descendants(pid))
         result.heaps = malloc_heaps(pid)
     return result
 

@@ -36,6 +36,9 @@ from pathlib import Path
 
 import grpc
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procs import descendants
+
 from moderator.demo.hostile import COSTLY_SAMPLES, HOSTILE_SAMPLES, mutate
 from moderator.demo.shapes import COLOURS, SHAPES, render_shape
 from moderator.v1 import moderator_pb2 as pb
@@ -92,29 +95,20 @@ def report(title: str, stats: Stats, rss: int | None) -> None:
 
 
 def tree_rss(pid: int | None) -> int | None:
-    """Resident bytes of `pid` and every process descended from it (by /proc ppid), or None."""
+    """Resident bytes of `pid` and every process descended from it, or None once it is gone."""
     if pid is None:
         return None
-    children: dict[int, list[int]] = collections.defaultdict(list)
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue  # exited meanwhile
-            children[int(stat[stat.rindex(")") + 2 :].split()[1])].append(int(entry.name))
-    total, todo, found = 0, [pid], False
-    while todo:
-        current = todo.pop()
+    total = 0
+    for current in [pid, *descendants(pid)]:
         try:
             status = Path(f"/proc/{current}/status").read_text()
         except OSError:
+            if current == pid:
+                return None
             continue
         match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
         total += int(match.group(1)) * 1024 if match else 0
-        found = found or current == pid
-        todo.extend(children.get(current, []))
-    return total if found else None
+    return total
 
 
 @contextmanager

@@ -58,6 +58,7 @@ import grpc
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procs import cpu_seconds, descendants, read_stat
 from throughput import photo_like_jpeg
 
 from moderator.config import REPO_ROOT, ImageConfig
@@ -76,7 +77,6 @@ START_TIMEOUT = 300.0
 JPEG_QUALITY = 60  # a 224 px photo-like JPEG of about 5 KB, as in issue 14
 IMAGE_COUNT = 32
 CHANNELS = 4
-TICKS = os.sysconf("SC_CLK_TCK")
 CPU_FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 DECODE_SHARE_TARGETS = {"16": 0.8, "1": 0.5}
 
@@ -206,41 +206,6 @@ async def serve_stand_in(args: argparse.Namespace) -> None:
 # -- CPU time from /proc --------------------------------------------------------------------
 
 
-def _stat(path: Path) -> tuple[str, list[str]] | None:
-    """(comm, the fields after comm) of a /proc stat file; None once the process is gone."""
-    try:
-        text = path.read_text()
-    except OSError:
-        return None
-    head, _, tail = text.rpartition(")")
-    return head.partition("(")[2], tail.split()
-
-
-def _cpu_seconds(fields: list[str], reaped: bool) -> float:
-    # fields[0] is field 3 (state) of proc(5): utime 14, stime 15, cutime 16, cstime 17
-    ticks = int(fields[11]) + int(fields[12])
-    if reaped:
-        ticks += int(fields[13]) + int(fields[14])
-    return ticks / TICKS
-
-
-def descendants(pid: int) -> list[int]:
-    """Live processes below `pid` (its decode workers), from every /proc/N/stat."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        stat = _stat(entry / "stat")
-        if stat is not None:
-            children.setdefault(int(stat[1][1]), []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 @dataclass(frozen=True)
 class CpuSnapshot:
     at: float  # time.perf_counter()
@@ -257,22 +222,22 @@ class CpuSnapshot:
 
 
 def snapshot(pid: int, images: int = 0, failed: int = 0) -> CpuSnapshot:
-    own = _stat(Path(f"/proc/{pid}/stat"))
+    own = read_stat(Path(f"/proc/{pid}/stat"))
     if own is None:
         raise RuntimeError("the server process is gone")
     children = 0.0
     for child in descendants(pid):
-        stat = _stat(Path(f"/proc/{child}/stat"))
+        stat = read_stat(Path(f"/proc/{child}/stat"))
         if stat is not None:
-            children += _cpu_seconds(stat[1], reaped=True)
+            children += cpu_seconds(stat[1], reaped=True)
     threads = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
-        stat = _stat(task / "stat")
+        stat = read_stat(task / "stat")
         if stat is not None:
-            threads[int(task.name)] = (stat[0], _cpu_seconds(stat[1], reaped=False))
+            threads[int(task.name)] = (stat[0], cpu_seconds(stat[1], reaped=False))
     return CpuSnapshot(
         at=time.perf_counter(),
-        process=_cpu_seconds(own[1], reaped=True),
+        process=cpu_seconds(own[1], reaped=True),
         children=children,
         threads=threads,
         client=time.process_time(),
