@@ -29,7 +29,6 @@ from throughput import (
 
 from moderator.config import REPO_ROOT, ImageConfig
 from moderator.core.embeddings import EmbeddingCache, build_policy_index
-from moderator.core.outcomes import selected_policies
 from moderator.core.policies import build_policy_set, load_policy_dir
 from moderator.core.rescoring import EmbeddedImage, embedded_image, rescore_images
 from moderator.tools.embeddings_file import read_embeddings_file
@@ -158,9 +157,8 @@ def offline_rate(images: list[EmbeddedImage], policy_count: int, seconds: float)
         EmbeddingCache(None, "bench"),
         torch.device("cpu"),
     )
-    selected = selected_policies(policy_set, ())
     max_views = ImageConfig().max_views
-    per_call = timed(lambda: rescore_images(images, index, selected, max_views), seconds)
+    per_call = timed(lambda: rescore_images(images, index, None, max_views), seconds)
     return len(images) / per_call
 
 

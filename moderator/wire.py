@@ -7,11 +7,10 @@ result reads the same wherever it is written.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 
 from google.protobuf.json_format import MessageToDict
 
-from moderator.core.outcomes import ImageOutcome, ModerationResult, PolicyOutcome
+from moderator.core.outcomes import ImageOutcome, ModerationResult, PolicyOutcome, Report
 from moderator.core.policies import Action, Mode, Policy, ReloadStatus
 from moderator.core.rescoring import EmbeddedImage, embedded_image
 from moderator.core.scoring import Decision
@@ -37,26 +36,28 @@ IMAGE_ERROR_CODES = {
 }
 
 
-DETAILS = frozenset(pb.Detail.values())
+REPORTS: dict[int, Report] = {
+    pb.DETAIL_UNSPECIFIED: Report.ALL_POLICIES,
+    pb.DETAIL_ALL_POLICIES: Report.ALL_POLICIES,
+    pb.DETAIL_VIOLATIONS: Report.VIOLATIONS,
+    pb.DETAIL_DECISION: Report.DECISION,
+}
 
 
-def moderate_response(
-    result: ModerationResult, detail: int = pb.DETAIL_ALL_POLICIES
-) -> pb.ModerateResponse:
-    """The response message; `detail` (a pb.Detail) chooses which PolicyResults it carries."""
+def moderate_response(result: ModerationResult) -> pb.ModerateResponse:
     return pb.ModerateResponse(
-        results=[image_result(outcome, detail) for outcome in result.results],
+        results=[image_result(outcome) for outcome in result.results],
         policy_version=result.policy_version,
         model=result.model_id,
         precision=result.precision,
     )
 
 
-def image_result(outcome: ImageOutcome, detail: int = pb.DETAIL_ALL_POLICIES) -> pb.ImageResult:
+def image_result(outcome: ImageOutcome) -> pb.ImageResult:
     result = pb.ImageResult(
         id=outcome.id,
         decision=DECISIONS[outcome.decision],
-        policies=[policy_result(p) for p in reported_policies(outcome, detail)],
+        policies=[policy_result(p) for p in outcome.policies],
         embedding=outcome.embedding,
         views=[pb.Embedding(values=view) for view in outcome.views],
     )
@@ -64,14 +65,6 @@ def image_result(outcome: ImageOutcome, detail: int = pb.DETAIL_ALL_POLICIES) ->
         result.error.code = IMAGE_ERROR_CODES[outcome.error.code]
         result.error.message = outcome.error.message
     return result
-
-
-def reported_policies(outcome: ImageOutcome, detail: int) -> Sequence[PolicyOutcome]:
-    if detail == pb.DETAIL_DECISION:
-        return ()
-    if detail == pb.DETAIL_VIOLATIONS:
-        return [p for p in outcome.policies if p.violated]
-    return outcome.policies
 
 
 def policy_result(outcome: PolicyOutcome) -> pb.PolicyResult:

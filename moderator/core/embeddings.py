@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moderator.core.policies import Action, Mode, Policy, PolicySet
+from moderator.core.policies import Policy, PolicySet
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,6 @@ class PolicyIndex:
     benign_rows: torch.Tensor  # [P, Kb] long, on the model device
     has_benign: torch.Tensor  # [P] bool, on the model device
     thresholds: torch.Tensor  # [P] float32, CPU
-    enforced: torch.Tensor  # [P] bool, CPU
-    blocks: torch.Tensor  # [P] bool, CPU
 
     @property
     def pad_row(self) -> int:
@@ -140,8 +138,6 @@ def build_policy_index(
         benign_rows=_padded(benign, len(texts)),
         has_benign=torch.tensor([bool(rows) for rows in benign], dtype=torch.bool),
         thresholds=torch.tensor([p.threshold for p in policies], dtype=torch.float32),
-        enforced=torch.tensor([p.mode is Mode.ENFORCE for p in policies], dtype=torch.bool),
-        blocks=torch.tensor([p.action is Action.BLOCK for p in policies], dtype=torch.bool),
     )
     if device.type == "cpu":
         return on_cpu

@@ -17,8 +17,8 @@ import numpy.typing as npt
 import torch
 
 from moderator.core.embeddings import PolicyIndex
-from moderator.core.outcomes import ImageOutcome, build_outcomes
-from moderator.core.scoring import ViewScores, score_views
+from moderator.core.outcomes import ImageOutcome, Report, Selection, build_outcomes
+from moderator.core.scoring import ScoredImage, score_views, scored_images
 from moderator.errors import ImageErrorCode, InvalidImage
 
 # A stored embedding is L2-normalised; allow for float32 rounding and JSON round trips.
@@ -46,8 +46,8 @@ def embedded_image(image_id: str, embedding: Vector, views: Sequence[Vector] = (
 
 def score_embedded(
     images: Sequence[EmbeddedImage], index: PolicyIndex, max_views: int
-) -> list[ViewScores | InvalidImage]:
-    """Per-view scores of every image against `index`; an invalid embedding fails alone.
+) -> list[ScoredImage | InvalidImage]:
+    """Every image scored against `index`; an invalid embedding fails alone.
 
     `max_views`: the most views Moderate gives one image (ImageConfig.max_views).
     """
@@ -69,26 +69,31 @@ def score_embedded(
         return [failed[i] for i in range(len(images))]
     kept = matrix[keep]
     scores, matched = score_views(kept.to(index.text_matrix.device), index)
-    scores, matched = scores.cpu(), matched.cpu()
-    results: list[ViewScores | InvalidImage] = []
-    offset = 0
-    for i, image in enumerate(images):
-        if i in failed:
-            results.append(failed[i])
-            continue
-        end = offset + len(image.views)
-        results.append(ViewScores(kept[offset:end], scores[offset:end], matched[offset:end]))
-        offset = end
-    return results
+    kept_images = [image for i, image in enumerate(images) if i not in failed]
+    scored = iter(
+        scored_images(
+            kept,
+            scores.cpu(),
+            matched.cpu(),
+            [len(image.views) for image in kept_images],
+            index.thresholds,
+        )
+    )
+    return [failed[i] if i in failed else next(scored) for i in range(len(images))]
 
 
 def rescore_images(
-    images: Sequence[EmbeddedImage], index: PolicyIndex, selected: torch.Tensor, max_views: int
+    images: Sequence[EmbeddedImage],
+    index: PolicyIndex,
+    selected: Selection,
+    max_views: int,
+    report: Report = Report.ALL_POLICIES,
 ) -> tuple[ImageOutcome, ...]:
     """Stored embeddings -> the outcomes Moderate would return for their images, scored on the
     CPU copy of `index`."""
-    views = score_embedded(images, index.on_cpu, max_views)
-    return build_outcomes([image.id for image in images], views, index, selected)
+    scored = score_embedded(images, index.on_cpu, max_views)
+    ids = [image.id for image in images]
+    return build_outcomes(ids, scored, index.policy_set, selected=selected, report=report)
 
 
 def _view_arrays(

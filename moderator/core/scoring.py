@@ -1,15 +1,17 @@
-"""Scores and decisions: pure torch, no I/O, no Python loop over policies or images."""
+"""Scores and decisions: the tensor work done once per batch, no I/O; Python touches only each
+image's result and the policies it violated."""
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from moderator.core.embeddings import PolicyIndex
+from moderator.core.policies import Action, Mode, Policy
 
 
 class Decision(enum.IntEnum):
@@ -20,12 +22,14 @@ class Decision(enum.IntEnum):
 
 
 @dataclass(frozen=True)
-class ViewScores:
-    """Per-view results of one forward pass, on the CPU."""
+class ScoredImage:
+    """One image's result of a forward pass: every policy's best score over its views, as
+    plain Python values, made for a whole batch at once (`scored_images`)."""
 
-    embeddings: torch.Tensor  # [V, E] float32, L2-normalised
-    scores: torch.Tensor  # [V, P] float32
-    matched: torch.Tensor  # [V, P] long: index of the best description within its policy
+    embeddings: torch.Tensor  # [V, E] float32 on the CPU, L2-normalised: every view
+    scores: list[float]  # [P] each policy's best score over the views
+    matched: list[int]  # [P] the best description of each policy in the best view
+    violated: tuple[int, ...]  # positions of the policies whose score reached the threshold
 
 
 def score_views(
@@ -44,37 +48,67 @@ def score_views(
     return scores, matched
 
 
-def reduce_views(images: Sequence[ViewScores]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image's views -> (scores [N, P], matched [N, P]): each policy's max over the views.
+def reduce_views(
+    scores: torch.Tensor, matched: torch.Tensor, view_counts: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-view (scores [V, P], matched [V, P]), each image's views in consecutive rows ->
+    per-image (scores [N, P], matched [N, P]): each policy's max over the image's views.
 
-    Images with the same number of views are reduced together, one operation per view count.
+    A batch of one-view images needs no work; images with the same number of views are reduced
+    together, one operation per view count.
     """
-    policies = images[0].scores.shape[1] if images else 0
-    scores = torch.empty(len(images), policies)
-    matched = torch.empty(len(images), policies, dtype=torch.long)
-    by_count: dict[int, list[int]] = {}
-    for i, image in enumerate(images):
-        by_count.setdefault(image.scores.shape[0], []).append(i)
-    for members in by_count.values():
-        rows = torch.tensor(members)
-        best, view = torch.stack([images[i].scores for i in members]).max(dim=1)
-        choices = torch.stack([images[i].matched for i in members])
-        scores[rows] = best
-        matched[rows] = choices.gather(1, view.unsqueeze(1)).squeeze(1)
-    return scores, matched
+    if len(view_counts) == scores.shape[0]:
+        return scores, matched
+    best = torch.empty(len(view_counts), scores.shape[1], dtype=scores.dtype)
+    choices = torch.empty(len(view_counts), scores.shape[1], dtype=matched.dtype)
+    by_count: dict[int, tuple[list[int], list[int]]] = {}
+    offset = 0
+    for image, count in enumerate(view_counts):
+        images, starts = by_count.setdefault(count, ([], []))
+        images.append(image)
+        starts.append(offset)
+        offset += count
+    for count, (images, starts) in by_count.items():
+        rows = torch.tensor(starts).unsqueeze(1) + torch.arange(count)  # [k, count]
+        group_best, view = scores[rows].max(dim=1)
+        best[images] = group_best
+        choices[images] = matched[rows].gather(1, view.unsqueeze(1)).squeeze(1)
+    return best, choices
 
 
-def decide(violated: torch.Tensor, index: PolicyIndex, selected: torch.Tensor) -> torch.Tensor:
-    """violated [N, P] bool -> decisions [N] (Decision values).
+def scored_images(
+    embeddings: torch.Tensor,
+    scores: torch.Tensor,
+    matched: torch.Tensor,
+    view_counts: Sequence[int],
+    thresholds: torch.Tensor,
+) -> list[ScoredImage]:
+    """A batch's per-view results (CPU tensors, each image's views in consecutive rows) -> one
+    ScoredImage per image: a few tensor operations and one conversion for the whole batch."""
+    best, choices = reduce_views(scores, matched, view_counts)
+    flagged: list[list[int]] = [[] for _ in view_counts]
+    for image, policy in (best >= thresholds).nonzero().tolist():
+        flagged[image].append(policy)
+    results = []
+    offset = 0
+    for count, score_row, matched_row, violated in zip(
+        view_counts, best.tolist(), choices.tolist(), flagged, strict=True
+    ):
+        views = embeddings[offset : offset + count]
+        results.append(ScoredImage(views, score_row, matched_row, tuple(violated)))
+        offset += count
+    return results
 
-    BLOCK if a selected enforced block policy is violated, else REVIEW if a selected enforced
-    review policy is, else ALLOW. Shadow policies never decide.
-    """
-    enforced = violated & index.enforced & selected
-    block = (enforced & index.blocks).any(dim=1)
-    review = (enforced & ~index.blocks).any(dim=1)
-    return torch.where(
-        block,
-        int(Decision.BLOCK),
-        torch.where(review, int(Decision.REVIEW), int(Decision.ALLOW)),
-    )
+
+def decision_of(violated: Iterable[int], policies: Sequence[Policy]) -> Decision:
+    """BLOCK if an enforced block policy among the `violated` positions is, else REVIEW if an
+    enforced review policy is, else ALLOW. Shadow policies never decide."""
+    decision = Decision.ALLOW
+    for position in violated:
+        policy = policies[position]
+        if policy.mode is not Mode.ENFORCE:
+            continue
+        if policy.action is Action.BLOCK:
+            return Decision.BLOCK
+        decision = Decision.REVIEW
+    return decision

@@ -22,7 +22,7 @@ import torch
 
 from moderator.config import BatchConfig
 from moderator.core.embeddings import PolicyIndex
-from moderator.core.scoring import ViewScores, score_views
+from moderator.core.scoring import ScoredImage, score_views, scored_images
 from moderator.errors import DeadlineExceeded, ModelFailed, NotReady
 from moderator.serving.health import WorkerState
 from moderator.serving.metrics import Metrics
@@ -41,7 +41,7 @@ class WorkItem:
     index: PolicyIndex
     deadline: float | None  # time.monotonic() seconds
     enqueued: float = field(default_factory=time.monotonic)
-    future: Future[ViewScores] = field(default_factory=Future)
+    future: Future[ScoredImage] = field(default_factory=Future)
     on_done: Callable[[], None] | None = None  # called once the item has left the worker
     on_timed: Callable[[BatchTimes], None] | None = None  # its forward pass's times (tracing)
 
@@ -112,7 +112,7 @@ class Batcher:
         deadline: float | None,
         on_done: Callable[[], None] | None = None,
         on_timed: Callable[[BatchTimes], None] | None = None,
-    ) -> Future[ViewScores]:
+    ) -> Future[ScoredImage]:
         """Queue one image's views; `on_done` is called from the worker thread once the
         image has left it (scored, failed or dropped), `on_timed` with the times of the
         forward pass that scored it."""
@@ -234,29 +234,28 @@ class Batcher:
                 live.append(item)
         return live
 
-    def _forward(self, items: list[WorkItem]) -> tuple[list[ViewScores], int]:
+    def _forward(self, items: list[WorkItem]) -> tuple[list[ScoredImage], int]:
         """The items' scores, and when (time.time_ns()) the encoder returned."""
         pixels = torch.cat([item.pixels for item in items])
         embeddings = self._encode_images(pixels)
         encoded_ns = time.time_ns()
-        bounds = _item_bounds(items)
-        results: dict[int, ViewScores] = {}
+        results: dict[int, ScoredImage] = {}
         # Items normally share one policy index; during a policy reload a batch can hold two,
         # and each image is scored against the set its request started with.
-        for index, positions in _group_by_index(items).items():
-            rows = torch.cat([torch.arange(*bounds[i]) for i in positions])
-            scores, matched = score_views(embeddings[rows.to(embeddings.device)], index)
-            group_embeddings = embeddings[rows.to(embeddings.device)].cpu()
-            scores, matched = scores.cpu(), matched.cpu()
-            offset = 0
-            for i in positions:
-                end = offset + items[i].views
-                results[i] = ViewScores(
-                    embeddings=group_embeddings[offset:end],
-                    scores=scores[offset:end],
-                    matched=matched[offset:end],
-                )
-                offset = end
+        groups = _group_by_index(items)
+        for index, positions in groups.items():
+            group = embeddings
+            if len(groups) > 1:
+                group = embeddings[_rows_of(items, positions).to(embeddings.device)]
+            scores, matched = score_views(group, index)
+            scored = scored_images(
+                group.cpu(),
+                scores.cpu(),
+                matched.cpu(),
+                [items[i].views for i in positions],
+                index.thresholds,
+            )
+            results.update(zip(positions, scored, strict=True))
         return [results[i] for i in range(len(items))], encoded_ns
 
 
@@ -278,13 +277,14 @@ def _report_times(item: WorkItem, times: BatchTimes) -> None:
             log.exception("recording a batch's times failed")
 
 
-def _item_bounds(items: list[WorkItem]) -> list[tuple[int, int]]:
-    bounds = []
+def _rows_of(items: list[WorkItem], positions: list[int]) -> torch.Tensor:
+    """The rows of the batch's views that belong to the items at `positions`, in order."""
+    starts = []
     offset = 0
     for item in items:
-        bounds.append((offset, offset + item.views))
+        starts.append(offset)
         offset += item.views
-    return bounds
+    return torch.cat([torch.arange(starts[i], starts[i] + items[i].views) for i in positions])
 
 
 def _group_by_index(items: list[WorkItem]) -> dict[PolicyIndex, list[int]]:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -23,19 +23,21 @@ from moderator.core.embeddings import EmbeddingCache, PolicyIndex, build_policy_
 from moderator.core.outcomes import (
     ImageOutcome,
     ModerationResult,
+    Report,
     build_outcomes,
     selected_policies,
 )
 from moderator.core.policies import Mode, PolicySet, ReloadStatus, load_policy_dir
-from moderator.core.rescoring import EmbeddedImage, rescore_images
-from moderator.core.scoring import ViewScores
-from moderator.errors import Disabled, InvalidImage, InvalidRequest, NotReady
+from moderator.core.rescoring import EmbeddedImage
+from moderator.core.scoring import ScoredImage
+from moderator.errors import InvalidImage, NotReady
 from moderator.serving.admission import Budgets, Ticket
 from moderator.serving.batching import Batcher
 from moderator.serving.decode_pool import DecodePool
 from moderator.serving.health import WorkerState
 from moderator.serving.metrics import Metrics
 from moderator.serving.reload import PolicyReloader
+from moderator.serving.rescorer import Rescorer, check_count
 from moderator.serving.tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,8 @@ class ModerationEngine:
         self._index: PolicyIndex | None = None
         self._batcher: Batcher | None = None
         self._decode_pool: DecodePool | None = None
-        self._rescore_pool: ThreadPoolExecutor | None = None
         self.budgets = Budgets(config.batching, config.server.max_rescore_requests, metrics)
+        self.rescorer = Rescorer(config, self.budgets, metrics)
         self._reloader = PolicyReloader(
             config.policies_dir, lambda: self.policies, self._install_policies, metrics
         )
@@ -98,7 +100,7 @@ class ModerationEngine:
             self.config.decode, self.config.images, clip.preprocessing, self.metrics
         )
         self._decode_pool.start()
-        self._rescore_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rescore")
+        self.rescorer.start()
         self._batcher = Batcher(
             clip.encode_images,
             self.config.batching,
@@ -117,8 +119,7 @@ class ModerationEngine:
         self._ready = False
         if self._batcher is not None:
             self._batcher.stop(timeout=model_timeout)
-        if self._rescore_pool is not None:
-            self._rescore_pool.shutdown(wait=True, cancel_futures=True)
+        self.rescorer.stop()
         if self._decode_pool is not None:
             self._decode_pool.stop()
 
@@ -194,7 +195,7 @@ class ModerationEngine:
     def _warm_up(self) -> None:
         self._submit_blank().result(WARMUP_TIMEOUT_SECONDS)
 
-    def _submit_blank(self) -> Future[ViewScores]:
+    def _submit_blank(self) -> Future[ScoredImage]:
         assert self._batcher is not None
         size = self.clip.preprocessing.size
         blank = torch.zeros(1, 3, size, size, dtype=torch.uint8)
@@ -216,15 +217,6 @@ class ModerationEngine:
         if not self._ready:
             raise NotReady("the service is still loading its model and policies")
 
-    def check_rescore_enabled(self) -> None:
-        if self.config.server.max_rescore_requests == 0:
-            raise Disabled("ScoreEmbeddings is turned off here (--max-rescore-requests 0)")
-
-    def rescore_slot(self) -> contextlib.AbstractContextManager[None]:
-        """One of --max-rescore-requests; Overloaded at once when none is free."""
-        self.check_rescore_enabled()
-        return self.budgets.rescore_slot()
-
     def check_policy_ids(self, policy_ids: Sequence[str]) -> None:
         """InvalidRequest unless every id names a loaded policy."""
         selected_policies(self.index.policy_set, policy_ids)
@@ -239,7 +231,7 @@ class ModerationEngine:
         the request waits its turn (oldest first) until `deadline`.
         """
         self.check_ready()
-        _check_request_size(images, self.config.server.max_images_per_request, "images")
+        check_count(images, self.config.server.max_images_per_request, "images")
         async with self.budgets.request(
             images, image_bytes, wait=wait, deadline=deadline
         ) as ticket:
@@ -249,23 +241,40 @@ class ModerationEngine:
         self,
         images: Sequence[ImageInput],
         policy_ids: Sequence[str] = (),
+        *,
         include_embeddings: bool = False,
         deadline: float | None = None,
         ticket: Ticket | None = None,
+        report: Report = Report.ALL_POLICIES,
     ) -> ModerationResult:
-        """Moderate `images` in order. `deadline` is in time.monotonic() seconds.
+        """Moderate `images` in order. `deadline` is in time.monotonic() seconds; `report`:
+        which policies each outcome lists.
 
         `ticket`: the request's admission (`admitted`), taken here when not given."""
         if ticket is None:
             size = sum(len(image.data) for image in images)
             async with self.admitted(len(images), size, deadline=deadline) as taken:
-                return await self.moderate(images, policy_ids, include_embeddings, deadline, taken)
+                return await self.moderate(
+                    images,
+                    policy_ids,
+                    include_embeddings=include_embeddings,
+                    deadline=deadline,
+                    ticket=taken,
+                    report=report,
+                )
         self.check_ready()
         index = self.index
         selected = selected_policies(index.policy_set, policy_ids)
         views = await self._embed_all(images, index, deadline, ticket)
         ids = [image.id for image in images]
-        results = build_outcomes(ids, views, index, selected, include_embeddings)
+        results = build_outcomes(
+            ids,
+            views,
+            index.policy_set,
+            selected=selected,
+            report=report,
+            include_embeddings=include_embeddings,
+        )
         self.metrics.count_outcomes(results)
         return self._result(results, index)
 
@@ -275,45 +284,22 @@ class ModerationEngine:
         policy_ids: Sequence[str] = (),
         model_id: str = "",
         *,
+        report: Report = Report.ALL_POLICIES,
         slot_taken: bool = False,
     ) -> ModerationResult:
-        """Score stored embeddings against the current policies, as `moderate` would have.
-
-        Runs on the CPU copy of the policy index in a thread of its own, so rescoring never
-        takes the model device or the event loop from live traffic. `model_id`, when given,
-        must be this model's; the precision may differ (policy text is always embedded in
-        fp32, so the scores do not depend on it). `slot_taken`: the caller holds a
-        `rescore_slot` already.
-        """
+        """Score stored embeddings against the current policies, as `moderate` would have
+        (serving.rescorer). `slot_taken`: the caller holds a `rescorer.slot()` already."""
         self.check_ready()
         if not slot_taken:
-            with self.rescore_slot():
-                return await self.score_embeddings(images, policy_ids, model_id, slot_taken=True)
+            with self.rescorer.slot():
+                return await self.score_embeddings(
+                    images, policy_ids, model_id, report=report, slot_taken=True
+                )
         self.check_ready()
-        self.check_rescore_enabled()
-        if model_id and model_id != self.model_id:
-            raise InvalidRequest(
-                f"the embeddings come from model {model_id}, this server runs {self.model_id}: "
-                "embeddings of another model cannot be scored"
-            )
-        _check_request_size(
-            len(images), self.config.server.max_embeddings_per_request, "embeddings"
-        )
         index = self.index
         selected = selected_policies(index.policy_set, policy_ids)
-        assert self._rescore_pool is not None
-        results = await asyncio.get_running_loop().run_in_executor(
-            self._rescore_pool,
-            rescore_images,
-            images,
-            index,
-            selected,
-            self.config.images.max_views,
-        )
-        invalid = sum(outcome.error is not None for outcome in results)
-        self.metrics.embeddings_scored.labels(result="scored").inc(len(results) - invalid)
-        self.metrics.embeddings_scored.labels(result="invalid").inc(invalid)
-        return self._result(results, index)
+        ids = (model_id, self.model_id)
+        return self._result(await self.rescorer.score(images, index, selected, report, ids), index)
 
     def _result(self, results: tuple[ImageOutcome, ...], index: PolicyIndex) -> ModerationResult:
         return ModerationResult(
@@ -329,7 +315,7 @@ class ModerationEngine:
         index: PolicyIndex,
         deadline: float | None,
         ticket: Ticket,
-    ) -> list[ViewScores | InvalidImage]:
+    ) -> list[ScoredImage | InvalidImage]:
         tasks = [
             asyncio.ensure_future(self._embed_one(image, index, deadline, ticket))
             for image in images
@@ -345,7 +331,7 @@ class ModerationEngine:
 
     async def _embed_one(
         self, image: ImageInput, index: PolicyIndex, deadline: float | None, ticket: Ticket
-    ) -> ViewScores | InvalidImage:
+    ) -> ScoredImage | InvalidImage:
         assert self._decode_pool is not None
         assert self._batcher is not None
         # Room for one view before decoding, the rest once decoding says how many: pixels
@@ -383,8 +369,3 @@ class ModerationEngine:
         finally:
             if held:
                 self.budgets.release_views(held)
-
-
-def _check_request_size(count: int, limit: int, what: str) -> None:
-    if count > limit:
-        raise InvalidRequest(f"request has {count} {what}; at most {limit} are allowed")

@@ -274,13 +274,12 @@ class Metrics:
             decisions[outcome.decision] = decisions.get(outcome.decision, 0) + 1
             if outcome.error is not None:
                 errors[outcome.error.code] = errors.get(outcome.error.code, 0) + 1
-            for p in outcome.policies:
-                if p.violated:
-                    key = (p.policy.id, p.policy.mode.value)
-                    violations[key] = violations.get(key, 0) + 1
+            for policy in outcome.violated:
+                key = (policy.id, policy.mode.value)
+                violations[key] = violations.get(key, 0) + 1
         for decision, count in decisions.items():
             self._by_decision[decision].inc(count)
         for code, count in errors.items():
             self._by_error[code].inc(count)
-        for (policy, mode), count in violations.items():
-            self.policy_violations.labels(policy=policy, mode=mode).inc(count)
+        for (policy_id, mode), count in violations.items():
+            self.policy_violations.labels(policy=policy_id, mode=mode).inc(count)

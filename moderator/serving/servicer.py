@@ -14,6 +14,7 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from moderator.core.outcomes import Report
 from moderator.errors import DeadlineExceeded, InvalidRequest, NotReady, Overloaded
 from moderator.serving.auth import CALLER, STILL_ALLOWED, audit
 from moderator.serving.calls import AccessDenied, CallRecorder
@@ -27,7 +28,7 @@ from moderator.serving.request_limits import (
 )
 from moderator.serving.stream import answer_in_order
 from moderator.v1 import moderator_pb2 as pb
-from moderator.wire import DETAILS, embedded, moderate_response, policy_info, reload_status
+from moderator.wire import REPORTS, embedded, moderate_response, policy_info, reload_status
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,13 @@ def parse(kind: type[_Message], raw: bytes) -> _Message:
         raise InvalidRequest(f"malformed {kind.__name__}: {exc}") from None
 
 
-def checked_detail(detail: int) -> int:
-    """A request's pb.Detail; UNSPECIFIED means every policy, a value this server does not
-    know is refused (rather than answered with more or less than was asked)."""
-    if detail not in DETAILS:
+def report_of(detail: int) -> Report:
+    """What a request's pb.Detail asks each result to list; a value this server does not know
+    is refused (rather than answered with more or less than was asked)."""
+    report = REPORTS.get(detail)
+    if report is None:
         raise InvalidRequest(f"detail {detail} is not a Detail (see the API)")
-    return detail or pb.DETAIL_ALL_POLICIES
+    return report
 
 
 def deadline_of(context: Context) -> float | None:
@@ -260,7 +262,7 @@ class ModeratorServicer:
         self._engine.check_ready()
         shape = moderate_shape(raw, self._limits)
         self._engine.check_policy_ids(shape.policy_ids)
-        detail = checked_detail(shape.detail)  # refused before any room is taken
+        report = report_of(shape.detail)  # refused before any room is taken
         deadline = deadline_of(context)
         # The whole message counts: protobuf keeps fields this server does not know, too.
         async with self._engine.admitted(
@@ -273,8 +275,9 @@ class ModeratorServicer:
                 include_embeddings=request.include_embeddings,
                 deadline=deadline,
                 ticket=ticket,
+                report=report,
             )
-        response = moderate_response(result, detail)
+        response = moderate_response(result)
         response.request_id = shape.request_id
         return response
 
@@ -305,20 +308,20 @@ class ModeratorServicer:
 
     async def _score(self, raw: bytes) -> pb.ModerateResponse:
         self._engine.check_ready()
-        self._engine.check_rescore_enabled()
-        with self._engine.rescore_slot():
+        self._engine.rescorer.check_enabled()
+        with self._engine.rescorer.slot():
             # up to 0.1 s of Python for the largest requests: off the event loop
             await asyncio.to_thread(check_score_shape, raw, self._limits)
             request = parse(pb.ScoreEmbeddingsRequest, raw)
-            detail = checked_detail(request.detail)
             result = await self._engine.score_embeddings(
                 [embedded(image) for image in request.images],
                 policy_ids=list(request.policy_ids),
                 model_id=request.model,
+                report=report_of(request.detail),
                 slot_taken=True,
             )
         # thousands of results: build the message off the event loop
-        return await asyncio.to_thread(moderate_response, result, detail)
+        return await asyncio.to_thread(moderate_response, result)
 
     @contextlib.contextmanager
     def _call_slot(self) -> Iterator[None]:

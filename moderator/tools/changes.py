@@ -22,7 +22,7 @@ class Verdict:
 def verdict_of(outcome: ImageOutcome) -> Verdict:
     return Verdict(
         decision=outcome.decision,
-        violated=frozenset(p.policy.id for p in outcome.policies if p.violated),
+        violated=frozenset(policy.id for policy in outcome.violated),
         evaluated=frozenset(p.policy.id for p in outcome.policies),
     )
 

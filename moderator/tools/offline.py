@@ -15,10 +15,10 @@ import torch
 from moderator.config import ImageConfig
 from moderator.core.clip import ClipModel
 from moderator.core.embeddings import EmbeddingCache, PolicyIndex, build_policy_index
-from moderator.core.outcomes import ImageOutcome, selected_policies
+from moderator.core.outcomes import ImageOutcome
 from moderator.core.policies import PolicySet
 from moderator.core.rescoring import EmbeddedImage, rescore_images
-from moderator.core.scoring import ViewScores, reduce_views, score_views
+from moderator.core.scoring import reduce_views, score_views
 from moderator.core.views import decode_views
 from moderator.errors import InvalidImage
 
@@ -62,12 +62,9 @@ class OfflineScorer:
             return ImageScores(path=path, scores=None, error=exc)
         embeddings = self.clip.encode_images(views)
         scores, matched = score_views(embeddings, self.index)
-        image_scores, _ = reduce_views(
-            [ViewScores(embeddings=embeddings.cpu(), scores=scores.cpu(), matched=matched.cpu())]
-        )
+        image_scores, _ = reduce_views(scores.cpu(), matched.cpu(), [views.shape[0]])
         return ImageScores(path=path, scores=image_scores[0])
 
     def score_embeddings(self, images: list[EmbeddedImage]) -> tuple[ImageOutcome, ...]:
         """Stored embeddings -> the outcomes the service would return for their images."""
-        selected = selected_policies(self.policy_set, ())
-        return rescore_images(images, self.index, selected, self.limits.max_views)
+        return rescore_images(images, self.index, None, self.limits.max_views)

@@ -6,7 +6,7 @@ import torch
 from moderator.core.embeddings import EmbeddingCache, PolicyIndex, build_policy_index
 from moderator.core.policies import PolicySet, parse_policy
 from moderator.core.rescoring import embedded_image, score_embedded
-from moderator.core.scoring import ViewScores, score_views
+from moderator.core.scoring import ScoredImage, score_views
 from moderator.errors import ImageErrorCode, InvalidImage
 from tests.helpers import unit
 
@@ -41,13 +41,14 @@ def test_score_embedded_equals_score_views_and_fails_bad_embeddings_alone() -> N
     ]
     results = score_embedded(images, index, max_views=2)
     good, short, nan, unnormalised, views, too_many = results
-    assert isinstance(good, ViewScores)
-    assert isinstance(views, ViewScores)
+    assert isinstance(good, ScoredImage)
+    assert isinstance(views, ScoredImage)
     expected, _ = score_views(torch.tensor([unit(1, 0, 0)]), index)
-    assert torch.equal(good.scores, expected)
-    assert good.scores.tolist() == [[pytest.approx(1.0)]]  # best description 1, no benign match
-    assert views.scores.shape == (2, 1)
-    assert views.scores[:, 0].tolist() == pytest.approx([-1.0, 1.0])  # z is the benign text
+    assert good.scores == expected[0].tolist()
+    assert good.scores == [pytest.approx(1.0)]  # best description 1, no benign match
+    assert views.embeddings.shape == (2, 3)
+    # the best of the views' scores: -1 (z is the benign text) and 1
+    assert views.scores == [pytest.approx(1.0)]
     for failed, words in (
         (short, "2 values"),
         (nan, "NaN"),

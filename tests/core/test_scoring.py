@@ -1,9 +1,16 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moderator.core.embeddings import PolicyIndex
-from moderator.core.scoring import Decision, ViewScores, decide, reduce_views, score_views
+from moderator.core.scoring import (
+    Decision,
+    decision_of,
+    reduce_views,
+    score_views,
+    scored_images,
+)
 from tests.helpers import make_index, policy_doc, vector
 
 
@@ -57,44 +64,55 @@ def test_benign_match_lowers_the_score() -> None:
 
 
 def test_decisions_block_beats_review_and_shadow_never_decides() -> None:
-    index = make_index(
+    policies = make_index(
         ("block", policy_doc("block", ["x"])),
         ("review", policy_doc("review", ["x"])),
         ("shadow", policy_doc("block", ["x"], mode="shadow")),
-    )
-    # policy order is by id: block, review, shadow
-    violated = torch.tensor(
-        [
-            [False, False, False],
-            [False, True, False],
-            [True, True, False],
-            [False, False, True],
-            [True, False, True],
-        ]
-    )
-    everything = torch.ones(3, dtype=torch.bool)
-    assert decide(violated, index, everything).tolist() == [
-        Decision.ALLOW,
-        Decision.REVIEW,
-        Decision.BLOCK,
-        Decision.ALLOW,
-        Decision.BLOCK,
-    ]
-    only_review = torch.tensor([False, True, False])
-    assert decide(violated, index, only_review).tolist()[2] == Decision.REVIEW
+    ).policy_set.policies
+    # policy order is by id: block 0, review 1, shadow 2
+    cases = {(): Decision.ALLOW, (1,): Decision.REVIEW, (0, 1): Decision.BLOCK}
+    cases |= {(2,): Decision.ALLOW, (0, 2): Decision.BLOCK, (1, 2): Decision.REVIEW}
+    for violated, decision in cases.items():
+        assert decision_of(violated, policies) is decision, violated
 
 
 def test_reduce_views_takes_each_policy_max_over_each_images_views() -> None:
-    three_views = ViewScores(
-        embeddings=torch.eye(3),
-        scores=torch.tensor([[0.1, 0.9], [0.7, 0.2], [0.3, 0.4]]),
-        matched=torch.tensor([[0, 5], [2, 6], [1, 7]]),
+    # images of 3, 1, 3 and 2 views, in consecutive rows
+    scores = torch.tensor(
+        [
+            *([0.1, 0.9], [0.7, 0.2], [0.3, 0.4]),
+            [-0.5, -0.2],
+            *([0.0, 0.0], [0.2, 0.1], [0.1, 0.3]),
+            *([0.4, 0.4], [0.5, 0.3]),
+        ]
     )
-    one_view = ViewScores(
-        embeddings=torch.eye(3)[:1],
-        scores=torch.tensor([[-0.5, -0.2]]),
-        matched=torch.tensor([[3, 4]]),
+    matched = torch.arange(18).reshape(9, 2)
+    best, choice = reduce_views(scores, matched, [3, 1, 3, 2])
+    assert best.tolist() == [
+        pytest.approx([0.7, 0.9]),
+        pytest.approx([-0.5, -0.2]),
+        pytest.approx([0.2, 0.3]),
+        pytest.approx([0.5, 0.4]),
+    ]
+    assert choice.tolist() == [[2, 1], [6, 7], [10, 13], [16, 15]]
+
+
+def test_one_view_images_are_their_own_reduction() -> None:
+    scores, matched = torch.rand(4, 3), torch.zeros(4, 3, dtype=torch.long)
+    assert reduce_views(scores, matched, [1, 1, 1, 1])[0] is scores
+
+
+def test_scored_images_carry_each_images_views_scores_and_violations() -> None:
+    embeddings = torch.arange(12.0).reshape(4, 3)
+    scores = torch.tensor([[0.1, 0.6], [0.7, 0.2], [0.5, 0.5], [0.1, 0.1]])
+    matched = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]])
+    first, second, third = scored_images(
+        embeddings, scores, matched, [2, 1, 1], thresholds=torch.tensor([0.5, 0.6])
     )
-    scores, matched = reduce_views([three_views, one_view])
-    assert torch.equal(scores, torch.tensor([[0.7, 0.9], [-0.5, -0.2]]))
-    assert matched.tolist() == [[2, 5], [3, 4]]
+    assert first.embeddings.tolist() == embeddings[:2].tolist()
+    assert first.scores == [pytest.approx(0.7), pytest.approx(0.6)]
+    assert first.matched == [2, 1]
+    assert first.violated == (0, 1)
+    assert second.violated == (0,)  # 0.5 reaches 0.5; 0.5 does not reach 0.6
+    assert third.violated == ()
+    assert third.embeddings.tolist() == [[9.0, 10.0, 11.0]]

@@ -150,7 +150,8 @@ def test_an_image_with_several_views_stays_together(
         first = batcher.submit(views(1, count=3), index, deadline=None)
         second = batcher.submit(views(2, count=3), index, deadline=None)
         encoder.release()
-        assert first.result(WAIT).scores.shape == (3, 1)
+        assert first.result(WAIT).embeddings.shape[0] == 3
+        assert len(first.result(WAIT).scores) == 1
         assert second.result(WAIT).embeddings[:, 0].tolist() == [2, 2, 2]
         assert encoder.batches[1:] == [[1, 1, 1], [2, 2, 2]]
 
@@ -193,8 +194,8 @@ def test_each_image_is_scored_against_its_own_policy_set(
         old = batcher.submit(views(1), index, deadline=None)
         new = batcher.submit(views(2), bigger, deadline=None)
         encoder.release()
-        assert old.result(WAIT).scores.shape == (1, 1)
-        assert new.result(WAIT).scores.shape == (1, 2)
+        assert len(old.result(WAIT).scores) == 1
+        assert len(new.result(WAIT).scores) == 2
         assert encoder.batches[1:] == [[1, 2]]  # still one forward pass
 
 
@@ -212,7 +213,7 @@ def test_a_failing_forward_pass_fails_only_its_batch(metrics: Metrics, index: Po
     try:
         with pytest.raises(ModelFailed, match=r"the model failed on this batch \(RuntimeError\)"):
             batcher.submit(views(1), index, deadline=None).result(WAIT)
-        assert batcher.submit(views(2), index, deadline=None).result(WAIT).scores.shape == (1, 1)
+        assert len(batcher.submit(views(2), index, deadline=None).result(WAIT).scores) == 1
     finally:
         batcher.stop()
 

@@ -232,7 +232,9 @@ def test_mode_switch_is_a_reload(reloadable: ModerationEngine) -> None:
 def test_rescoring_equals_moderation_and_extra_requests_fail_fast(
     engine: ModerationEngine,
 ) -> None:
-    live = asyncio.run(engine.moderate([ImageInput("red", shape_png("red", "circle"))], (), True))
+    live = asyncio.run(
+        engine.moderate([ImageInput("red", shape_png("red", "circle"))], include_embeddings=True)
+    )
     stored = embedded_image("red", live.results[0].embedding)
     metrics = engine.metrics
     scored_before = metrics.embeddings_scored.labels(result="scored")._value.get()
@@ -240,8 +242,8 @@ def test_rescoring_equals_moderation_and_extra_requests_fail_fast(
     gate = threading.Event()
 
     async def scenario() -> list[ModerationResult]:
-        assert engine._rescore_pool is not None
-        blocker = engine._rescore_pool.submit(gate.wait, 30)  # hold the rescoring thread
+        assert engine.rescorer._pool is not None
+        blocker = engine.rescorer._pool.submit(gate.wait, 30)  # hold the rescoring thread
         admitted = [
             asyncio.ensure_future(engine.score_embeddings([stored]))
             for _ in range(ServerConfig.max_rescore_requests)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from prometheus_client import CollectorRegistry, generate_latest
 
-from moderator.core.outcomes import build_outcomes
-from moderator.core.scoring import Decision, ViewScores
+from moderator.core.outcomes import Report, build_outcomes
+from moderator.core.scoring import Decision, ScoredImage, scored_images
 from moderator.errors import ImageErrorCode, InvalidImage
 from moderator.serving.metrics import REJECTION_REASONS, Metrics
 from tests.helpers import make_index, policy_doc
@@ -44,16 +44,19 @@ def test_a_requests_images_are_counted_by_decision_error_and_violated_policy() -
     )
     # columns in policy-id order (blue, red): red alone, both, neither
     scores = [[0.1, 0.9], [0.9, 0.9], [0.1, 0.1]]
-    views: list[ViewScores | InvalidImage] = [
-        ViewScores(
-            embeddings=torch.zeros(1, 4),
-            scores=torch.tensor([row]),
-            matched=torch.zeros(1, 2, dtype=torch.long),
+    views: list[ScoredImage | InvalidImage] = list(
+        scored_images(
+            torch.zeros(3, 4),
+            torch.tensor(scores),
+            torch.zeros(3, 2, dtype=torch.long),
+            [1, 1, 1],
+            index.thresholds,
         )
-        for row in scores
-    ]
+    )
     views.append(InvalidImage(ImageErrorCode.CORRUPT, "broken"))
-    outcomes = build_outcomes(["a", "b", "c", "d"], views, index, torch.ones(2, dtype=torch.bool))
+    # a caller that asked for the decision alone still counts every violation
+    outcomes = build_outcomes(["a", "b", "c", "d"], views, index.policy_set, report=Report.DECISION)
+    assert all(not outcome.policies for outcome in outcomes)
     metrics = Metrics(CollectorRegistry())
     metrics.count_outcomes(outcomes)
     metrics.count_outcomes(outcomes[:1])
