@@ -150,6 +150,9 @@ class BatchConfig:
     # forward pass has run longer than stuck_batch_seconds.
     max_failed_batches: int = 3
     stuck_batch_seconds: float = 60.0
+    # Stage, forward and finish on threads of their own, overlapping (serving/batching.py);
+    # off: in series on one thread.
+    pipelined: bool = True
 
     def __post_init__(self) -> None:
         require(self.max_batch_size >= 1, "--max-batch-size", "must be at least 1")

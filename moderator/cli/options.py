@@ -80,6 +80,12 @@ SERVE_OPTIONS = (
     Option("--max-batch-size", int, BatchConfig.max_batch_size, "image views per forward pass"),
     Option("--max-wait-ms", float, BatchConfig.max_wait_ms, "longest wait to fill a batch"),
     Option(
+        "--pipeline",
+        on_off,
+        "on",
+        "stage, run and finish batches on three overlapping threads (off: in series)",
+    ),
+    Option(
         "--max-queue-images",
         int,
         BatchConfig.max_queue_images,
@@ -327,6 +333,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             max_request_views=args.max_request_views,
             max_failed_batches=args.max_failed_batches,
             stuck_batch_seconds=args.stuck_batch_seconds,
+            pipelined=args.pipeline,
         ),
         decode=DecodeConfig(
             workers=args.decode_workers,

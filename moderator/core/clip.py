@@ -12,7 +12,7 @@ server and the offline tools all score an image embedding against the same polic
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +129,38 @@ class ModelInfo:
     weights_key: str | None  # None: random weights, nothing worth caching
 
 
+@dataclass(frozen=True)
+class StagedPixels:
+    """A batch on the model device, or being copied there: `ready` is the copy's CUDA event."""
+
+    pixels: torch.Tensor
+    ready: Any = None  # torch.cuda.Event; None on the CPU
+
+
+@dataclass(frozen=True)
+class OnHost:
+    """Tensors being copied back from the device: `wait()` before reading them."""
+
+    tensors: tuple[torch.Tensor, ...]
+    ready: Any = None  # torch.cuda.Event recorded after the copies; None on the CPU
+
+    def wait(self) -> tuple[torch.Tensor, ...]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.tensors
+
+
+def copy_to_host(*tensors: torch.Tensor) -> OnHost:
+    """Start copying `tensors` to the host without waiting for the device (a non-blocking copy
+    from CUDA lands in page-locked memory); OnHost.wait() says when they are there."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return OnHost(tensors)
+    copies = tuple(t.to("cpu", non_blocking=True) for t in tensors)
+    ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+    ready.record()
+    return OnHost(copies, ready)
+
+
 class ClipModel:
     """An open_clip model placed on its device, with the preprocessing it expects."""
 
@@ -158,40 +190,43 @@ class ClipModel:
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self._scale = (1.0 / (255.0 * std_t)).to(device, dtype)
         self._shift = (-mean_t / std_t).to(device, dtype)
-        self._staging: torch.Tensor | None = None
+        self._copy_stream: Any = None  # torch.cuda.Stream, made on first use
         self.embed_dim = int(self.encode_texts(["a"]).shape[1])
 
-    @property
-    def pin_memory(self) -> bool:
-        return self.device.type == "cuda"
+    @torch.inference_mode()
+    def stage_images(self, views: Sequence[torch.Tensor]) -> torch.Tensor | StagedPixels:
+        """Images' uint8 views [V, 3, S, S] on the host -> one batch ready for `encode_images`.
+
+        On CUDA the batch is gathered straight into page-locked memory (PyTorch's caching host
+        allocator keeps a block until the copies reading it are done) and copied on a stream of
+        its own, so the copy of one batch overlaps the forward pass of another.
+        """
+        if self.device.type != "cuda":
+            return views[0] if len(views) == 1 else torch.cat(list(views))
+        count = sum(int(v.shape[0]) for v in views)
+        host = torch.empty((count, *views[0].shape[1:]), dtype=torch.uint8, pin_memory=True)
+        torch.cat(list(views), out=host)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        with torch.cuda.stream(self._copy_stream):
+            on_device = host.to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            ready.record()
+        return StagedPixels(on_device, ready)
 
     @torch.inference_mode()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, 3, S, S] on the host -> L2-normalised float32 [B, E] on the device."""
-        if self.pin_memory:
-            pixels = self._pinned_copy(pixels)
-        batch = pixels.to(self.device, non_blocking=self.pin_memory).to(self.dtype)
+    def encode_images(self, pixels: torch.Tensor | StagedPixels) -> torch.Tensor:
+        """uint8 [B, 3, S, S] (on the host, or staged) -> L2-normalised float32 [B, E] on the
+        device."""
+        staged = pixels if isinstance(pixels, StagedPixels) else self.stage_images([pixels])
+        batch = staged.pixels if isinstance(staged, StagedPixels) else staged
+        if isinstance(staged, StagedPixels) and staged.ready is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(staged.ready)  # the copy, made on another stream, is done
+            batch.record_stream(stream)
+        batch = batch.to(self.device).to(self.dtype)
         features = self.model.encode_image(batch.mul_(self._scale).add_(self._shift))
         return F.normalize(features.float(), dim=-1)
-
-    def _pinned_copy(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Stage a batch in page-locked memory so the host-to-device copy is asynchronous.
-
-        The buffer is reused: safe because results are read back (a sync) before the worker
-        stages the next batch.
-        """
-        count = pixels.shape[0]
-        if (
-            self._staging is None
-            or self._staging.shape[0] < count
-            or self._staging.shape[1:] != pixels.shape[1:]
-        ):
-            self._staging = torch.empty(
-                (max(count, 32), *pixels.shape[1:]), dtype=pixels.dtype, pin_memory=True
-            )
-        staged = self._staging[:count]
-        staged.copy_(pixels)
-        return staged
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:

@@ -1,11 +1,24 @@
-"""The dynamic batcher and the model worker thread that owns the device.
+"""The dynamic batcher and the model pipeline that owns the device.
 
-Callers submit one image (its views) at a time and get a concurrent Future back. The worker
-takes the first waiting image, then keeps collecting until the batch holds `max_batch_size`
-views, or `max_wait_ms` has passed since that first image arrived, or no other image is on its
-way (so an idle server adds no wait to a lone request), and runs one forward pass
-and one scoring matmul for all of them. Images whose deadline passed or whose caller gave up
-are dropped before the forward pass.
+Callers submit one image (its views) at a time and get a concurrent Future back. A batch goes
+through three stages, each on a thread of its own so that they overlap:
+
+- stage ("model-batcher"): collect a batch, drop the images whose caller gave up or whose
+  deadline passed, and put its pixels where the device reads them (on CUDA: pinned memory, and
+  a copy on a stream of its own);
+- forward ("model-worker"): the image encoder and the scoring matmul, on the device;
+- finish ("model-results"): wait for the device, then build every image's result from the
+  batch's scores and resolve the futures.
+
+While the device runs batch N, batch N+1 is staged and batch N-1 finished, so the device waits
+for the host only where the host is the slower side: a batch every max(stage, forward, finish)
+instead of every stage + forward + finish. `pipelined=False` runs the three in series on one
+thread.
+
+A batch closes as soon as it holds `max_batch_size` views. Short of that, it keeps filling while
+the device is busy (it could not run sooner anyway); once the device is idle it closes when
+`max_wait_ms` has passed since its first image arrived, or when no other image is on its way
+(so an idle server adds no wait to a lone request).
 """
 
 from __future__ import annotations
@@ -14,13 +27,15 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from moderator.config import BatchConfig
+from moderator.core.clip import OnHost, copy_to_host
 from moderator.core.embeddings import PolicyIndex
 from moderator.core.scoring import ScoredImage, score_views, scored_images
 from moderator.errors import DeadlineExceeded, ModelFailed, NotReady
@@ -30,9 +45,13 @@ from moderator.serving.tracing import BatchTimes
 
 log = logging.getLogger(__name__)
 
-EncodeImages = Callable[[torch.Tensor], torch.Tensor]
+EncodeImages = Callable[[Any], torch.Tensor]  # staged pixels -> embeddings [B, E]
+StageImages = Callable[[Sequence[torch.Tensor]], Any]  # each image's views -> staged pixels
 # Even a stop in a hurry gives an idle worker this long to notice and exit.
 MIN_STOP_SECONDS = 0.5
+# Batches whose forward pass has started and whose results are not read back yet: one running
+# and one queued behind it on the device (which launches asynchronously on a GPU).
+MAX_ON_DEVICE = 2
 
 
 @dataclass
@@ -50,8 +69,25 @@ class WorkItem:
         return int(self.pixels.shape[0])
 
 
+@dataclass
+class _Batch:
+    """A batch on its way through the pipeline."""
+
+    items: list[WorkItem]
+    pixels: Any  # what stage_images made of the items' views
+    started: float = 0.0  # when its forward pass began (clock)
+    started_ns: int = 0
+    encoded_ns: int = 0
+    groups: list[tuple[PolicyIndex, list[int], OnHost]] = field(default_factory=list)
+    read_back: float = 0.0  # when its results were back on the host (clock)
+
+    @property
+    def views(self) -> int:
+        return sum(item.views for item in self.items)
+
+
 class Batcher:
-    """Coalesces images from concurrent requests into forward passes on one worker thread."""
+    """Coalesces images from concurrent requests into forward passes on the model device."""
 
     def __init__(
         self,
@@ -59,11 +95,14 @@ class Batcher:
         config: BatchConfig,
         metrics: Metrics,
         expected: Callable[[], int] = lambda: 1,
+        *,
         clock: Callable[[], float] = time.monotonic,
+        stage_images: StageImages | None = None,
     ) -> None:
         """`expected` counts images on their way to the queue (being decoded): a batch waits
         for more only while some are; a lone request on an idle server runs at once."""
         self._encode_images = encode_images
+        self._stage_images = stage_images or _gather
         self._expected = expected
         self._config = config
         self._metrics = metrics
@@ -71,39 +110,58 @@ class Batcher:
         self._queue: collections.deque[WorkItem] = collections.deque()
         self._cond = threading.Condition()
         self._queued_views = 0
+        self._staged: _Batch | None = None  # staged, waiting for the device
+        self._forwarded: collections.deque[_Batch | None] = collections.deque()  # None: stop
+        self._on_device: list[float] = []  # when each batch between forward and finish began
         self._failed_in_a_row = 0
-        self._running_since: float | None = None
         self._running = False
-        self._thread: threading.Thread | None = None
+        self._abandoned = False
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
         with self._cond:
             if self._running:
                 return
             self._running = True
-        self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
-        self._thread.start()
+            self._abandoned = False
+        stages = [("model-worker", self._serial_loop)]
+        if self._config.pipelined:
+            stages = [
+                ("model-batcher", self._stage_loop),
+                ("model-worker", self._forward_loop),
+                ("model-results", self._finish_loop),
+            ]
+        self._threads = [
+            threading.Thread(target=target, name=name, daemon=True) for name, target in stages
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Finish what is queued, then stop the worker. A worker still busy after `timeout`
-        seconds (a hung device) is left behind and what is still queued fails."""
+        """Finish what is queued, then stop the pipeline. A forward pass still running after
+        `timeout` seconds (a hung device) is left behind, and what is still queued fails."""
         with self._cond:
             self._running = False
             self._cond.notify_all()
-        if self._thread is None:
-            return
-        self._thread.join(None if timeout is None else max(timeout, MIN_STOP_SECONDS))
-        if self._thread.is_alive():
-            if self._running_since is not None:
+        wait_until = None if timeout is None else time.monotonic() + max(timeout, MIN_STOP_SECONDS)
+        for thread in self._threads:
+            thread.join(None if wait_until is None else max(0.0, wait_until - time.monotonic()))
+        if any(thread.is_alive() for thread in self._threads):
+            self._abandon()
+        self._threads = []
+
+    def _abandon(self) -> None:
+        with self._cond:
+            if self._on_device:
                 log.error("the model worker is stuck in a forward pass; stopping without it")
-            with self._cond:
-                abandoned = list(self._queue)
-                self._queue.clear()
-            for item in abandoned:
-                _done(item)
-                if item.future.set_running_or_notify_cancel():
-                    item.future.set_exception(NotReady("the model worker is stuck"))
-        self._thread = None
+            self._abandoned = True
+            abandoned = list(self._queue)
+            self._queue.clear()
+            if self._staged is not None:
+                abandoned += self._staged.items
+                self._staged = None
+            self._cond.notify_all()
+        _fail(abandoned, NotReady("the model worker is stuck"))
 
     def submit(
         self,
@@ -113,7 +171,7 @@ class Batcher:
         on_done: Callable[[], None] | None = None,
         on_timed: Callable[[BatchTimes], None] | None = None,
     ) -> Future[ScoredImage]:
-        """Queue one image's views; `on_done` is called from the worker thread once the
+        """Queue one image's views; `on_done` is called from a pipeline thread once the
         image has left it (scored, failed or dropped), `on_timed` with the times of the
         forward pass that scored it."""
         item = WorkItem(
@@ -130,43 +188,131 @@ class Batcher:
             self._queue.append(item)
             self._queued_views += item.views
             self._metrics.queue_images.inc()
-            self._cond.notify()
+            self._cond.notify_all()
         return item.future
 
     def notify(self) -> None:
-        """Wake the worker to re-check `expected` (an image left the pipeline without a submit)."""
+        """Wake the batcher to re-check `expected` (an image left the pipeline without a submit)."""
         with self._cond:
             self._cond.notify_all()
 
     def state(self) -> WorkerState:
-        return WorkerState(self._failed_in_a_row, self._running_since)
+        with self._cond:
+            running_since = min(self._on_device) if self._on_device else None
+        return WorkerState(self._failed_in_a_row, running_since)
 
     def queued_images(self) -> int:
         with self._cond:
             return len(self._queue)
 
-    def _run(self) -> None:
+    # -- the stages --------------------------------------------------------------------------
+
+    def _serial_loop(self) -> None:
+        while (batch := self._next_staged(lambda: False)) is not None:
+            if batch.items and self._forward(batch):
+                self._finish(batch)
+
+    def _stage_loop(self) -> None:
         while True:
-            batch = self.next_batch()
+            with self._cond:
+                while self._staged is not None and not self._gone():
+                    self._cond.wait()  # the device has not taken the last one yet
+            batch = self._next_staged(self._device_busy)
+            with self._cond:
+                if self._gone():
+                    stranded = batch.items if batch is not None else []
+                    break
+                if batch is None or batch.items:
+                    self._staged = batch or _END
+                    self._cond.notify_all()
             if batch is None:
                 return
-            self.run_batch(batch)
+        _fail(stranded, NotReady("the model worker is stuck"))
 
-    def next_batch(self) -> list[WorkItem] | None:
-        """Block for the next batch to run; None once stopped and drained."""
+    def _gone(self) -> bool:
+        """The pipeline was abandoned (a stop gave up on a stuck forward pass)."""
+        return self._abandoned
+
+    def _forward_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._gone() and (
+                    self._staged is None or len(self._on_device) >= MAX_ON_DEVICE
+                ):
+                    self._cond.wait()
+                batch, self._staged = self._staged, None
+                self._cond.notify_all()
+            if batch is None:  # abandoned
+                return
+            if batch is _END:
+                self._hand_on(None)
+                return
+            if self._forward(batch):
+                self._hand_on(batch)
+
+    def _hand_on(self, batch: _Batch | None) -> None:
+        with self._cond:
+            finish_here = self._abandoned  # the finishing thread is gone: a stuck pass returned
+            if not finish_here:
+                self._forwarded.append(batch)
+                self._cond.notify_all()
+        if finish_here and batch is not None:
+            self._finish(batch)
+
+    def _finish_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._forwarded and not self._abandoned:
+                    self._cond.wait()
+                if self._abandoned and not self._forwarded:
+                    return
+                batch = self._forwarded.popleft()
+            if batch is None:
+                return
+            self._finish(batch)
+
+    def _device_busy(self) -> bool:
+        return bool(self._on_device)
+
+    def _next_staged(self, device_busy: Callable[[], bool]) -> _Batch | None:
+        """The next batch, its dead images dropped and its pixels staged (no items when every
+        image was dropped); None once stopped and drained."""
+        items = self._next_batch(device_busy)
+        if items is None:
+            return None
+        live = self._drop_dead(items)
+        if not live:
+            return _Batch(items=[], pixels=None)
+        now = self._clock()
+        for item in live:
+            self._metrics.queue_wait.observe(max(0.0, now - item.enqueued))
+        try:
+            pixels = self._stage_images([item.pixels for item in live])
+        except Exception as exc:
+            self._fail_batch(live, exc)
+            return _Batch(items=[], pixels=None)
+        return _Batch(items=live, pixels=pixels)
+
+    def _next_batch(self, device_busy: Callable[[], bool]) -> list[WorkItem] | None:
+        """Block for the next batch's images (see the module docstring for when a batch
+        closes); None once stopped and drained."""
         max_views = self._config.max_batch_size
         with self._cond:
             while not self._queue:
-                if not self._running:
+                if not self._running or self._abandoned:
                     return None
                 self._cond.wait()
-            first_arrival = self._queue[0].enqueued
-            close_at = first_arrival + self._config.max_wait_ms / 1000.0
-            while self._running and self._queued_views < max_views and self._expected() > 0:
+            close_at = self._queue[0].enqueued + self._config.max_wait_ms / 1000.0
+            while self._running and self._queued_views < max_views:
+                if device_busy():
+                    self._cond.wait()
+                    continue
                 remaining = close_at - self._clock()
-                if remaining <= 0:
+                if remaining <= 0 or self._expected() <= 0:
                     break
                 self._cond.wait(remaining)
+            if self._abandoned:
+                return None
             return self._take(max_views)
 
     def _take(self, max_views: int) -> list[WorkItem]:
@@ -183,49 +329,13 @@ class Batcher:
             views += item.views
         return batch
 
-    def run_batch(self, batch: list[WorkItem]) -> None:
-        try:
-            self._run_live(self._drop_dead(batch))
-        finally:
-            for item in batch:
-                _done(item)
-
-    def _run_live(self, live: list[WorkItem]) -> None:
-        if not live:
-            return
-        started = self._clock()
-        started_ns = time.time_ns()
-        for item in live:
-            self._metrics.queue_wait.observe(max(0.0, started - item.enqueued))
-        self._running_since = started
-        try:
-            results, encoded_ns = self._forward(live)
-        except Exception as exc:  # the model failed: fail these images, keep serving
-            self._failed_in_a_row += 1
-            log.exception("forward pass failed for a batch of %d images", len(live))
-            failed = ModelFailed(f"the model failed on this batch ({type(exc).__name__}): retry")
-            for item in live:
-                _done(item)
-                item.future.set_exception(failed)
-            return
-        finally:
-            self._running_since = None
-        self._failed_in_a_row = 0
-        self._metrics.inference_duration.observe(self._clock() - started)
-        views = sum(item.views for item in live)
-        self._metrics.batch_images.observe(views)
-        times = BatchTimes(started_ns, encoded_ns, time.time_ns(), views, len(live))
-        for item, result in zip(live, results, strict=True):
-            _report_times(item, times)
-            _done(item)  # before the caller can see its result (and, in tests, close its loop)
-            item.future.set_result(result)
-
     def _drop_dead(self, batch: list[WorkItem]) -> list[WorkItem]:
         now = self._clock()
         live = []
         for item in batch:
             if not item.future.set_running_or_notify_cancel():
                 self._metrics.rejected_requests.labels(reason="cancelled").inc()
+                _done(item)
             elif item.deadline is not None and item.deadline <= now:
                 self._metrics.rejected_requests.labels(reason="deadline").inc()
                 _done(item)
@@ -234,29 +344,81 @@ class Batcher:
                 live.append(item)
         return live
 
-    def _forward(self, items: list[WorkItem]) -> tuple[list[ScoredImage], int]:
-        """The items' scores, and when (time.time_ns()) the encoder returned."""
-        pixels = torch.cat([item.pixels for item in items])
-        embeddings = self._encode_images(pixels)
-        encoded_ns = time.time_ns()
-        results: dict[int, ScoredImage] = {}
-        # Items normally share one policy index; during a policy reload a batch can hold two,
-        # and each image is scored against the set its request started with.
-        groups = _group_by_index(items)
-        for index, positions in groups.items():
-            group = embeddings
-            if len(groups) > 1:
-                group = embeddings[_rows_of(items, positions).to(embeddings.device)]
-            scores, matched = score_views(group, index)
-            scored = scored_images(
-                group.cpu(),
-                scores.cpu(),
-                matched.cpu(),
-                [items[i].views for i in positions],
-                index.thresholds,
-            )
-            results.update(zip(positions, scored, strict=True))
-        return [results[i] for i in range(len(items))], encoded_ns
+    def _forward(self, batch: _Batch) -> bool:
+        """Run the batch's forward pass and scoring, and start reading the results back;
+        False when the model failed (its images have failed)."""
+        with self._cond:
+            batch.started = self._clock()
+            self._on_device.append(batch.started)
+        batch.started_ns = time.time_ns()
+        try:
+            embeddings = self._encode_images(batch.pixels)
+            batch.encoded_ns = time.time_ns()
+            groups = _group_by_index(batch.items)
+            # Items normally share one policy index; during a policy reload a batch can hold
+            # two, and each image is scored against the set its request started with.
+            for index, positions in groups.items():
+                group = embeddings
+                if len(groups) > 1:
+                    group = embeddings[_rows_of(batch.items, positions).to(embeddings.device)]
+                scores, matched = score_views(group, index)
+                batch.groups.append((index, positions, copy_to_host(group, scores, matched)))
+        except Exception as exc:  # the model failed: fail these images, keep serving
+            self._left_device(batch)
+            self._fail_batch(batch.items, exc)
+            return False
+        return True
+
+    def _finish(self, batch: _Batch) -> None:
+        """Wait for the batch's results, then resolve its images' futures."""
+        try:
+            try:
+                read = [(index, positions, host.wait()) for index, positions, host in batch.groups]
+            finally:
+                self._left_device(batch)
+            results: dict[int, ScoredImage] = {}
+            for index, positions, (embeddings, scores, matched) in read:
+                counts = [batch.items[i].views for i in positions]
+                scored = scored_images(embeddings, scores, matched, counts, index.thresholds)
+                results.update(zip(positions, scored, strict=True))
+        except Exception as exc:  # a device error surfaces when its results are read
+            self._fail_batch(batch.items, exc)
+            return
+        self._failed_in_a_row = 0
+        self._metrics.inference_duration.observe(batch.read_back - batch.started)
+        self._metrics.batch_images.observe(batch.views)
+        times = BatchTimes(
+            batch.started_ns, batch.encoded_ns, time.time_ns(), batch.views, len(batch.items)
+        )
+        for position, item in enumerate(batch.items):
+            _report_times(item, times)
+            _done(item)  # before the caller can see its result (and, in tests, close its loop)
+            item.future.set_result(results[position])
+
+    def _left_device(self, batch: _Batch) -> None:
+        batch.read_back = self._clock()
+        with self._cond:
+            self._on_device.remove(batch.started)
+            self._cond.notify_all()  # a batch waiting for an idle device may close now
+
+    def _fail_batch(self, items: list[WorkItem], exc: Exception) -> None:
+        self._failed_in_a_row += 1
+        log.error("forward pass failed for a batch of %d images", len(items), exc_info=exc)
+        _fail(items, ModelFailed(f"the model failed on this batch ({type(exc).__name__}): retry"))
+
+
+def _gather(views: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(list(views))
+
+
+_END = _Batch(items=[], pixels=None)  # staged after the last batch: the pipeline stops
+
+
+def _fail(items: list[WorkItem], error: Exception) -> None:
+    for item in items:
+        _done(item)
+        if item.future.running() or item.future.set_running_or_notify_cancel():
+            item.future.set_exception(error)
 
 
 def _done(item: WorkItem) -> None:

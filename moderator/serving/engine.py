@@ -106,6 +106,7 @@ class ModerationEngine:
             self.config.batching,
             self.metrics,
             expected=lambda: self._decoding_images,
+            stage_images=clip.stage_images,
         )
         self._batcher.start()
         self._warm_up()

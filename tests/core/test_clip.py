@@ -17,6 +17,8 @@ from moderator.config import (
 from moderator.core.clip import (
     ClipModel,
     PrecisionProbes,
+    StagedPixels,
+    copy_to_host,
     encode_text_trimmed,
     load_clip,
     resolve_device,
@@ -190,18 +192,31 @@ def test_text_is_embedded_in_fp32_at_every_precision_whatever_the_batch(
     assert torch.allclose(together, demo_clip.encode_texts(PROMPTS), atol=1e-6)
 
 
+def test_staged_batches_encode_as_the_images_do(demo_clip: ClipModel) -> None:
+    """The path the model pipeline takes (stage, encode, copy back) gives what one call does."""
+    size = demo_clip.preprocessing.size
+    images = [torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8) for n in (1, 2)]
+    staged = demo_clip.stage_images(images)
+    (embeddings,) = copy_to_host(demo_clip.encode_images(staged)).wait()
+    assert torch.equal(embeddings, demo_clip.encode_images(torch.cat(images)))
+    assert demo_clip.stage_images(images[:1]) is images[0]  # one image: nothing to gather
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
-def test_gpu_batches_are_staged_in_reused_pinned_memory() -> None:
+def test_gpu_batches_are_staged_from_pinned_memory_on_a_copy_stream() -> None:
     clip = load_clip(demo_model_config("cuda"))
     assert clip.dtype in (torch.float16, torch.bfloat16)
     size = clip.preprocessing.size
-    first = clip._pinned_copy(torch.zeros(4, 3, size, size, dtype=torch.uint8))
-    second = clip._pinned_copy(torch.ones(8, 3, size, size, dtype=torch.uint8))
-    assert first.is_pinned()
-    assert second.data_ptr() == first.data_ptr()  # the buffer is reused
     pixels = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8)
+    staged = clip.stage_images([pixels[:1], pixels[1:]])
+    assert isinstance(staged, StagedPixels)
+    assert staged.pixels.device.type == "cuda"
+    assert staged.ready is not None
+    on_host = copy_to_host(clip.encode_images(staged))
+    (embeddings,) = on_host.wait()
+    assert embeddings.is_pinned()  # a non-blocking copy back lands in page-locked memory
     cpu = load_clip(demo_model_config("cpu", "fp32"))
-    cosine = (clip.encode_images(pixels).cpu() * cpu.encode_images(pixels)).sum(-1)
+    cosine = (embeddings * cpu.encode_images(pixels)).sum(-1)
     assert float(cosine.min()) > 0.99
 
 

@@ -2,18 +2,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
 from moderator.config import BatchConfig
+from moderator.core.clip import OnHost
 from moderator.core.embeddings import PolicyIndex
 from moderator.errors import DeadlineExceeded, ModelFailed, NotReady
 from moderator.serving.batching import Batcher
 from moderator.serving.metrics import Metrics
-from tests.helpers import DIM, make_index, policy_doc
+from tests.helpers import DIM, make_index, policy_doc, wait_until
 
 WAIT = 30.0  # generous bound on futures; no test asserts on time
 
@@ -46,6 +47,19 @@ def views(tag: int, count: int = 1) -> torch.Tensor:
     return torch.full((count, 3, 4, 4), tag, dtype=torch.uint8)
 
 
+# Every test runs on the three-thread pipeline and on the serial worker.
+PIPELINED = {"pipelined": True}
+
+
+@pytest.fixture(autouse=True, params=["pipelined", "serial"])
+def pipeline_mode(request: pytest.FixtureRequest) -> None:
+    PIPELINED["pipelined"] = request.param == "pipelined"
+
+
+def batch_config(**values: float) -> BatchConfig:
+    return BatchConfig(pipelined=PIPELINED["pipelined"], **values)  # type: ignore[arg-type]
+
+
 @pytest.fixture
 def index() -> PolicyIndex:
     return make_index(("p", policy_doc("block", ["x"])))
@@ -67,7 +81,7 @@ def running(
     expected: Callable[[], int] = lambda: 1,
     **config: float,
 ) -> Iterator[Batcher]:
-    batcher = Batcher(encoder, BatchConfig(**config), metrics, expected)  # type: ignore[arg-type]
+    batcher = Batcher(encoder, batch_config(**config), metrics, expected)
     batcher.start()
     yield batcher
     encoder.release()
@@ -208,7 +222,7 @@ def test_a_failing_forward_pass_fails_only_its_batch(metrics: Metrics, index: Po
             raise RuntimeError("device fell over")
         return torch.ones(pixels.shape[0], DIM)
 
-    batcher = Batcher(flaky, BatchConfig(max_batch_size=8, max_wait_ms=0), metrics)
+    batcher = Batcher(flaky, batch_config(max_batch_size=8, max_wait_ms=0), metrics)
     batcher.start()
     try:
         with pytest.raises(ModelFailed, match=r"the model failed on this batch \(RuntimeError\)"):
@@ -221,7 +235,7 @@ def test_a_failing_forward_pass_fails_only_its_batch(metrics: Metrics, index: Po
 def test_stop_drains_the_queue_then_refuses(
     encoder: GatedEncoder, metrics: Metrics, index: PolicyIndex
 ) -> None:
-    batcher = Batcher(encoder, BatchConfig(max_batch_size=2, max_wait_ms=0), metrics)
+    batcher = Batcher(encoder, batch_config(max_batch_size=2, max_wait_ms=0), metrics)
     batcher.start()
     block_worker(batcher, encoder, index)
     queued = [batcher.submit(views(tag), index, deadline=None) for tag in (1, 2, 3)]
@@ -283,11 +297,10 @@ def test_an_image_has_left_the_worker_before_its_result_is_seen(
 def test_stopping_leaves_a_stuck_worker_behind_and_fails_what_is_queued(
     encoder: GatedEncoder, metrics: Metrics, index: PolicyIndex
 ) -> None:
-    batcher = Batcher(encoder, BatchConfig(max_batch_size=1, max_wait_ms=0), metrics)
+    batcher = Batcher(encoder, batch_config(max_batch_size=1, max_wait_ms=0), metrics)
     batcher.start()
     left: list[int] = []
-    worker = batcher._thread
-    assert worker is not None
+    (worker,) = [t for t in batcher._threads if t.name == "model-worker"]
     try:
         block_worker(batcher, encoder, index)  # the forward pass hangs
         queued = batcher.submit(views(1), index, None, on_done=lambda: left.append(1))
@@ -304,8 +317,83 @@ def test_stopping_leaves_a_stuck_worker_behind_and_fails_what_is_queued(
 def test_a_hurried_stop_of_an_idle_worker_is_not_reported_stuck(
     encoder: GatedEncoder, metrics: Metrics, index: PolicyIndex, caplog: pytest.LogCaptureFixture
 ) -> None:
-    batcher = Batcher(encoder, BatchConfig(max_batch_size=1, max_wait_ms=0), metrics)
+    batcher = Batcher(encoder, batch_config(max_batch_size=1, max_wait_ms=0), metrics)
     batcher.start()
     batcher.submit(views(1), index, None).result(WAIT)
     batcher.stop(timeout=0.0)
     assert "stuck" not in caplog.text
+
+
+def test_the_next_full_batch_is_staged_while_the_device_runs(
+    encoder: GatedEncoder, metrics: Metrics, index: PolicyIndex
+) -> None:
+    if not PIPELINED["pipelined"]:
+        pytest.skip("the serial worker stages a batch only once the device is free")
+    staged: list[list[int]] = []
+
+    def stage(views: Sequence[torch.Tensor]) -> torch.Tensor:
+        staged.append([int(v[0, 0, 0, 0]) for v in views])
+        return torch.cat(list(views))
+
+    batcher = Batcher(encoder, batch_config(max_batch_size=2, max_wait_ms=0), metrics)
+    batcher._stage_images = stage
+    batcher.start()
+    try:
+        block_worker(batcher, encoder, index)
+        futures = [batcher.submit(views(tag), index, deadline=None) for tag in (1, 2, 3)]
+        wait_until(lambda: staged == [[250], [1, 2]])  # full: staged while 250 runs
+        time.sleep(0.05)
+        assert staged == [[250], [1, 2]]  # 3 alone is not full: it waits for an idle device
+        encoder.release()
+        assert [int(f.result(WAIT).embeddings[0, 0]) for f in futures] == [1, 2, 3]
+        assert staged == [[250], [1, 2], [3]]
+    finally:
+        encoder.release()
+        batcher.stop()
+
+
+def test_a_batch_is_finished_while_the_next_one_runs(
+    encoder: GatedEncoder, metrics: Metrics, index: PolicyIndex
+) -> None:
+    if not PIPELINED["pipelined"]:
+        pytest.skip("the serial worker finishes a batch before the next forward pass")
+    finishing = threading.Event()
+
+    def slow_to_finish() -> None:
+        assert finishing.wait(WAIT)
+
+    for batcher in running(encoder, metrics, max_batch_size=1, max_wait_ms=0):
+        first = batcher.submit(views(1), index, None, on_done=slow_to_finish)
+        second = batcher.submit(views(2), index, deadline=None)
+        wait_until(lambda: encoder.batches == [[1], [2]])  # 2 ran while 1 was being finished
+        assert not first.done()
+        finishing.set()
+        assert int(first.result(WAIT).embeddings[0, 0]) == 1
+        assert int(second.result(WAIT).embeddings[0, 0]) == 2
+
+
+def test_a_model_failure_found_when_reading_results_back_fails_only_its_batch(
+    metrics: Metrics, index: PolicyIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU an asynchronous kernel's error surfaces at the sync, in the finishing stage."""
+    reads = []
+
+    def failing_once(self: OnHost) -> tuple[torch.Tensor, ...]:
+        reads.append(1)
+        if len(reads) == 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return self.tensors
+
+    monkeypatch.setattr(OnHost, "wait", failing_once)
+    config = batch_config(max_batch_size=1, max_wait_ms=0)
+    batcher = Batcher(lambda p: torch.ones(p.shape[0], DIM), config, metrics)
+    batcher.start()
+    try:
+        with pytest.raises(ModelFailed, match="RuntimeError"):
+            batcher.submit(views(1), index, deadline=None).result(WAIT)
+        assert batcher.state().failed_in_a_row == 1
+        assert batcher.state().running_since is None
+        assert len(batcher.submit(views(2), index, deadline=None).result(WAIT).scores) == 1
+        assert batcher.state().failed_in_a_row == 0
+    finally:
+        batcher.stop()
