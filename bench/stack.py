@@ -58,6 +58,8 @@ import grpc
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline import StandInEncoder, print_figures
+from pipeline import measure as measure_pipeline
 from procs import cpu_seconds, descendants, read_stat
 from throughput import photo_like_jpeg
 
@@ -66,8 +68,6 @@ from moderator.core.views import Preprocessing, decode_views
 from moderator.v1 import moderator_pb2 as pb
 
 if TYPE_CHECKING:
-    import torch
-
     from moderator.config import ModelConfig
     from moderator.core.clip import ClipModel
 
@@ -82,21 +82,6 @@ DECODE_SHARE_TARGETS = {"16": 0.8, "1": 0.5}
 
 
 # -- the child: the real service with a stand-in encoder ------------------------------------
-
-
-class StandInEncoder:
-    """One fixed L2-normalised embedding per image; sleeps `gpu_ms_per_image` per image with
-    the GIL released (time.sleep), as a device's forward pass would."""
-
-    def __init__(self, embedding: torch.Tensor, gpu_ms_per_image: float) -> None:
-        self.embedding = embedding
-        self.seconds_per_image = gpu_ms_per_image / 1000.0
-
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        count = int(pixels.shape[0])
-        if self.seconds_per_image > 0:
-            time.sleep(count * self.seconds_per_image)
-        return self.embedding.expand(count, -1).clone()
 
 
 def stand_in_loader(view_size: int, gpu_ms_per_image: float) -> Callable[[ModelConfig], ClipModel]:
@@ -114,7 +99,7 @@ def stand_in_loader(view_size: int, gpu_ms_per_image: float) -> Callable[[ModelC
         wrapped = object.__new__(ClipModel)
         wrapped.__dict__.update(clip.__dict__)
         wrapped.preprocessing = Preprocessing(size=view_size, fill=clip.preprocessing.fill)
-        wrapped.encode_images = StandInEncoder(embedding, gpu_ms_per_image)  # type: ignore[method-assign]
+        wrapped.encode_images = StandInEncoder(embedding, gpu_ms_per_image)  # type: ignore[method-assign, assignment]
         return wrapped
 
     return load
@@ -858,6 +843,17 @@ async def run_bench(args: argparse.Namespace) -> None:
     report(args, shapes, floors=floors, samples=samples, shares=shares, profiles=profiles)
     if load.errors:
         print(f"# failures: {dict(load.errors)}")
+    if args.pipeline_rounds:
+        gpu_ms = args.gpu_ms_per_image or 0.1
+        print(f"\n## The model pipeline alone (bench/pipeline.py), --gpu-ms-per-image {gpu_ms:g}")
+        settings = argparse.Namespace(
+            gpu_ms_per_image=gpu_ms,
+            rounds=args.pipeline_rounds,
+            seconds=2.0,
+            window=128,
+            batch=args.max_batch_size,
+        )
+        print_figures(measure_pipeline(settings))
     print(f"# load average at end {load_average()}")
 
 
@@ -984,6 +980,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a ~1-minute smoke run")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument(
+        "--pipeline-rounds",
+        type=int,
+        default=7,
+        help="rounds of bench/pipeline.py at the end (serial against pipelined worker; 0: none)",
+    )
+    parser.add_argument(
         "--seconds", type=float, default=4.0, help="measured window per shape and round"
     )
     parser.add_argument("--ramp", type=float, default=1.0, help="load before each window")
@@ -1028,7 +1030,7 @@ def main() -> None:
     parser.add_argument("--thread-map", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cprofile-out", type=Path, help=argparse.SUPPRESS)
     if parser.parse_known_args()[0].quick:  # new defaults; flags given still win
-        parser.set_defaults(rounds=2, seconds=2.0, ramp=0.5, floor_images=300, profile_seconds=3.0)
+        parser.set_defaults(rounds=2, seconds=2.0, ramp=0.5, floor_images=300, profile_seconds=3.0, pipeline_rounds=2)
     args = parser.parse_args()
     if args.serve_stand_in:
         asyncio.run(serve_stand_in(args))

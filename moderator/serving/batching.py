@@ -78,7 +78,7 @@ class _Batch:
     started: float = 0.0  # when its forward pass began (clock)
     started_ns: int = 0
     encoded_ns: int = 0
-    groups: list[tuple[PolicyIndex, list[int], OnHost]] = field(default_factory=list)
+    embeddings: torch.Tensor | None = None  # [V, E], on the device
     read_back: float = 0.0  # when its results were back on the host (clock)
 
     @property
@@ -345,24 +345,16 @@ class Batcher:
         return live
 
     def _forward(self, batch: _Batch) -> bool:
-        """Run the batch's forward pass and scoring, and start reading the results back;
-        False when the model failed (its images have failed)."""
+        """Run the batch's forward pass; False when the model failed (its images have
+        failed). Only the encoder runs here: every other step of the thread that waits for the
+        device competes for the GIL with the rest of the process."""
         with self._cond:
             batch.started = self._clock()
             self._on_device.append(batch.started)
         batch.started_ns = time.time_ns()
         try:
-            embeddings = self._encode_images(batch.pixels)
+            batch.embeddings = self._encode_images(batch.pixels)
             batch.encoded_ns = time.time_ns()
-            groups = _group_by_index(batch.items)
-            # Items normally share one policy index; during a policy reload a batch can hold
-            # two, and each image is scored against the set its request started with.
-            for index, positions in groups.items():
-                group = embeddings
-                if len(groups) > 1:
-                    group = embeddings[_rows_of(batch.items, positions).to(embeddings.device)]
-                scores, matched = score_views(group, index)
-                batch.groups.append((index, positions, copy_to_host(group, scores, matched)))
         except Exception as exc:  # the model failed: fail these images, keep serving
             self._left_device(batch)
             self._fail_batch(batch.items, exc)
@@ -370,10 +362,12 @@ class Batcher:
         return True
 
     def _finish(self, batch: _Batch) -> None:
-        """Wait for the batch's results, then resolve its images' futures."""
+        """Score the batch, read its results back, then resolve its images' futures."""
         try:
             try:
-                read = [(index, positions, host.wait()) for index, positions, host in batch.groups]
+                read = [
+                    (index, positions, host.wait()) for index, positions, host in _scored(batch)
+                ]
             finally:
                 self._left_device(batch)
             results: dict[int, ScoredImage] = {}
@@ -412,6 +406,25 @@ def _gather(views: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 _END = _Batch(items=[], pixels=None)  # staged after the last batch: the pipeline stops
+
+
+def _scored(batch: _Batch) -> list[tuple[PolicyIndex, list[int], OnHost]]:
+    """Score the batch's embeddings (on their device) and start reading the results back.
+
+    Items normally share one policy index; during a policy reload a batch can hold two, and
+    each image is scored against the set its request started with.
+    """
+    embeddings = batch.embeddings
+    assert embeddings is not None
+    groups = _group_by_index(batch.items)
+    scored = []
+    for index, positions in groups.items():
+        group = embeddings
+        if len(groups) > 1:
+            group = embeddings[_rows_of(batch.items, positions).to(embeddings.device)]
+        scores, matched = score_views(group, index)
+        scored.append((index, positions, copy_to_host(group, scores, matched)))
+    return scored
 
 
 def _fail(items: list[WorkItem], error: Exception) -> None:
