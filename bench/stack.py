@@ -844,17 +844,21 @@ async def run_bench(args: argparse.Namespace) -> None:
     if load.errors:
         print(f"# failures: {dict(load.errors)}")
     if args.pipeline_rounds:
-        gpu_ms = args.gpu_ms_per_image or 0.1
-        print(f"\n## The model pipeline alone (bench/pipeline.py), --gpu-ms-per-image {gpu_ms:g}")
-        settings = argparse.Namespace(
-            gpu_ms_per_image=gpu_ms,
-            rounds=args.pipeline_rounds,
-            seconds=2.0,
-            window=128,
-            batch=args.max_batch_size,
-        )
-        print_figures(measure_pipeline(settings))
+        pipeline_phase(args)
     print(f"# load average at end {load_average()}")
+
+
+def pipeline_phase(args: argparse.Namespace) -> None:
+    gpu_ms = args.gpu_ms_per_image or 0.1
+    print(f"\n## The model pipeline alone (bench/pipeline.py), --gpu-ms-per-image {gpu_ms:g}")
+    settings = argparse.Namespace(
+        gpu_ms_per_image=gpu_ms,
+        rounds=args.pipeline_rounds,
+        seconds=2.0,
+        window=128,
+        batch=args.max_batch_size,
+    )
+    print_figures(measure_pipeline(settings))
 
 
 PY_SPY_MODES = {
