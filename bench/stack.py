@@ -765,7 +765,7 @@ def load_average() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
-async def run_bench(args: argparse.Namespace) -> None:
+def print_machine() -> None:
     model, flags = cpu_description()
     print(f"# bench/stack.py: {' '.join(sys.argv[1:]) or '(defaults)'}")
     print(f"# {source_version()}")
@@ -774,6 +774,10 @@ async def run_bench(args: argparse.Namespace) -> None:
         "# flags: "
         + ", ".join(f"{flag} {'yes' if present else 'no'}" for flag, present in flags.items())
     )
+
+
+async def run_bench(args: argparse.Namespace) -> None:
+    print_machine()
     images = make_images(IMAGE_COUNT)
     print(
         f"# images: {len(images)} photo-like 224x224 JPEGs, mean {statistics.mean(map(len, images)) / 1024:.1f} KiB"
@@ -1034,7 +1038,14 @@ def main() -> None:
     parser.add_argument("--thread-map", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cprofile-out", type=Path, help=argparse.SUPPRESS)
     if parser.parse_known_args()[0].quick:  # new defaults; flags given still win
-        parser.set_defaults(rounds=2, seconds=2.0, ramp=0.5, floor_images=300, profile_seconds=3.0, pipeline_rounds=2)
+        parser.set_defaults(
+            rounds=2,
+            seconds=2.0,
+            ramp=0.5,
+            floor_images=300,
+            profile_seconds=3.0,
+            pipeline_rounds=2,
+        )
     args = parser.parse_args()
     if args.serve_stand_in:
         asyncio.run(serve_stand_in(args))
