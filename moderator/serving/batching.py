@@ -108,7 +108,11 @@ class Batcher:
         self._metrics = metrics
         self._clock = clock
         self._queue: collections.deque[WorkItem] = collections.deque()
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        # one condition per waiting stage, so a submit wakes the batcher and no one else
+        self._to_batcher = threading.Condition(self._lock)
+        self._to_forward = threading.Condition(self._lock)
+        self._to_finisher = threading.Condition(self._lock)
         self._queued_views = 0
         self._staged: _Batch | None = None  # staged, waiting for the device
         self._forwarded: collections.deque[_Batch | None] = collections.deque()  # None: stop
@@ -119,7 +123,7 @@ class Batcher:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        with self._cond:
+        with self._lock:
             if self._running:
                 return
             self._running = True
@@ -140,9 +144,9 @@ class Batcher:
     def stop(self, timeout: float | None = None) -> None:
         """Finish what is queued, then stop the pipeline. A forward pass still running after
         `timeout` seconds (a hung device) is left behind, and what is still queued fails."""
-        with self._cond:
+        with self._lock:
             self._running = False
-            self._cond.notify_all()
+            self._wake_all()
         wait_until = None if timeout is None else time.monotonic() + max(timeout, MIN_STOP_SECONDS)
         for thread in self._threads:
             thread.join(None if wait_until is None else max(0.0, wait_until - time.monotonic()))
@@ -151,7 +155,7 @@ class Batcher:
         self._threads = []
 
     def _abandon(self) -> None:
-        with self._cond:
+        with self._lock:
             if self._on_device:
                 log.error("the model worker is stuck in a forward pass; stopping without it")
             self._abandoned = True
@@ -160,7 +164,7 @@ class Batcher:
             if self._staged is not None:
                 abandoned += self._staged.items
                 self._staged = None
-            self._cond.notify_all()
+            self._wake_all()
         _fail(abandoned, NotReady("the model worker is stuck"))
 
     def submit(
@@ -182,27 +186,27 @@ class Batcher:
             on_done=on_done,
             on_timed=on_timed,
         )
-        with self._cond:
+        with self._lock:
             if not self._running:
                 raise NotReady("the model worker is not running")
             self._queue.append(item)
             self._queued_views += item.views
             self._metrics.queue_images.inc()
-            self._cond.notify_all()
+            self._to_batcher.notify()
         return item.future
 
     def notify(self) -> None:
         """Wake the batcher to re-check `expected` (an image left the pipeline without a submit)."""
-        with self._cond:
-            self._cond.notify_all()
+        with self._lock:
+            self._to_batcher.notify()
 
     def state(self) -> WorkerState:
-        with self._cond:
+        with self._lock:
             running_since = min(self._on_device) if self._on_device else None
         return WorkerState(self._failed_in_a_row, running_since)
 
     def queued_images(self) -> int:
-        with self._cond:
+        with self._lock:
             return len(self._queue)
 
     # -- the stages --------------------------------------------------------------------------
@@ -214,20 +218,24 @@ class Batcher:
 
     def _stage_loop(self) -> None:
         while True:
-            with self._cond:
+            with self._lock:
                 while self._staged is not None and not self._gone():
-                    self._cond.wait()  # the device has not taken the last one yet
+                    self._to_batcher.wait()  # the device has not taken the last one yet
             batch = self._next_staged(self._device_busy)
-            with self._cond:
+            with self._lock:
                 if self._gone():
                     stranded = batch.items if batch is not None else []
                     break
                 if batch is None or batch.items:
                     self._staged = batch or _END
-                    self._cond.notify_all()
+                    self._to_forward.notify()
             if batch is None:
                 return
         _fail(stranded, NotReady("the model worker is stuck"))
+
+    def _wake_all(self) -> None:
+        for condition in (self._to_batcher, self._to_forward, self._to_finisher):
+            condition.notify_all()
 
     def _gone(self) -> bool:
         """The pipeline was abandoned (a stop gave up on a stuck forward pass)."""
@@ -235,13 +243,13 @@ class Batcher:
 
     def _forward_loop(self) -> None:
         while True:
-            with self._cond:
+            with self._lock:
                 while not self._gone() and (
                     self._staged is None or len(self._on_device) >= MAX_ON_DEVICE
                 ):
-                    self._cond.wait()
+                    self._to_forward.wait()
                 batch, self._staged = self._staged, None
-                self._cond.notify_all()
+                self._to_batcher.notify()
             if batch is None:  # abandoned
                 return
             if batch is _END:
@@ -251,19 +259,19 @@ class Batcher:
                 self._hand_on(batch)
 
     def _hand_on(self, batch: _Batch | None) -> None:
-        with self._cond:
+        with self._lock:
             finish_here = self._abandoned  # the finishing thread is gone: a stuck pass returned
             if not finish_here:
                 self._forwarded.append(batch)
-                self._cond.notify_all()
+                self._to_finisher.notify()
         if finish_here and batch is not None:
             self._finish(batch)
 
     def _finish_loop(self) -> None:
         while True:
-            with self._cond:
+            with self._lock:
                 while not self._forwarded and not self._abandoned:
-                    self._cond.wait()
+                    self._to_finisher.wait()
                 if self._abandoned and not self._forwarded:
                     return
                 batch = self._forwarded.popleft()
@@ -297,20 +305,20 @@ class Batcher:
         """Block for the next batch's images (see the module docstring for when a batch
         closes); None once stopped and drained."""
         max_views = self._config.max_batch_size
-        with self._cond:
+        with self._lock:
             while not self._queue:
                 if not self._running or self._abandoned:
                     return None
-                self._cond.wait()
+                self._to_batcher.wait()
             close_at = self._queue[0].enqueued + self._config.max_wait_ms / 1000.0
             while self._running and self._queued_views < max_views:
                 if device_busy():
-                    self._cond.wait()
+                    self._to_batcher.wait()
                     continue
                 remaining = close_at - self._clock()
                 if remaining <= 0 or self._expected() <= 0:
                     break
-                self._cond.wait(remaining)
+                self._to_batcher.wait(remaining)
             if self._abandoned:
                 return None
             return self._take(max_views)
@@ -348,7 +356,7 @@ class Batcher:
         """Run the batch's forward pass; False when the model failed (its images have
         failed). Only the encoder runs here: every other step of the thread that waits for the
         device competes for the GIL with the rest of the process."""
-        with self._cond:
+        with self._lock:
             batch.started = self._clock()
             self._on_device.append(batch.started)
         batch.started_ns = time.time_ns()
@@ -391,9 +399,10 @@ class Batcher:
 
     def _left_device(self, batch: _Batch) -> None:
         batch.read_back = self._clock()
-        with self._cond:
+        with self._lock:
             self._on_device.remove(batch.started)
-            self._cond.notify_all()  # a batch waiting for an idle device may close now
+            self._to_batcher.notify()  # a batch waiting for an idle device may close now
+            self._to_forward.notify()
 
     def _fail_batch(self, items: list[WorkItem], exc: Exception) -> None:
         self._failed_in_a_row += 1
