@@ -155,9 +155,12 @@ def copy_to_host(*tensors: torch.Tensor) -> OnHost:
     from CUDA lands in page-locked memory); OnHost.wait() says when they are there."""
     if all(t.device.type == "cpu" for t in tensors):
         return OnHost(tensors)
-    copies = tuple(t.to("cpu", non_blocking=True) for t in tensors)
-    ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
-    ready.record()
+    # The copies run on the tensors' device's current stream: the event must be recorded on
+    # that one, not on the current device's (cuda:0 in a thread that never set one).
+    with torch.cuda.device(tensors[0].device):
+        copies = tuple(t.to("cpu", non_blocking=True) for t in tensors)
+        ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        ready.record()
     return OnHost(copies, ready)
 
 

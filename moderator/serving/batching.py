@@ -69,7 +69,7 @@ class WorkItem:
         return int(self.pixels.shape[0])
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity
 class _Batch:
     """A batch on its way through the pipeline."""
 
@@ -116,18 +116,24 @@ class Batcher:
         self._queued_views = 0
         self._staged: _Batch | None = None  # staged, waiting for the device
         self._forwarded: collections.deque[_Batch | None] = collections.deque()  # None: stop
-        self._on_device: list[float] = []  # when each batch between forward and finish began
+        self._on_device: list[_Batch] = []  # from its forward pass until its results are read
         self._failed_in_a_row = 0
         self._running = False
         self._abandoned = False
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
+        if any(thread.is_alive() for thread in self._threads):
+            # its threads may still take work: a new pipeline beside them would share state
+            raise NotReady("the model worker of the last run is still stuck in a forward pass")
         with self._lock:
             if self._running:
                 return
             self._running = True
             self._abandoned = False
+            self._staged = None
+            self._forwarded.clear()
+            self._on_device.clear()
         stages = [("model-worker", self._serial_loop)]
         if self._config.pipelined:
             stages = [
@@ -151,8 +157,7 @@ class Batcher:
         for thread in self._threads:
             thread.join(None if wait_until is None else max(0.0, wait_until - time.monotonic()))
         if any(thread.is_alive() for thread in self._threads):
-            self._abandon()
-        self._threads = []
+            self._abandon()  # the threads stay listed: start() refuses while they live
 
     def _abandon(self) -> None:
         with self._lock:
@@ -202,7 +207,7 @@ class Batcher:
 
     def state(self) -> WorkerState:
         with self._lock:
-            running_since = min(self._on_device) if self._on_device else None
+            running_since = self._on_device[0].started if self._on_device else None
         return WorkerState(self._failed_in_a_row, running_since)
 
     def queued_images(self) -> int:
@@ -358,7 +363,7 @@ class Batcher:
         device competes for the GIL with the rest of the process."""
         with self._lock:
             batch.started = self._clock()
-            self._on_device.append(batch.started)
+            self._on_device.append(batch)
         batch.started_ns = time.time_ns()
         try:
             batch.embeddings = self._encode_images(batch.pixels)
@@ -386,7 +391,8 @@ class Batcher:
         except Exception as exc:  # a device error surfaces when its results are read
             self._fail_batch(batch.items, exc)
             return
-        self._failed_in_a_row = 0
+        with self._lock:
+            self._failed_in_a_row = 0
         self._metrics.inference_duration.observe(batch.read_back - batch.started)
         self._metrics.batch_images.observe(batch.views)
         times = BatchTimes(
@@ -400,12 +406,18 @@ class Batcher:
     def _left_device(self, batch: _Batch) -> None:
         batch.read_back = self._clock()
         with self._lock:
-            self._on_device.remove(batch.started)
+            self._on_device.remove(batch)
+            if self._on_device:
+                # The next one (launched asynchronously on a GPU) queued behind this one:
+                # its pass, for health and the duration metric, starts now.
+                after = self._on_device[0]
+                after.started = max(after.started, batch.read_back)
             self._to_batcher.notify()  # a batch waiting for an idle device may close now
             self._to_forward.notify()
 
     def _fail_batch(self, items: list[WorkItem], exc: Exception) -> None:
-        self._failed_in_a_row += 1
+        with self._lock:
+            self._failed_in_a_row += 1
         log.error("forward pass failed for a batch of %d images", len(items), exc_info=exc)
         _fail(items, ModelFailed(f"the model failed on this batch ({type(exc).__name__}): retry"))
 

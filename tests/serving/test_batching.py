@@ -309,9 +309,19 @@ def test_stopping_leaves_a_stuck_worker_behind_and_fails_what_is_queued(
             queued.result(WAIT)
         assert left == [1]
         assert worker.is_alive()
+        with pytest.raises(NotReady, match="still stuck"):
+            batcher.start()  # a second pipeline beside the stuck one would share its state
     finally:
         encoder.release()
         worker.join(WAIT)  # not left running into interpreter exit
+    for thread in batcher._threads:
+        thread.join(WAIT)
+    batcher.start()  # the stuck pass has returned: a clean start
+    try:
+        assert int(batcher.submit(views(5), index, None).result(WAIT).embeddings[0, 0]) == 5
+        assert batcher.state().running_since is None
+    finally:
+        batcher.stop()
 
 
 def test_a_hurried_stop_of_an_idle_worker_is_not_reported_stuck(
