@@ -29,16 +29,24 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from moderator.config import BatchConfig
-from moderator.core.clip import OnHost, copy_to_host
 from moderator.core.embeddings import PolicyIndex
-from moderator.core.scoring import ScoredImage, score_views, scored_images
+from moderator.core.scoring import ScoredImage, scored_images
 from moderator.errors import DeadlineExceeded, ModelFailed, NotReady
+from moderator.serving.batch import (
+    END,
+    Batch,
+    WorkItem,
+    done,
+    fail,
+    gather,
+    report_times,
+    score_batch,
+)
 from moderator.serving.health import WorkerState
 from moderator.serving.metrics import Metrics
 from moderator.serving.tracing import BatchTimes
@@ -52,38 +60,6 @@ MIN_STOP_SECONDS = 0.5
 # Batches whose forward pass has started and whose results are not read back yet: one running
 # and one queued behind it on the device (which launches asynchronously on a GPU).
 MAX_ON_DEVICE = 2
-
-
-@dataclass
-class WorkItem:
-    pixels: torch.Tensor  # uint8 [V, 3, S, S]
-    index: PolicyIndex
-    deadline: float | None  # time.monotonic() seconds
-    enqueued: float = field(default_factory=time.monotonic)
-    future: Future[ScoredImage] = field(default_factory=Future)
-    on_done: Callable[[], None] | None = None  # called once the item has left the worker
-    on_timed: Callable[[BatchTimes], None] | None = None  # its forward pass's times (tracing)
-
-    @property
-    def views(self) -> int:
-        return int(self.pixels.shape[0])
-
-
-@dataclass(eq=False)  # compared by identity
-class _Batch:
-    """A batch on its way through the pipeline."""
-
-    items: list[WorkItem]
-    pixels: Any  # what stage_images made of the items' views
-    started: float = 0.0  # when its forward pass began (clock)
-    started_ns: int = 0
-    encoded_ns: int = 0
-    embeddings: torch.Tensor | None = None  # [V, E], on the device
-    read_back: float = 0.0  # when its results were back on the host (clock)
-
-    @property
-    def views(self) -> int:
-        return sum(item.views for item in self.items)
 
 
 class Batcher:
@@ -102,7 +78,7 @@ class Batcher:
         """`expected` counts images on their way to the queue (being decoded): a batch waits
         for more only while some are; a lone request on an idle server runs at once."""
         self._encode_images = encode_images
-        self._stage_images = stage_images or _gather
+        self._stage_images = stage_images or gather
         self._expected = expected
         self._config = config
         self._metrics = metrics
@@ -114,9 +90,9 @@ class Batcher:
         self._to_forward = threading.Condition(self._lock)
         self._to_finisher = threading.Condition(self._lock)
         self._queued_views = 0
-        self._staged: _Batch | None = None  # staged, waiting for the device
-        self._forwarded: collections.deque[_Batch | None] = collections.deque()  # None: stop
-        self._on_device: list[_Batch] = []  # from its forward pass until its results are read
+        self._staged: Batch | None = None  # staged, waiting for the device
+        self._forwarded: collections.deque[Batch | None] = collections.deque()  # None: stop
+        self._on_device: list[Batch] = []  # from its forward pass until its results are read
         self._failed_in_a_row = 0
         self._running = False
         self._abandoned = False
@@ -170,7 +146,7 @@ class Batcher:
                 abandoned += self._staged.items
                 self._staged = None
             self._wake_all()
-        _fail(abandoned, NotReady("the model worker is stuck"))
+        fail(abandoned, NotReady("the model worker is stuck"))
 
     def submit(
         self,
@@ -232,11 +208,11 @@ class Batcher:
                     stranded = batch.items if batch is not None else []
                     break
                 if batch is None or batch.items:
-                    self._staged = batch or _END
+                    self._staged = batch or END
                     self._to_forward.notify()
             if batch is None:
                 return
-        _fail(stranded, NotReady("the model worker is stuck"))
+        fail(stranded, NotReady("the model worker is stuck"))
 
     def _wake_all(self) -> None:
         for condition in (self._to_batcher, self._to_forward, self._to_finisher):
@@ -257,13 +233,13 @@ class Batcher:
                 self._to_batcher.notify()
             if batch is None:  # abandoned
                 return
-            if batch is _END:
+            if batch is END:
                 self._hand_on(None)
                 return
             if self._forward(batch):
                 self._hand_on(batch)
 
-    def _hand_on(self, batch: _Batch | None) -> None:
+    def _hand_on(self, batch: Batch | None) -> None:
         with self._lock:
             finish_here = self._abandoned  # the finishing thread is gone: a stuck pass returned
             if not finish_here:
@@ -287,7 +263,7 @@ class Batcher:
     def _device_busy(self) -> bool:
         return bool(self._on_device)
 
-    def _next_staged(self, device_busy: Callable[[], bool]) -> _Batch | None:
+    def _next_staged(self, device_busy: Callable[[], bool]) -> Batch | None:
         """The next batch, its dead images dropped and its pixels staged (no items when every
         image was dropped); None once stopped and drained."""
         items = self._next_batch(device_busy)
@@ -295,7 +271,7 @@ class Batcher:
             return None
         live = self._drop_dead(items)
         if not live:
-            return _Batch(items=[], pixels=None)
+            return Batch(items=[], pixels=None)
         now = self._clock()
         for item in live:
             self._metrics.queue_wait.observe(max(0.0, now - item.enqueued))
@@ -303,8 +279,8 @@ class Batcher:
             pixels = self._stage_images([item.pixels for item in live])
         except Exception as exc:
             self._fail_batch(live, exc)
-            return _Batch(items=[], pixels=None)
-        return _Batch(items=live, pixels=pixels)
+            return Batch(items=[], pixels=None)
+        return Batch(items=live, pixels=pixels)
 
     def _next_batch(self, device_busy: Callable[[], bool]) -> list[WorkItem] | None:
         """Block for the next batch's images (see the module docstring for when a batch
@@ -348,16 +324,16 @@ class Batcher:
         for item in batch:
             if not item.future.set_running_or_notify_cancel():
                 self._metrics.rejected_requests.labels(reason="cancelled").inc()
-                _done(item)
+                done(item)
             elif item.deadline is not None and item.deadline <= now:
                 self._metrics.rejected_requests.labels(reason="deadline").inc()
-                _done(item)
+                done(item)
                 item.future.set_exception(DeadlineExceeded("deadline passed while queued"))
             else:
                 live.append(item)
         return live
 
-    def _forward(self, batch: _Batch) -> bool:
+    def _forward(self, batch: Batch) -> bool:
         """Run the batch's forward pass; False when the model failed (its images have
         failed). Only the encoder runs here: every other step of the thread that waits for the
         device competes for the GIL with the rest of the process."""
@@ -374,12 +350,12 @@ class Batcher:
             return False
         return True
 
-    def _finish(self, batch: _Batch) -> None:
+    def _finish(self, batch: Batch) -> None:
         """Score the batch, read its results back, then resolve its images' futures."""
         try:
             try:
                 read = [
-                    (index, positions, host.wait()) for index, positions, host in _scored(batch)
+                    (index, positions, host.wait()) for index, positions, host in score_batch(batch)
                 ]
             finally:
                 self._left_device(batch)
@@ -399,11 +375,11 @@ class Batcher:
             batch.started_ns, batch.encoded_ns, time.time_ns(), batch.views, len(batch.items)
         )
         for position, item in enumerate(batch.items):
-            _report_times(item, times)
-            _done(item)  # before the caller can see its result (and, in tests, close its loop)
+            report_times(item, times)
+            done(item)  # before the caller can see its result (and, in tests, close its loop)
             item.future.set_result(results[position])
 
-    def _left_device(self, batch: _Batch) -> None:
+    def _left_device(self, batch: Batch) -> None:
         batch.read_back = self._clock()
         with self._lock:
             self._on_device.remove(batch)
@@ -419,72 +395,4 @@ class Batcher:
         with self._lock:
             self._failed_in_a_row += 1
         log.error("forward pass failed for a batch of %d images", len(items), exc_info=exc)
-        _fail(items, ModelFailed(f"the model failed on this batch ({type(exc).__name__}): retry"))
-
-
-def _gather(views: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(list(views))
-
-
-_END = _Batch(items=[], pixels=None)  # staged after the last batch: the pipeline stops
-
-
-def _scored(batch: _Batch) -> list[tuple[PolicyIndex, list[int], OnHost]]:
-    """Score the batch's embeddings (on their device) and start reading the results back.
-
-    Items normally share one policy index; during a policy reload a batch can hold two, and
-    each image is scored against the set its request started with.
-    """
-    embeddings = batch.embeddings
-    assert embeddings is not None
-    groups = _group_by_index(batch.items)
-    scored = []
-    for index, positions in groups.items():
-        group = embeddings
-        if len(groups) > 1:
-            group = embeddings[_rows_of(batch.items, positions).to(embeddings.device)]
-        scores, matched = score_views(group, index)
-        scored.append((index, positions, copy_to_host(group, scores, matched)))
-    return scored
-
-
-def _fail(items: list[WorkItem], error: Exception) -> None:
-    for item in items:
-        _done(item)
-        if item.future.running() or item.future.set_running_or_notify_cancel():
-            item.future.set_exception(error)
-
-
-def _done(item: WorkItem) -> None:
-    """The item's completion callback, once: items are done before their futures resolve."""
-    on_done, item.on_done = item.on_done, None
-    if on_done is not None:
-        try:
-            on_done()
-        except Exception:  # a caller's callback must not stop the worker
-            log.exception("a work item's completion callback failed")
-
-
-def _report_times(item: WorkItem, times: BatchTimes) -> None:
-    if item.on_timed is not None:
-        try:
-            item.on_timed(times)
-        except Exception:  # tracing must not fail an image
-            log.exception("recording a batch's times failed")
-
-
-def _rows_of(items: list[WorkItem], positions: list[int]) -> torch.Tensor:
-    """The rows of the batch's views that belong to the items at `positions`, in order."""
-    starts = []
-    offset = 0
-    for item in items:
-        starts.append(offset)
-        offset += item.views
-    return torch.cat([torch.arange(starts[i], starts[i] + items[i].views) for i in positions])
-
-
-def _group_by_index(items: list[WorkItem]) -> dict[PolicyIndex, list[int]]:
-    groups: dict[PolicyIndex, list[int]] = {}
-    for position, item in enumerate(items):
-        groups.setdefault(item.index, []).append(position)
-    return groups
+        fail(items, ModelFailed(f"the model failed on this batch ({type(exc).__name__}): retry"))
