@@ -23,22 +23,20 @@ from __future__ import annotations
 
 import argparse
 import collections
-import statistics
 import sys
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from prometheus_client import CollectorRegistry
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from throughput import median_range
 
 from moderator.config import REPO_ROOT, BatchConfig
 from moderator.core.embeddings import EmbeddingCache, PolicyIndex, build_policy_index
 from moderator.core.policies import load_policy_dir
+from moderator.core.scoring import ScoredImage
 from moderator.serving.batching import Batcher
 from moderator.serving.metrics import Metrics
 
@@ -114,19 +112,17 @@ def run_round(
     config = BatchConfig(max_batch_size=batch_size, max_wait_ms=5, pipelined=pipelined)
     batcher = Batcher(encoder, config, metrics)
     index = default_policy_index()
-    pixels = [torch.randint(0, 256, (1, 3, VIEW_SIZE, VIEW_SIZE), dtype=torch.uint8)] * 64
+    pixels = torch.randint(0, 256, (1, 3, VIEW_SIZE, VIEW_SIZE), dtype=torch.uint8)
     batcher.start()
     stop = threading.Event()
     counted = threading.Event()
     done = [0]
 
     def feed() -> None:
-        in_flight: collections.deque[Future[object]] = collections.deque()
-        n = 0
+        in_flight: collections.deque[Future[ScoredImage]] = collections.deque()
         while not stop.is_set():
             while len(in_flight) < window:
-                in_flight.append(batcher.submit(pixels[n % len(pixels)], index, None))  # type: ignore[arg-type]
-                n += 1
+                in_flight.append(batcher.submit(pixels, index, None))
             in_flight.popleft().result()
             if counted.is_set():
                 done[0] += 1
@@ -150,10 +146,6 @@ def run_round(
     feeder.join()
     batcher.stop()
     return Round(images, max(1, batches), elapsed, slept)
-
-
-def median_range(values: list[float], digits: int = 2) -> str:
-    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
 def measure(args: argparse.Namespace) -> dict[str, list[float]]:

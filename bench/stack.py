@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline import StandInEncoder, print_figures
 from pipeline import measure as measure_pipeline
 from procs import cpu_seconds, descendants, read_stat
-from throughput import photo_like_jpeg
+from throughput import median_range, photo_like_jpeg
 
 from moderator.config import REPO_ROOT, ImageConfig
 from moderator.core.views import Preprocessing, decode_views
@@ -688,12 +688,6 @@ def stop_server(process: subprocess.Popen[str]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-
-
-def median_range(values: Sequence[float], digits: int = 2) -> str:
-    if not values:
-        return "-"
-    return f"{statistics.median(values):,.{digits}f} ({min(values):,.{digits}f}-{max(values):,.{digits}f})"
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:

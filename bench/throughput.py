@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,10 +271,16 @@ def alternating_rounds(
     return values
 
 
+def median_range(values: Sequence[float], digits: int = 2) -> str:
+    """'median (min-max)', or '-' for no values."""
+    if not values:
+        return "-"
+    return f"{statistics.median(values):,.{digits}f} ({min(values):,.{digits}f}-{max(values):,.{digits}f})"
+
+
 def paired(values: dict[str, list[float]], top: str, bottom: str) -> str:
     """The median of the rounds' own ratios top/bottom, with their range."""
-    ratios = [a / b for a, b in zip(values[top], values[bottom], strict=True)]
-    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+    return median_range([a / b for a, b in zip(values[top], values[bottom], strict=True)])
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -150,6 +150,11 @@ class OnHost:
         return self.tensors
 
 
+def gather_views(views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Images' views as one batch tensor (one image's own tensor needs no copy)."""
+    return views[0] if len(views) == 1 else torch.cat(list(views))
+
+
 def copy_to_host(*tensors: torch.Tensor) -> OnHost:
     """Start copying `tensors` to the host without waiting for the device (a non-blocking copy
     from CUDA lands in page-locked memory); OnHost.wait() says when they are there."""
@@ -205,7 +210,7 @@ class ClipModel:
         its own, so the copy of one batch overlaps the forward pass of another.
         """
         if self.device.type != "cuda":
-            return views[0] if len(views) == 1 else torch.cat(list(views))
+            return gather_views(views)
         count = sum(int(v.shape[0]) for v in views)
         host = torch.empty((count, *views[0].shape[1:]), dtype=torch.uint8, pin_memory=True)
         torch.cat(list(views), out=host)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,10 +50,6 @@ class Batch:
     @property
     def views(self) -> int:
         return sum(item.views for item in self.items)
-
-
-def gather(views: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(list(views))
 
 
 END = Batch(items=[], pixels=None)  # staged after the last batch: the pipeline stops

@@ -6,9 +6,11 @@ through three stages, each on a thread of its own so that they overlap:
 - stage ("model-batcher"): collect a batch, drop the images whose caller gave up or whose
   deadline passed, and put its pixels where the device reads them (on CUDA: pinned memory, and
   a copy on a stream of its own);
-- forward ("model-worker"): the image encoder and the scoring matmul, on the device;
-- finish ("model-results"): wait for the device, then build every image's result from the
-  batch's scores and resolve the futures.
+- forward ("model-worker"): the image encoder, on the device, and nothing else (every other
+  step on the thread that waits for the device would wait for the GIL too);
+- finish ("model-results"): score the batch against the policies (one matmul, on the device),
+  wait for the results to be back on the host, build every image's result and resolve the
+  futures.
 
 While the device runs batch N, batch N+1 is staged and batch N-1 finished, so the device waits
 for the host only where the host is the slower side: a batch every max(stage, forward, finish)
@@ -34,6 +36,7 @@ from typing import Any
 import torch
 
 from moderator.config import BatchConfig
+from moderator.core.clip import gather_views
 from moderator.core.embeddings import PolicyIndex
 from moderator.core.scoring import ScoredImage, scored_images
 from moderator.errors import DeadlineExceeded, ModelFailed, NotReady
@@ -43,7 +46,6 @@ from moderator.serving.batch import (
     WorkItem,
     done,
     fail,
-    gather,
     report_times,
     score_batch,
 )
@@ -78,7 +80,7 @@ class Batcher:
         """`expected` counts images on their way to the queue (being decoded): a batch waits
         for more only while some are; a lone request on an idle server runs at once."""
         self._encode_images = encode_images
-        self._stage_images = stage_images or gather
+        self._stage_images = stage_images or gather_views
         self._expected = expected
         self._config = config
         self._metrics = metrics

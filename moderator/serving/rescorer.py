@@ -32,13 +32,11 @@ class Rescorer:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def check_enabled(self) -> None:
+    def slot(self) -> contextlib.AbstractContextManager[None]:
+        """One of --max-rescore-requests: Disabled when that is 0, Overloaded at once when
+        none is free. Every rescoring holds one."""
         if self._config.server.max_rescore_requests == 0:
             raise Disabled("ScoreEmbeddings is turned off here (--max-rescore-requests 0)")
-
-    def slot(self) -> contextlib.AbstractContextManager[None]:
-        """One of --max-rescore-requests; Overloaded at once when none is free."""
-        self.check_enabled()
         return self._budgets.rescore_slot()
 
     async def score(
@@ -51,8 +49,8 @@ class Rescorer:
     ) -> tuple[ImageOutcome, ...]:
         """The outcomes of `images` against `index`. `model_ids`: the model the embeddings
         name (may be empty) and this server's: they must agree. The precision may differ
-        (policy text is always embedded in fp32, so the scores do not depend on it)."""
-        self.check_enabled()
+        (policy text is always embedded in fp32, so the scores do not depend on it). The
+        caller holds a `slot()`."""
         theirs, ours = model_ids
         if theirs and theirs != ours:
             raise InvalidRequest(
