@@ -155,7 +155,10 @@ async def serve_stand_in(args: argparse.Namespace) -> None:
             policy_poll_seconds=0,
             embedding_cache_dir=Path(cache),
             model=demo_model_config("cpu", "fp32"),
-            batching=BatchConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms),
+            # the stand-in stands for a GPU: its host runs the pipeline (auto is off on a CPU)
+            batching=BatchConfig(
+                max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, pipelined=True
+            ),
             decode=DecodeConfig(workers=args.decode_workers),
             server=ServerConfig(
                 host="127.0.0.1",

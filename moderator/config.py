@@ -151,8 +151,8 @@ class BatchConfig:
     max_failed_batches: int = 3
     stuck_batch_seconds: float = 60.0
     # Stage, forward and finish on threads of their own, overlapping (serving/batching.py);
-    # off: in series on one thread.
-    pipelined: bool = True
+    # off: in series on one thread; None (auto): see pipelined_on.
+    pipelined: bool | None = None
 
     def __post_init__(self) -> None:
         require(self.max_batch_size >= 1, "--max-batch-size", "must be at least 1")
@@ -168,6 +168,13 @@ class BatchConfig:
         )
         require(self.max_failed_batches >= 1, "--max-failed-batches", "must be at least 1")
         require(self.stuck_batch_seconds > 0, "--stuck-batch-seconds", "must be positive")
+
+    def pipelined_on(self, device_type: str) -> bool:
+        """Whether the model pipeline overlaps its stages on a device of this type. Auto: on
+        for CUDA, where the host's stages overlap the device's work; off on the CPU, where the
+        device is the host's own cores and a second thread of torch ops competes with the
+        forward pass (measured: 1.37x the idle latency, 0.96x the throughput)."""
+        return self.pipelined if self.pipelined is not None else device_type == "cuda"
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,13 @@ def test_the_message_limit_follows_the_image_limit_unless_set() -> None:
     assert Config(server=ServerConfig(max_message_bytes=7 * MIB)).max_message_bytes == 7 * MIB
 
 
+def test_the_model_pipeline_is_on_for_cuda_and_off_on_the_cpu_unless_set() -> None:
+    assert BatchConfig().pipelined_on("cuda")
+    assert not BatchConfig().pipelined_on("cpu")
+    assert BatchConfig(pipelined=True).pipelined_on("cpu")
+    assert not BatchConfig(pipelined=False).pipelined_on("cuda")
+
+
 def test_flag_defaults_are_the_config_defaults() -> None:
     config = config_from_args(build_parser({}).parse_args(["serve"]))
     assert config.policies_dir == DEFAULT_POLICIES_DIR == Config().policies_dir

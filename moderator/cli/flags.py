@@ -41,6 +41,16 @@ def on_off(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"{value!r}: use on or off")
 
 
+def auto_on_off(value: str) -> bool | None:
+    """auto (None: the service decides), or an on/off flag value."""
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        return on_off(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{value!r}: use auto, on or off") from None
+
+
 def one_of(*allowed: str) -> Callable[[str], str]:
     """A value kind accepting `allowed` in any case (returned as written in `allowed`)."""
     by_lower = {word.lower(): word for word in allowed}

@@ -12,7 +12,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moderator.cli.flags import TRUE_WORDS, Option, env_name, kind_with_env, on_off, one_of
+from moderator.cli.flags import (
+    TRUE_WORDS,
+    Option,
+    auto_on_off,
+    env_name,
+    kind_with_env,
+    on_off,
+    one_of,
+)
 from moderator.config import (
     DEFAULT_POLICIES_DIR,
     DEMO_POLICIES_DIR,
@@ -81,9 +89,9 @@ SERVE_OPTIONS = (
     Option("--max-wait-ms", float, BatchConfig.max_wait_ms, "longest wait to fill a batch"),
     Option(
         "--pipeline",
-        on_off,
-        "on",
-        "stage, run and finish batches on three overlapping threads (off: in series)",
+        auto_on_off,
+        "auto",
+        "stage, run and finish batches on overlapping threads: auto (on for CUDA), on or off",
     ),
     Option(
         "--max-queue-images",

@@ -14,8 +14,8 @@ through three stages, each on a thread of its own so that they overlap:
 
 While the device runs batch N, batch N+1 is staged and batch N-1 finished, so the device waits
 for the host only where the host is the slower side: a batch every max(stage, forward, finish)
-instead of every stage + forward + finish. `pipelined=False` runs the three in series on one
-thread.
+instead of every stage + forward + finish. A config whose `pipelined` is off (or auto, which
+the engine settles by device: BatchConfig.pipelined_on) runs the three in series on one thread.
 
 A batch closes as soon as it holds `max_batch_size` views. Short of that, it keeps filling while
 the device is busy (it could not run sooner anyway); once the device is idle it closes when

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -101,9 +102,11 @@ class ModerationEngine:
         )
         self._decode_pool.start()
         self.rescorer.start()
+        batching = self.config.batching
+        pipelined = batching.pipelined_on(clip.device.type)
         self._batcher = Batcher(
             clip.encode_images,
-            self.config.batching,
+            dataclasses.replace(batching, pipelined=pipelined),
             self.metrics,
             expected=lambda: self._decoding_images,
             stage_images=clip.stage_images,
@@ -111,7 +114,12 @@ class ModerationEngine:
         self._batcher.start()
         self._warm_up()
         self._ready = True
-        log.info("engine ready: %d policies, model %s", len(self.policies.policies), self.model_id)
+        log.info(
+            "engine ready: %d policies, model %s, model pipeline %s",
+            len(self.policies.policies),
+            self.model_id,
+            "on" if pipelined else "off",
+        )
 
     def stop(self, model_timeout: float = MODEL_STOP_SECONDS) -> None:
         """Stop the model worker, the rescoring thread and the decode workers. A forward pass

@@ -47,6 +47,12 @@ def test_flags_mirror_environment_variables() -> None:
     assert args.max_wait_ms == 2.5
     assert args.demo
     assert build_parser(env).parse_args(["serve", "--port", "7000"]).port == 7000
+    pipelines = {
+        word: build_parser({}).parse_args(["serve", "--pipeline", word]).pipeline
+        for word in ("auto", "on", "off")
+    }
+    assert pipelines == {"auto": None, "on": True, "off": False}
+    assert build_parser({"MODERATOR_PIPELINE": "off"}).parse_args(["serve"]).pipeline is False
 
 
 def test_bad_environment_values_get_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -54,6 +60,9 @@ def test_bad_environment_values_get_a_usage_error(capsys: pytest.CaptureFixture[
         build_parser({"MODERATOR_PORT": "fifty"}).parse_args(["serve"])
     assert info.value.code == 2
     assert "--port" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--pipeline", "maybe"])
+    assert "'maybe': use auto, on or off" in capsys.readouterr().err
     for flag, value in (("--log-level", "loud"), ("--log-format", "xml")):
         with pytest.raises(SystemExit) as info:
             main(["serve", flag, value])
@@ -94,6 +103,12 @@ def test_a_kubernetes_service_link_is_named_as_such(capsys: pytest.CaptureFixtur
     assert "Kubernetes service link (from a Service named moderator)" in error
     assert "enableServiceLinks: false" in error
     assert build_parser(env).parse_args(["serve", "--port", "7000"]).port == 7000
+    pipelines = {
+        word: build_parser({}).parse_args(["serve", "--pipeline", word]).pipeline
+        for word in ("auto", "on", "off")
+    }
+    assert pipelines == {"auto": None, "on": True, "off": False}
+    assert build_parser({"MODERATOR_PIPELINE": "off"}).parse_args(["serve"]).pipeline is False
 
 
 def test_demo_flag_selects_the_bundled_model_and_policies() -> None:

@@ -53,6 +53,31 @@ def test_results_keep_request_order_and_ids(engine: ModerationEngine) -> None:
     assert result.model_id == engine.model_id
 
 
+def test_the_pipelined_worker_gives_the_serial_workers_results(
+    engine: ModerationEngine, demo_clip: ClipModel, tmp_path: Path
+) -> None:
+    """On the CPU the engine runs the model serially unless told (--pipeline auto)."""
+    assert [t.name for t in engine._batcher._threads] == ["model-worker"]  # type: ignore[union-attr]
+    pipelined = started_engine(demo_config(tmp_path, BatchConfig(pipelined=True)), demo_clip)
+    try:
+        assert len(pipelined._batcher._threads) == 3  # type: ignore[union-attr]
+        images = [
+            ImageInput(f"{colour}-{shape}", shape_png(colour, shape))
+            for colour in ("red", "blue", "yellow")
+            for shape in ("circle", "star", "square")
+        ]
+        serial = asyncio.run(engine.moderate(images, include_embeddings=True)).results
+        piped = asyncio.run(pipelined.moderate(images, include_embeddings=True)).results
+        assert [r.decision for r in piped] == [r.decision for r in serial]
+        for ours, theirs in zip(piped, serial, strict=True):
+            assert [p.score for p in ours.policies] == pytest.approx(
+                [p.score for p in theirs.policies], abs=1e-5
+            )
+            assert ours.embedding == pytest.approx(theirs.embedding, abs=1e-5)
+    finally:
+        pipelined.stop()
+
+
 def test_policy_selection_reports_and_decides_on_selected_policies_only(
     engine: ModerationEngine,
 ) -> None:
