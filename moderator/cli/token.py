@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import secrets
 from collections.abc import Mapping
 
@@ -38,7 +37,9 @@ def caller_name(value: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     token = secrets.token_urlsafe(TOKEN_BYTES)
-    digest = hashlib.sha256(token.encode()).hexdigest()
+    from moderator.serving.access import token_digest  # only for this command
+
+    digest = token_digest(token)
     roles = ", ".join(args.role or ["moderate"])
     print(f"token (give it to the caller; it is not stored anywhere): {token}")
     print("entry for the --auth-tokens file, under 'tokens:':")

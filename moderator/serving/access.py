@@ -68,7 +68,7 @@ class AccessFile:
         return tuple(sorted({c.name for c in self.by_digest.values()}))
 
     def caller_for_token(self, token: str) -> Caller | None:
-        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+        digest = token_digest(token)
         for known, caller in self.by_digest.items():
             if hmac.compare_digest(known, digest):  # no early exit on a partial match
                 return caller
@@ -76,7 +76,8 @@ class AccessFile:
 
 
 def token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+    """What the token file stores for a token (`moderator token` prints it for a new one)."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def load_access_file(path: Path) -> AccessFile:
