@@ -68,7 +68,7 @@ from moderator.core.views import Preprocessing, decode_views
 from moderator.v1 import moderator_pb2 as pb
 
 if TYPE_CHECKING:
-    from moderator.config import ModelConfig
+    from moderator.config import Config, ModelConfig
     from moderator.core.clip import ClipModel
 
 SERVICE = "/moderator.v1.Moderator/"
@@ -86,23 +86,25 @@ DECODE_SHARE_TARGETS = {"16": 0.8, "1": 0.5}
 
 def stand_in_loader(view_size: int, gpu_ms_per_image: float) -> Callable[[ModelConfig], ClipModel]:
     """A load_model for Service: the demo model (for its text encoder) with its image encoder
-    replaced by the stand-in and its views made `view_size` pixels square."""
+    replaced by the stand-in and its views made `view_size` pixels square. A partial of a
+    module-level function, so --workers can send it to its worker processes."""
+    return functools.partial(load_stand_in, view_size, gpu_ms_per_image)
+
+
+def load_stand_in(view_size: int, gpu_ms_per_image: float, config: ModelConfig) -> ClipModel:
     import torch
 
     from moderator.core.clip import ClipModel, load_clip
 
-    def load(config: ModelConfig) -> ClipModel:
-        clip = load_clip(config)
-        generator = torch.Generator().manual_seed(0)
-        vector = torch.randn(clip.embed_dim, generator=generator)
-        embedding = torch.nn.functional.normalize(vector, dim=0).to(clip.device)
-        wrapped = object.__new__(ClipModel)
-        wrapped.__dict__.update(clip.__dict__)
-        wrapped.preprocessing = Preprocessing(size=view_size, fill=clip.preprocessing.fill)
-        wrapped.encode_images = StandInEncoder(embedding, gpu_ms_per_image)  # type: ignore[method-assign, assignment]
-        return wrapped
-
-    return load
+    clip = load_clip(config)
+    generator = torch.Generator().manual_seed(0)
+    vector = torch.randn(clip.embed_dim, generator=generator)
+    embedding = torch.nn.functional.normalize(vector, dim=0).to(clip.device)
+    wrapped = object.__new__(ClipModel)
+    wrapped.__dict__.update(clip.__dict__)
+    wrapped.preprocessing = Preprocessing(size=view_size, fill=clip.preprocessing.fill)
+    wrapped.encode_images = StandInEncoder(embedding, gpu_ms_per_image)  # type: ignore[method-assign, assignment]
+    return wrapped
 
 
 class ChildControls:
@@ -169,6 +171,9 @@ async def serve_stand_in(args: argparse.Namespace) -> None:
             ),
         )
         loader = stand_in_loader(args.view_size, args.gpu_ms_per_image)
+        if args.workers > 1:
+            await serve_workers(args, config, loader)
+            return
         service = Service(config, CollectorRegistry(), loader)
         await service.start()
         loop = asyncio.get_running_loop()
@@ -189,6 +194,24 @@ async def serve_stand_in(args: argparse.Namespace) -> None:
         print(f"SERVING on port {service.port} {json.dumps(about)}", flush=True)
         await stop.wait()
         await service.stop(drain=False)
+
+
+async def serve_workers(
+    args: argparse.Namespace, config: Config, loader: Callable[[ModelConfig], ClipModel]
+) -> None:
+    """The same service as `--workers N` runs it: a supervisor and N worker processes."""
+    from dataclasses import replace
+
+    from moderator.serving.workers import Supervisor
+
+    server = replace(config.server, workers=args.workers)
+    supervisor = Supervisor(replace(config, server=server), load_model=loader)
+
+    def serving(running: Supervisor) -> None:
+        about = {"view_size": args.view_size, "workers": running.worker_pids()}
+        print(f"SERVING on port {running.port} {json.dumps(about)}", flush=True)
+
+    await supervisor.run(serving)
 
 
 # -- CPU time from /proc --------------------------------------------------------------------
@@ -321,11 +344,14 @@ def without_number(name: str) -> str:
 class Load:
     """An asyncio gRPC client of the server on a few connections of its own."""
 
-    def __init__(self, port: int, pid: int, images: list[bytes]) -> None:
+    def __init__(
+        self, port: int, pid: int, images: list[bytes], connections: int = CHANNELS
+    ) -> None:
         self.pid = pid
         options = [("grpc.use_local_subchannel_pool", 1)]
         self.channels = [
-            grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in range(CHANNELS)
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options)
+            for _ in range(connections)
         ]
         self.requests = {n: request_bytes(images, n) for n in (1, 16)}
         self.thread_names: dict[int, str] = {}
@@ -336,14 +362,14 @@ class Load:
             await channel.close(None)
 
     def _unary(self, index: int) -> Any:
-        return self.channels[index % CHANNELS].unary_unary(
+        return self.channels[index % len(self.channels)].unary_unary(
             SERVICE + "Moderate",
             request_serializer=None,
             response_deserializer=pb.ModerateResponse.FromString,
         )
 
     def _stream(self, index: int) -> Any:
-        return self.channels[index % CHANNELS].stream_stream(
+        return self.channels[index % len(self.channels)].stream_stream(
             SERVICE + "ModerateStream",
             request_serializer=None,
             response_deserializer=pb.ModerateResponse.FromString,
@@ -658,6 +684,7 @@ def start_server(
         "--view-size", str(args.view_size), "--gpu-ms-per-image", str(args.gpu_ms_per_image),
         "--policies", str(args.policies), "--decode-workers", str(args.decode_workers),
         "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
+        "--workers", str(getattr(args, "workers", 1)),
         "--thread-map", str(directory / "threads.json"),
         "--cprofile-out", str(directory / "server.pstats"),
     ]  # fmt: skip
@@ -764,7 +791,7 @@ def load_average() -> str:
 
 def print_machine() -> None:
     model, flags = cpu_description()
-    print(f"# bench/stack.py: {' '.join(sys.argv[1:]) or '(defaults)'}")
+    print(f"# bench/{Path(sys.argv[0]).name}: {' '.join(sys.argv[1:]) or '(defaults)'}")
     print(f"# {source_version()}")
     print(f"# CPU: {model}; {os.cpu_count()} CPUs; load average at start {load_average()}")
     print(
@@ -1032,6 +1059,7 @@ def main() -> None:
     parser.add_argument(
         "--serve-stand-in", action="store_true", help="serve with the stand-in encoder"
     )
+    parser.add_argument("--workers", type=int, default=1, help="server processes (--workers)")
     parser.add_argument("--thread-map", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cprofile-out", type=Path, help=argparse.SUPPRESS)
     if parser.parse_known_args()[0].quick:  # new defaults; flags given still win

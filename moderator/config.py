@@ -28,6 +28,7 @@ DEFAULT_POLICIES_DIR = Path("policies")  # relative to the working directory
 
 MIB = 1024 * 1024
 MAX_PORT = 65535
+MAX_WORKERS = 64
 # A worker process with numpy and Pillow loaded maps about 100 MB before it decodes anything.
 MIN_DECODE_MEMORY_MB = 256
 # The default request-size limit: four images at the per-image limit, plus ids and framing.
@@ -227,6 +228,11 @@ class ServerConfig:
     max_connection_age_grace_seconds: float = 60.0
     # OpenTelemetry collector (OTLP over gRPC) for a span per RPC; "" = no tracing.
     otlp_endpoint: str = ""
+    # Server processes sharing the port (SO_REUSEPORT), each with its own event loop, decode
+    # workers and model replica, under one supervisor (serving/workers.py); 1: no supervisor.
+    workers: int = 1
+    # Set by the supervisor for its workers only: bind the port it holds, sharing it.
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         require(bool(self.host), "--host", "must not be empty")
@@ -297,6 +303,7 @@ class ServerConfig:
         require(
             self.shutdown_grace_seconds >= 0, "--shutdown-grace-seconds", "must not be negative"
         )
+        require(1 <= self.workers <= MAX_WORKERS, "--workers", f"must be 1 to {MAX_WORKERS}")
         endpoint = OTLP_ENDPOINT.fullmatch(self.otlp_endpoint)
         require(
             not self.otlp_endpoint

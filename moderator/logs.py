@@ -71,10 +71,25 @@ class TextFormatter(logging.Formatter):
         return f"{line} {json.dumps(fields, default=str)}" if fields else line
 
 
-def configure_logging(level: str, log_format: str, log_requests: bool = False) -> None:
-    """Root handler on stderr in `log_format`; the request log on or off."""
+def configure_logging(
+    level: str, log_format: str, log_requests: bool = False, worker: int | None = None
+) -> None:
+    """Root handler on stderr in `log_format`; the request log on or off; with `worker`, every
+    line says which server worker process (--workers) wrote it."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    if worker is not None:
+        handler.addFilter(_WorkerField(worker))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.captureWarnings(True)  # Python warnings as log records, in the same format
     logging.getLogger(REQUEST_LOGGER).setLevel(logging.INFO if log_requests else logging.WARNING)
+
+
+class _WorkerField(logging.Filter):
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self._worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.fields = {**fields_of(record), "worker": self._worker}
+        return True

@@ -317,11 +317,11 @@ def own_connection(address: str) -> grpc.Channel:
 
 
 def start_demo_server_process(
-    *flags: str, log: list[str] | None = None
+    *flags: str, log: list[str] | None = None, serving: str = "SERVING on port"
 ) -> tuple[subprocess.Popen[str], int]:
     """`moderator serve --demo` as a child process on a free port, with `flags` added; returns
-    once it reports SERVING. Its log is read on in a thread, so a full pipe never blocks it;
-    `log`, when given, gets every line."""
+    once a log line matches `serving` (followed by "on port N"). Its log is read on in a
+    thread, so a full pipe never blocks it; `log`, when given, gets every line."""
     serve = [sys.executable, "-m", "moderator", "serve", "--demo", "--host", "127.0.0.1"]
     defaults = ["--port", "0", "--metrics-port", "-1", "--policy-poll-seconds", "0"]
     process = subprocess.Popen(
@@ -334,7 +334,7 @@ def start_demo_server_process(
     lines = log if log is not None else []
     for line in process.stderr:
         lines.append(line)
-        if match := re.search(r"SERVING on port (\d+)", line):
+        if re.search(serving, line) and (match := re.search(r"SERVING on port (\d+)", line)):
             threading.Thread(target=lines.extend, args=(process.stderr,), daemon=True).start()
             return process, int(match.group(1))
     process.kill()

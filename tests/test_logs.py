@@ -73,6 +73,21 @@ def test_the_request_log_is_on_or_off_whatever_the_level(on: bool) -> None:
         logging.getLogger(REQUEST_LOGGER).setLevel(logging.NOTSET)
 
 
+def test_a_server_workers_lines_say_which_worker_wrote_them() -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("INFO", "json", worker=3)
+        handler = root.handlers[0]
+        made = record("ready", {"port": 1})
+        assert handler.filter(made)
+        line = json.loads(handler.format(made))
+        assert (line["worker"], line["port"], line["message"]) == (3, 1, "ready")
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+
+
 def test_json_lines_stay_json_with_non_finite_numbers_and_stacks() -> None:
     made = record("odd", {"ratio": float("nan"), "limit": float("inf")})
     made.stack_info = "Stack (most recent call last):\n  here"

@@ -82,6 +82,7 @@ SERVE_OPTIONS = (
     ),
     Option("--host", str, ServerConfig.host, "address to listen on"),
     Option("--port", int, ServerConfig.port, "gRPC port (0 picks a free one)"),
+    Option("--workers", int, ServerConfig.workers, "server processes sharing --port, each a model"),
     Option(
         "--metrics-port", int, ServerConfig.metrics_port, "Prometheus port (0: free port, -1: off)"
     ),
@@ -375,6 +376,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             drain_seconds=args.drain_seconds,
             shutdown_grace_seconds=args.shutdown_grace_seconds,
             otlp_endpoint=args.otlp_endpoint,
+            workers=args.workers,
         ),
     )
 

@@ -42,6 +42,11 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)  # a bad flag is named before torch is even imported
     for name in args.unknown_variables:
         log.warning("%s is not a setting of moderator serve: ignored (misspelt?)", name)
+    if config.server.workers > 1:
+        from moderator.serving.workers import LogSettings, Supervisor
+
+        logs = LogSettings(args.log_level, args.log_format, args.log_requests)
+        return asyncio.run(Supervisor(config, logs).run())
     from moderator.serving.server import serve
 
     asyncio.run(serve(config))

@@ -6,20 +6,36 @@ from enums, policy ids from the loaded configuration. Nothing per request.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+import threading
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    Metric,
     PlatformCollector,
     ProcessCollector,
+    start_http_server,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
-from moderator.core.outcomes import ImageOutcome
-from moderator.core.scoring import Decision
+from moderator.config import ServerConfig
 from moderator.errors import ImageErrorCode
+from moderator.serving.tls import check_key_pair
+
+if TYPE_CHECKING:  # the supervisor imports this module, and never torch
+    from moderator.core.outcomes import ImageOutcome
+    from moderator.core.scoring import Decision
+
+log = logging.getLogger(__name__)
 
 NAMESPACE = "moderator"
 # Model batches take milliseconds to seconds: finer than the web defaults at the low end,
@@ -254,6 +270,8 @@ class Metrics:
         a counter's first event when its series appears with it (the first failed reload, the
         first overload of a pod would be invisible to alerts). The per-image series are kept,
         so counting a request's images needs no label lookup."""
+        from moderator.core.scoring import Decision
+
         self._by_decision = {d: self.images.labels(decision=d.name.lower()) for d in Decision}
         self._by_error = {c: self.image_errors.labels(code=c.value) for c in ImageErrorCode}
         for reason in REJECTION_REASONS:
@@ -283,3 +301,96 @@ class Metrics:
             self._by_error[code].inc(count)
         for (policy_id, mode), count in violations.items():
             self.policy_violations.labels(policy=policy_id, mode=mode).inc(count)
+
+
+def start_metrics_endpoint(registry: CollectorRegistry, config: ServerConfig) -> Any | None:
+    """The /metrics HTTP(S) endpoint on --metrics-host/--metrics-port; None when it is off.
+    Its server_port is the port it got; shutdown() and server_close() stop it."""
+    if config.metrics_port < 0:
+        return None
+    if config.metrics_tls_cert is not None and config.metrics_tls_key is not None:
+        check_key_pair(config.metrics_tls_cert, config.metrics_tls_key, "--metrics-tls-cert")
+    host = config.metrics_host or config.host
+    host = "::" if host in ("[::]", "::") else host.strip("[]")
+    httpd, _thread = start_http_server(
+        config.metrics_port,
+        addr=host,
+        registry=registry,
+        certfile=_optional(config.metrics_tls_cert),
+        keyfile=_optional(config.metrics_tls_key),
+        client_cafile=_optional(config.metrics_tls_client_ca),
+        client_auth_required=config.metrics_tls_client_ca is not None,
+    )
+    return httpd
+
+
+def _optional(path: Path | None) -> str | None:
+    return str(path) if path is not None else None
+
+
+WORKER_SCRAPE_SECONDS = 2.0
+
+
+class SupervisorMetrics:
+    """The supervisor's own metrics (--workers > 1), beside its workers' (WorkersCollector)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.workers = Gauge(
+            "workers",
+            "Server worker processes serving (--workers).",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.worker_restarts = Counter(
+            "worker_restarts",
+            "Server worker processes started again after they exited on their own.",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+
+
+class WorkersCollector(Collector):
+    """Every worker's metrics, read from its endpoint on localhost at each scrape, each sample
+    labelled with the worker's number: counters add up with sum(), and one worker stuck or
+    restarted shows as its own series."""
+
+    def __init__(
+        self,
+        endpoints: Callable[[], Sequence[tuple[str, int]]],
+        timeout: float = WORKER_SCRAPE_SECONDS,
+    ) -> None:
+        self._endpoints = endpoints  # (worker label, metrics port) of the workers serving now
+        self._timeout = timeout
+        self._failures = 0
+        self._lock = threading.Lock()  # scrapes may run at once
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for worker, port in self._endpoints():
+            try:
+                text = self._scrape(port)
+            except (OSError, ValueError) as exc:
+                with self._lock:
+                    self._failures += 1
+                log.warning("metrics of worker %s unreadable: %s", worker, exc)
+                continue
+            for family in text_string_to_metric_families(text):
+                merged = families.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type)
+                )
+                for sample in family.samples:
+                    merged.samples.append(
+                        sample._replace(labels={**sample.labels, "worker": worker})
+                    )
+        yield from families.values()
+        yield CounterMetricFamily(
+            f"{NAMESPACE}_worker_scrape_failures",
+            "Reads of a worker's metrics that failed (its series are missing from that scrape).",
+            value=self._failures,
+        )
+
+    def _scrape(self, port: int) -> str:
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=self._timeout) as response:
+            body: bytes = response.read()
+        return body.decode()

@@ -8,13 +8,13 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from moderator.config import Config, ModelConfig, ServerConfig
 from moderator.core.clip import ClipModel, load_clip
@@ -23,7 +23,7 @@ from moderator.errors import ConfigError
 from moderator.serving.auth import AccessControl, AuthInterceptor
 from moderator.serving.engine import MODEL_STOP_SECONDS, ModerationEngine
 from moderator.serving.health import HealthMonitor
-from moderator.serving.metrics import Metrics
+from moderator.serving.metrics import Metrics, start_metrics_endpoint
 from moderator.serving.request_limits import RequestLimits
 from moderator.serving.servicer import (
     ADMIN_PORT_METHODS,
@@ -31,7 +31,7 @@ from moderator.serving.servicer import (
     SERVICE_NAME,
     ModeratorServicer,
 )
-from moderator.serving.tls import TlsFiles, check_key_pair, server_credentials
+from moderator.serving.tls import TlsFiles, server_credentials
 from moderator.serving.tracing import Tracing, otlp_tracing
 from moderator.serving.watcher import PolicyWatcher
 
@@ -77,8 +77,9 @@ def grpc_options(config: ServerConfig, max_message_bytes: int) -> list[tuple[str
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
         ("grpc.keepalive_permit_without_calls", 1),
-        # a port already in use is an error, not a second server sharing its connections
-        ("grpc.so_reuseport", 0),
+        # A port already in use is an error, not a second server sharing its connections;
+        # only the workers of one supervisor share theirs (it holds the port for them).
+        ("grpc.so_reuseport", 1 if config.reuse_port else 0),
     ]
     if config.max_connection_age_seconds > 0:
         # Behind a Kubernetes Service an HTTP/2 connection never moves: ageing connections
@@ -159,7 +160,7 @@ class Service:
         self.port = 0
         self.admin_port = 0
         self.metrics_port = 0
-        self._metrics_server: object | None = None
+        self._metrics_server: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._hurry = asyncio.Event()
 
@@ -274,34 +275,20 @@ class Service:
                 await server.stop(grace=None)
 
     def _start_metrics_endpoint(self) -> None:
-        port = self.config.server.metrics_port
-        if port < 0:
-            return
-        config = self.config.server
-        if config.metrics_tls_cert is not None and config.metrics_tls_key is not None:
-            check_key_pair(config.metrics_tls_cert, config.metrics_tls_key, "--metrics-tls-cert")
-        host = config.metrics_host or config.host
-        host = "::" if host in ("[::]", "::") else host.strip("[]")
-        httpd, _thread = start_http_server(
-            port,
-            addr=host,
-            registry=self.registry,
-            certfile=_optional(config.metrics_tls_cert),
-            keyfile=_optional(config.metrics_tls_key),
-            client_cafile=_optional(config.metrics_tls_client_ca),
-            client_auth_required=config.metrics_tls_client_ca is not None,
-        )
-        self._metrics_server = httpd
-        self.metrics_port = int(httpd.server_port)
+        self._metrics_server = start_metrics_endpoint(self.registry, self.config.server)
+        if self._metrics_server is not None:
+            self.metrics_port = int(self._metrics_server.server_port)
 
     def _stop_metrics_endpoint(self) -> None:
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()  # type: ignore[attr-defined]
-            self._metrics_server.server_close()  # type: ignore[attr-defined]
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
             self._metrics_server = None
 
 
-async def run_until_signal(service: Service) -> None:
+async def run_until_signal(
+    service: Service, on_serving: Callable[[Service], None] | None = None
+) -> None:
     """Start, serve until SIGTERM or SIGINT (SIGHUP reloads the policies), then drain."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -318,6 +305,8 @@ async def run_until_signal(service: Service) -> None:
             await starting
         return
     starting.result()  # start-up errors propagate to the CLI
+    if on_serving is not None:
+        on_serving(service)
     await stopping
     log.info("signal received: draining")
     stop.clear()
@@ -329,10 +318,6 @@ async def run_until_signal(service: Service) -> None:
         await service.hurry()
     again.cancel()
     await draining
-
-
-def _optional(path: Path | None) -> str | None:
-    return str(path) if path is not None else None
 
 
 def run_in_daemon_thread(fn: Callable[[], None]) -> asyncio.Future[None]:
@@ -376,5 +361,9 @@ def _reload_on_signal(service: Service) -> None:
 _background: set[asyncio.Task[ReloadStatus]] = set()
 
 
-async def serve(config: Config) -> None:
-    await run_until_signal(Service(config))
+async def serve(
+    config: Config,
+    on_serving: Callable[[Service], None] | None = None,
+    load_model: Callable[[ModelConfig], ClipModel] = load_clip,
+) -> None:
+    await run_until_signal(Service(config, load_model=load_model), on_serving)
