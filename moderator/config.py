@@ -124,6 +124,9 @@ class DecodeConfig:
     timeout_ms: float = 5000.0
     # Address-space ceiling of each worker process (RLIMIT_AS); 0 leaves it unlimited.
     memory_mb: int = 2048
+    # Plain JPEGs decoded on the model's CUDA device (nvJPEG, serving/device_decode.py), the
+    # rest in the worker processes; None (auto): where the device is CUDA and nvJPEG works.
+    on_device: bool | None = None
 
     def __post_init__(self) -> None:
         require(self.workers >= 0, "--decode-workers", "must not be negative (0: one per CPU)")

@@ -130,6 +130,7 @@ SERVE_OPTIONS = (
         BatchConfig.stuck_batch_seconds,
         "a forward pass running this long makes health NOT_SERVING",
     ),
+    Option("--gpu-decode", auto_on_off, "auto", "plain JPEGs decoded on CUDA: auto, on or off"),
     Option(
         "--decode-workers",
         int,
@@ -348,6 +349,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             workers=args.decode_workers,
             timeout_ms=args.decode_timeout_ms,
             memory_mb=args.decode_memory_mb,
+            on_device=args.gpu_decode,
         ),
         server=ServerConfig(
             host=args.host,

@@ -155,6 +155,39 @@ def gather_views(views: Sequence[torch.Tensor]) -> torch.Tensor:
     return views[0] if len(views) == 1 else torch.cat(list(views))
 
 
+def assemble_on_device(
+    views: Sequence[torch.Tensor], device: torch.device, stream: Any = None
+) -> torch.Tensor:
+    """One batch on `device`, in the views' order, made on `stream` (the current one; None off
+    CUDA): the host views in one copy from pinned memory, the views already on the device
+    (decoded there) copied in place."""
+    host = [v for v in views if v.device.type == "cpu"]
+    count = sum(int(v.shape[0]) for v in host)
+    from_host = None
+    if host:
+        pin = device.type == "cuda"
+        pinned = torch.empty((count, *host[0].shape[1:]), dtype=torch.uint8, pin_memory=pin)
+        torch.cat(host, out=pinned)
+        from_host = pinned.to(device, non_blocking=True)
+    if len(host) == len(views) and from_host is not None:
+        return from_host
+    total = sum(int(v.shape[0]) for v in views)
+    batch = torch.empty((total, *views[0].shape[1:]), dtype=torch.uint8, device=device)
+    at = at_host = 0
+    for view in views:
+        size = int(view.shape[0])
+        if view.device.type == "cpu":
+            assert from_host is not None
+            batch[at : at + size].copy_(from_host[at_host : at_host + size])
+            at_host += size
+        else:
+            if stream is not None:  # made on the decoder's stream: not reused while read here
+                view.record_stream(stream)
+            batch[at : at + size].copy_(view)
+        at += size
+    return batch
+
+
 def copy_to_host(*tensors: torch.Tensor) -> OnHost:
     """Start copying `tensors` to the host without waiting for the device (a non-blocking copy
     from CUDA lands in page-locked memory); OnHost.wait() says when they are there."""
@@ -203,21 +236,19 @@ class ClipModel:
 
     @torch.inference_mode()
     def stage_images(self, views: Sequence[torch.Tensor]) -> torch.Tensor | StagedPixels:
-        """Images' uint8 views [V, 3, S, S] on the host -> one batch ready for `encode_images`.
+        """Images' uint8 views [V, 3, S, S] (on the host, or already on the device when decoded
+        there) -> one batch ready for `encode_images`.
 
-        On CUDA the batch is gathered straight into page-locked memory (PyTorch's caching host
-        allocator keeps a block until the copies reading it are done) and copied on a stream of
-        its own, so the copy of one batch overlaps the forward pass of another.
+        On CUDA the host views are gathered straight into page-locked memory (PyTorch's caching
+        host allocator keeps a block until the copies reading it are done) and copied on a
+        stream of its own, so the copy of one batch overlaps the forward pass of another.
         """
         if self.device.type != "cuda":
             return gather_views(views)
-        count = sum(int(v.shape[0]) for v in views)
-        host = torch.empty((count, *views[0].shape[1:]), dtype=torch.uint8, pin_memory=True)
-        torch.cat(list(views), out=host)
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
         with torch.cuda.stream(self._copy_stream):
-            on_device = host.to(self.device, non_blocking=True)
+            on_device = assemble_on_device(views, self.device, self._copy_stream)
             ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
             ready.record()
         return StagedPixels(on_device, ready)

@@ -1,8 +1,9 @@
 """ModerationEngine: images in, decisions out. Knows nothing of gRPC.
 
-Each image is decoded in a decode worker process (serving/decode_pool.py), then queued for the
-batcher as soon as it is ready, so decoding overlaps the forward passes of earlier images. A
-request snapshots the policy index when it starts and is scored against that set to the end.
+Each image is decoded (serving/decoding.py: in a decode worker process, or on the device for
+plain JPEGs with --gpu-decode), then queued for the batcher as soon as it is ready, so decoding
+overlaps the forward passes of earlier images. A request snapshots the policy index when it
+starts and is scored against that set to the end.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from moderator.core.scoring import ScoredImage
 from moderator.errors import InvalidImage, NotReady
 from moderator.serving.admission import Budgets, Ticket
 from moderator.serving.batching import Batcher
-from moderator.serving.decode_pool import DecodePool
+from moderator.serving.decoding import ImageDecoder
 from moderator.serving.health import WorkerState
 from moderator.serving.metrics import Metrics
 from moderator.serving.reload import PolicyReloader
@@ -68,7 +69,7 @@ class ModerationEngine:
         self._clip: ClipModel | None = None
         self._index: PolicyIndex | None = None
         self._batcher: Batcher | None = None
-        self._decode_pool: DecodePool | None = None
+        self._decoder: ImageDecoder | None = None
         self.budgets = Budgets(config.batching, config.server.max_rescore_requests, metrics)
         self.rescorer = Rescorer(config, self.budgets, metrics)
         self._reloader = PolicyReloader(
@@ -97,10 +98,8 @@ class ModerationEngine:
             self.config.embedding_cache_dir, clip.info.weights_key, TEXT_PRECISION
         )
         self._reloader.last = self._install_policies(load_policy_dir(self.config.policies_dir))
-        self._decode_pool = DecodePool(
-            self.config.decode, self.config.images, clip.preprocessing, self.metrics
-        )
-        self._decode_pool.start()
+        self._decoder = ImageDecoder(self.config, clip.preprocessing, clip.device, self.metrics)
+        self._decoder.start()
         self.rescorer.start()
         batching = self.config.batching
         pipelined = batching.pipelined_on(clip.device.type)
@@ -129,12 +128,12 @@ class ModerationEngine:
         if self._batcher is not None:
             self._batcher.stop(timeout=model_timeout)
         self.rescorer.stop()
-        if self._decode_pool is not None:
-            self._decode_pool.stop()
+        if self._decoder is not None:
+            self._decoder.stop()
 
     @property
     def decode_worker_pids(self) -> list[int]:
-        return self._decode_pool.worker_pids() if self._decode_pool is not None else []
+        return self._decoder.worker_pids() if self._decoder is not None else []
 
     @property
     def ready(self) -> bool:
@@ -341,7 +340,7 @@ class ModerationEngine:
     async def _embed_one(
         self, image: ImageInput, index: PolicyIndex, deadline: float | None, ticket: Ticket
     ) -> ScoredImage | InvalidImage:
-        assert self._decode_pool is not None
+        assert self._decoder is not None
         assert self._batcher is not None
         # Room for one view before decoding, the rest once decoding says how many: pixels
         # waiting for the model stay within the views budget, plus at most one image's views
@@ -352,8 +351,7 @@ class ModerationEngine:
             self._decoding_images += 1
             try:
                 with self.tracing.span("decode", **{"image.bytes": len(image.data)}):
-                    decoded = await self._decode_pool.decode(image.data, deadline)
-                pixels = torch.from_numpy(decoded)
+                    pixels = await self._decoder.decode(image.data, deadline)
                 held = pixels.shape[0]
                 self.budgets.more_views(ticket, held)
                 # The views stay held until the image leaves the model's queue, even when

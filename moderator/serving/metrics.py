@@ -41,27 +41,9 @@ NAMESPACE = "moderator"
 # Model batches take milliseconds to seconds: finer than the web defaults at the low end,
 # and up to 30 s for big batches on a CPU.
 LATENCY_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.02,
-    0.035,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.25,
-    0.4,
-    0.6,
-    1.0,
-    1.5,
-    2.5,
-    4.0,
-    7.0,
-    12.0,
-    30.0,
-)
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15,
+    0.25, 0.4, 0.6, 1.0, 1.5, 2.5, 4.0, 7.0, 12.0, 30.0
+)  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 REJECTION_REASONS = ("overload", "request_limit", "deadline", "cancelled")
 RESTART_REASONS = ("timeout", "crash")
@@ -149,6 +131,14 @@ class Metrics:
             "Decode workers killed and replaced: 'timeout' (an image ran past the decode budget) "
             "or 'crash' (the worker died).",
             ["reason"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.device_decodes = Counter(
+            "device_decodes",
+            "Images offered to the device's JPEG decoder (--gpu-decode), by where they were "
+            "decoded: device, or cpu (not a plain JPEG, or the device failed on it).",
+            ["path"],
             namespace=NAMESPACE,
             registry=registry,
         )
@@ -278,6 +268,8 @@ class Metrics:
             self.rejected_requests.labels(reason=reason)
         for reason in RESTART_REASONS:
             self.decode_worker_restarts.labels(reason=reason)
+        for path in ("device", "cpu"):
+            self.device_decodes.labels(path=path)
         for result in RESULTS:
             self.policy_reloads.labels(result=result)
             self.auth_reloads.labels(result=result)

@@ -14,7 +14,7 @@ import pytest
 
 from moderator.cli.main import build_parser, main
 from moderator.cli.options import config_from_args
-from moderator.config import DEMO_CHECKPOINT_PATH, DEMO_POLICIES_DIR
+from moderator.config import DEMO_CHECKPOINT_PATH, DEMO_POLICIES_DIR, Config
 from moderator.serving.access import Role, load_access_file
 from moderator.v1 import moderator_pb2 as pb
 from moderator.v1 import moderator_pb2_grpc as pb_grpc
@@ -102,13 +102,21 @@ def test_a_kubernetes_service_link_is_named_as_such(capsys: pytest.CaptureFixtur
     error = capsys.readouterr().err
     assert "Kubernetes service link (from a Service named moderator)" in error
     assert "enableServiceLinks: false" in error
-    assert build_parser(env).parse_args(["serve", "--port", "7000"]).port == 7000
-    pipelines = {
-        word: build_parser({}).parse_args(["serve", "--pipeline", word]).pipeline
-        for word in ("auto", "on", "off")
-    }
-    assert pipelines == {"auto": None, "on": True, "off": False}
-    assert build_parser({"MODERATOR_PIPELINE": "off"}).parse_args(["serve"]).pipeline is False
+
+
+def test_gpu_decode_and_workers_reach_the_config() -> None:
+    def config(*flags: str, env: dict[str, str] | None = None) -> Config:
+        return config_from_args(build_parser(env or {}).parse_args(["serve", *flags]))
+
+    assert [config("--gpu-decode", w).decode.on_device for w in ("auto", "on", "off")] == [
+        None,
+        True,
+        False,
+    ]
+    assert config(env={"MODERATOR_GPU_DECODE": "off"}).decode.on_device is False
+    assert config().server.workers == 1
+    assert config("--workers", "4").server.workers == 4
+    assert config(env={"MODERATOR_WORKERS": "3"}).server.workers == 3
 
 
 def test_demo_flag_selects_the_bundled_model_and_policies() -> None:

@@ -18,6 +18,7 @@ from moderator.core.clip import (
     ClipModel,
     PrecisionProbes,
     StagedPixels,
+    assemble_on_device,
     copy_to_host,
     encode_text_trimmed,
     load_clip,
@@ -218,6 +219,21 @@ def test_gpu_batches_are_staged_from_pinned_memory_on_a_copy_stream() -> None:
     cpu = load_clip(demo_model_config("cpu", "fp32"))
     cosine = (embeddings * cpu.encode_images(pixels)).sum(-1)
     assert float(cosine.min()) > 0.99
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device views need CUDA")
+def test_views_decoded_on_the_gpu_are_staged_in_order_among_host_views() -> None:
+    clip = load_clip(demo_model_config("cuda"))
+    size = clip.preprocessing.size
+    parts = [torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8) for n in (2, 1, 3, 1)]
+    mixed = [part.cuda() if i % 2 else part for i, part in enumerate(parts)]  # host, device, ...
+    staged = clip.stage_images(mixed)
+    assert isinstance(staged, StagedPixels)
+    assert staged.ready is not None
+    staged.ready.synchronize()
+    assert torch.equal(staged.pixels.cpu(), torch.cat(parts))
+    only_device = assemble_on_device([p.cuda() for p in parts], clip.device)
+    assert torch.equal(only_device.cpu(), torch.cat(parts))
 
 
 def test_torch_threads_follow_the_cpus_this_process_may_use_unless_set() -> None:

@@ -10,12 +10,12 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from moderator.config import BatchConfig, Config, ServerConfig, demo_model_config
+from moderator.config import BatchConfig, Config, DecodeConfig, ServerConfig, demo_model_config
 from moderator.core.clip import ClipModel, load_clip
 from moderator.core.outcomes import ModerationResult
 from moderator.core.rescoring import embedded_image
 from moderator.core.scoring import Decision
-from moderator.errors import Disabled, InvalidRequest, NotReady, Overloaded
+from moderator.errors import ConfigError, Disabled, InvalidRequest, NotReady, Overloaded
 from moderator.serving.engine import ImageInput, ModerationEngine
 from moderator.serving.metrics import Metrics
 from tests.helpers import copy_demo_policies, demo_config, edit, replace_encoder, shape_png
@@ -305,3 +305,13 @@ def test_score_embeddings_can_be_turned_off(demo_clip: ClipModel, tmp_path: Path
             asyncio.run(engine.score_embeddings([embedded_image("x", [1.0])]))
     finally:
         engine.stop()
+
+
+def test_gpu_decode_on_without_cuda_stops_the_start_with_the_reason(
+    tmp_path: Path, demo_clip: ClipModel
+) -> None:
+    config = demo_config(tmp_path, decode=DecodeConfig(on_device=True))
+    engine = ModerationEngine(config, Metrics(CollectorRegistry()), load_model=lambda _: demo_clip)
+    with pytest.raises(ConfigError, match="--gpu-decode on needs a CUDA device with nvJPEG"):
+        engine.start()
+    engine.stop()
