@@ -10,8 +10,16 @@ import warnings
 import pytest
 from PIL import Image, ImageCms
 
+from moderator.config import ImageConfig
 from moderator.core.jpeg_header import MAX_SEGMENTS, JpegHeader, read_jpeg_header
 from tests.helpers import encode
+
+
+@pytest.fixture(autouse=True)
+def pillow_pixel_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service's pixel limit: Pillow's is global, and tests of tiny limits leave theirs."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", ImageConfig().max_pixels)
+
 
 ORIENTATION = 0x0112
 

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from moderator.demo.hostile import gif_of_tiny_frames
-from moderator.serving.metrics import Metrics
+from moderator.serving.metrics import Metrics, SupervisorMetrics, WorkersCollector
 from moderator.v1 import moderator_pb2 as pb
 from moderator.v1 import moderator_pb2_grpc as pb_grpc
 from tests.deploy.conftest import Prometheus, free_ports, run_prometheus, stop
@@ -58,6 +58,11 @@ NOT_ON_DASHBOARD = {
     "moderator_auth_file_info": "the token file's hash: only with --auth-tokens",
     "process_virtual_memory_bytes": "address space reserved, not used (CUDA and torch map tens "
     "of GiB they never touch); resident memory is the panel",
+    "moderator_worker_scrape_failures": "the supervisor failed to read a worker's metrics "
+    "(--workers): that worker's series have a gap, and the log says why",
+    "moderator_workers": "the supervisor's (--workers > 1), which the live dashboard test does "
+    "not run; each worker's own series are on every panel, summed",
+    "moderator_worker_restarts": "the supervisor's (--workers > 1), as moderator_workers",
     "python_info": "the interpreter's version, fixed by the image tag; joined to the model table "
     "it would hide the pods of a server that lacks it",
 }
@@ -82,7 +87,7 @@ EXPECTED_ON_PANELS = {
     "Violations by policy and mode": {"policy": {"red", "stars", "green_squares"}},
     "Rejected work by reason": {"reason": {"overload"}},
     "Image errors by code": {"code": {"corrupt", "too_complex"}},
-    "Decode workers and restarts": {"reason": {"timeout"}},
+    "Decode workers, restarts, and where images are decoded": {"reason": {"timeout"}},
     "Policy reloads by result": {"result": {"success", "error"}},
     "Rescoring and text encoding": {"result": {"scored"}},
 }
@@ -113,9 +118,13 @@ def alert_rules() -> list[Json]:
 def exported_names() -> dict[str, str]:
     """Each sample name the service can export -> its metric family, from a real registry."""
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    service, supervisor = Metrics(CollectorRegistry()).registry, CollectorRegistry()
+    SupervisorMetrics(supervisor)
+    supervisor.register(WorkersCollector(list))  # its own counter, with no workers to read
     return {
         family.name + suffix: family.name
-        for family in Metrics(CollectorRegistry()).registry.collect()
+        for registry in (service, supervisor)
+        for family in registry.collect()
         for suffix in suffixes[family.type]
     }
 
