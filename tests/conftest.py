@@ -5,10 +5,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from PIL import Image
 
-from moderator.config import demo_model_config
+from moderator.config import ImageConfig, demo_model_config
 from moderator.core.clip import ClipModel, load_clip
 from tests.helpers import RunningService, demo_config, start_service
+
+
+@pytest.fixture(autouse=True)
+def pillow_pixel_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow's pixel limit is global and the service sets it per image (core/images.py): each
+    test starts from the service's default and leaves no other behind."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", ImageConfig().max_pixels)
 
 
 @pytest.fixture(scope="session")

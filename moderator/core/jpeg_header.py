@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass, field
 
 MAX_SEGMENTS = 512
+MAX_FILL_BYTES = 16
 
 _SOI, _EOI, _SOS, _TEM = 0xD8, 0xD9, 0xDA, 0x01
 _APP1, _APP2, _APP14 = 0xE1, 0xE2, 0xEE
@@ -72,12 +73,6 @@ class JpegHeader:
     adobe_transform: int | None = None
     has_mpf: bool = False  # an MPO (multi-picture) index: Pillow opens the file as MPO
 
-    @property
-    def oriented_size(self) -> tuple[int, int]:
-        """(width, height) as shown, after the orientation is applied."""
-        turned = self.orientation in (5, 6, 7, 8)
-        return (self.height, self.width) if turned else (self.width, self.height)
-
 
 _Frame = tuple[int, int, int, int, tuple[int, ...]]  # marker, precision, height, width, ids
 
@@ -127,8 +122,11 @@ def _walk(data: bytes) -> _Segments | None:
     for _ in range(MAX_SEGMENTS):
         if pos >= size or data[pos] != 0xFF:
             return None
+        fill = pos
         while pos + 1 < size and data[pos + 1] == 0xFF:  # fill bytes before a marker
             pos += 1
+            if pos - fill > MAX_FILL_BYTES:
+                return None  # legal, but only a flood: the CPU path decides
         if pos + 4 > size:
             return None
         marker = data[pos + 1]
@@ -212,10 +210,12 @@ def _exif_orientation(tiff: bytes) -> int | None:
     orientation = _ABSENT
     for at in range(ifd + 2, ifd + 2 + 12 * entries, 12):
         tag, kind, count, offset = struct.unpack_from(f"{endian}HHII", tiff, at)
-        size = count * _TIFF_TYPE_SIZES.get(kind, 0)
+        if kind not in _TIFF_TYPE_SIZES:
+            return None  # a type this walk does not size (Pillow reads more, in new releases)
+        size = count * _TIFF_TYPE_SIZES[kind]
         if size > 4 and offset + size > len(tiff):
             return None
-        if tag == _ORIENTATION_TAG and orientation == _ABSENT and kind in _TIFF_TYPE_SIZES:
+        if tag == _ORIENTATION_TAG and orientation == _ABSENT:
             if kind != _TIFF_SHORT or count != 1:
                 return None
             (orientation,) = struct.unpack_from(f"{endian}H", tiff, at + 8)  # the first one wins

@@ -9,6 +9,7 @@ corrupt.
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 
@@ -50,20 +51,16 @@ def count_jpeg_scans(data: bytes, limit: int) -> int:
     return scans
 
 
+# A marker that ends entropy-coded data: 0xFF followed by anything but a stuffed zero, a
+# restart marker or another 0xFF (fill). Searched in C: a file of stuffed bytes costs
+# milliseconds, not a Python step per byte.
+_ENTROPY_END = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])")
+
+
 def _end_of_entropy_data(data: bytes, pos: int) -> int:
     """The position of the marker that ends the entropy-coded data starting at `pos`."""
-    size = len(data)
-    while True:
-        pos = data.find(b"\xff", pos)
-        if pos < 0 or pos + 1 >= size:
-            return size
-        following = data[pos + 1]
-        if following == 0x00 or _is_rst(following):  # a stuffed 0xFF, or a restart marker
-            pos += 2
-        elif following == 0xFF:
-            pos += 1
-        else:
-            return pos
+    found = _ENTROPY_END.search(data, pos)
+    return found.start() if found is not None else len(data)
 
 
 def count_tiff_pages(data: bytes, limit: int) -> int:

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 # torchvision 0.29 deprecates its image codecs (for TorchCodec) and warns on every call.
 warnings.filterwarnings("ignore", "The image decoding and encoding .*", DeprecationWarning)
 
+# A baseline JPEG at quality 100 without chroma subsampling is under 3 bytes per pixel; the
+# application segments (EXIF thumbnail, ICC, XMP) add up to about a megabyte in practice.
+MAX_BYTES_PER_PIXEL = 4
+MAX_HEADER_BYTES = 1024 * 1024
 _SEQUENTIAL_HUFFMAN = frozenset({0xC0, 0xC1})  # SOF0 baseline, SOF1 extended sequential
 _RGB_COMPONENT_IDS = (82, 71, 66)  # 'R', 'G', 'B': libjpeg reads such a file as RGB, not YCbCr
 # EXIF orientation -> Pillow's transpose (views.apply_orientation) on [C, H, W]: t = transpose
@@ -74,29 +78,35 @@ def decode_on_device(
 
 
 def device_eligible(
-    data: bytes,
-    header: JpegHeader | None,
-    limits: ImageConfig,
-    prep: Preprocessing,
-    max_pixels: int,
+    data: bytes, header: JpegHeader | None, limits: ImageConfig, max_pixels: int
 ) -> bool:
-    """Whether the device path shows the model what the CPU path would, within the same limits.
-    `prep` is there so the rule can depend on the view (it does not yet). The scan count comes
-    last: it walks the whole file, the rest reads only the header."""
-    if header is None or "JPEG" not in limits.formats:
+    """Whether the device path shows the model what the CPU path would, within the same limits:
+    header_eligible, then the scan count (it walks the whole file)."""
+    return (
+        header is not None
+        and header_eligible(header, len(data), limits, max_pixels)
+        and count_jpeg_scans(data, limits.max_jpeg_scans) <= limits.max_jpeg_scans
+    )
+
+
+def header_eligible(header: JpegHeader, size: int, limits: ImageConfig, max_pixels: int) -> bool:
+    """What the header alone tells: a plain sequential 8-bit JPEG of one view, within the
+    limits, and no bigger in bytes than such an image can be (a file padded with megabytes of
+    stuffing would cost the decoding thread for nothing)."""
+    if "JPEG" not in limits.formats:
         return False
     if header.has_mpf and "MPO" not in limits.formats:
         return False  # Pillow opens it as MPO, which the CPU path would refuse
     width, height = header.width, header.height
+    pixels = width * height
     return (
-        0 < len(data) <= limits.max_bytes
+        0 < size <= min(limits.max_bytes, MAX_BYTES_PER_PIXEL * pixels + MAX_HEADER_BYTES)
         and header.frame_marker in _SEQUENTIAL_HUFFMAN
         and header.precision == 8
         and header.orientation_trusted
         and _plain_colour(header)
-        and width * height <= min(limits.max_pixels, max_pixels)
+        and pixels <= min(limits.max_pixels, max_pixels)
         and max(width, height) / min(width, height) <= limits.tile_aspect_ratio  # one view
-        and count_jpeg_scans(data, limits.max_jpeg_scans) <= limits.max_jpeg_scans
     )
 
 
@@ -201,18 +211,17 @@ class DeviceDecoder:
         if thread is not None:
             thread.join(timeout)
 
-    def eligible(self, data: bytes) -> bool:
-        """Whether decode() would try this file (it walks the whole file: see device_eligible)."""
-        header = read_jpeg_header(data)
-        return device_eligible(data, header, self.limits, self.prep, self.max_image_pixels)
-
     async def decode(self, data: bytes) -> torch.Tensor | None:
         """The file's single view, uint8 [1, 3, S, S] on the device; None: use the CPU path."""
-        header = read_jpeg_header(data)
+        header = read_jpeg_header(data)  # bounded: MAX_SEGMENTS, MAX_FILL_BYTES
+        if header is None or not header_eligible(
+            header, len(data), self.limits, self.max_image_pixels
+        ):
+            return None
         loop = asyncio.get_running_loop()
         future: asyncio.Future[torch.Tensor | None] = loop.create_future()
         with self._lock:
-            if header is None or self._thread is None or self._stopped:
+            if self._thread is None or self._stopped:
                 return None
             self._queue.append(_Pending(data, header.width * header.height, loop, future))
             self._lock.notify()
@@ -225,7 +234,7 @@ class DeviceDecoder:
         chosen = [
             (i, header)
             for i, header in enumerate(map(read_jpeg_header, items))
-            if device_eligible(items[i], header, self.limits, self.prep, self.max_image_pixels)
+            if device_eligible(items[i], header, self.limits, self.max_image_pixels)
         ]
         if not chosen:
             return results

@@ -10,8 +10,8 @@ import logging
 import threading
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,15 +21,12 @@ from prometheus_client import (
     Metric,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from moderator.config import ServerConfig
 from moderator.errors import ImageErrorCode
-from moderator.serving.tls import check_key_pair
 
 if TYPE_CHECKING:  # the supervisor imports this module, and never torch
     from moderator.core.outcomes import ImageOutcome
@@ -295,32 +292,8 @@ class Metrics:
             self.policy_violations.labels(policy=policy_id, mode=mode).inc(count)
 
 
-def start_metrics_endpoint(registry: CollectorRegistry, config: ServerConfig) -> Any | None:
-    """The /metrics HTTP(S) endpoint on --metrics-host/--metrics-port; None when it is off.
-    Its server_port is the port it got; shutdown() and server_close() stop it."""
-    if config.metrics_port < 0:
-        return None
-    if config.metrics_tls_cert is not None and config.metrics_tls_key is not None:
-        check_key_pair(config.metrics_tls_cert, config.metrics_tls_key, "--metrics-tls-cert")
-    host = config.metrics_host or config.host
-    host = "::" if host in ("[::]", "::") else host.strip("[]")
-    httpd, _thread = start_http_server(
-        config.metrics_port,
-        addr=host,
-        registry=registry,
-        certfile=_optional(config.metrics_tls_cert),
-        keyfile=_optional(config.metrics_tls_key),
-        client_cafile=_optional(config.metrics_tls_client_ca),
-        client_auth_required=config.metrics_tls_client_ca is not None,
-    )
-    return httpd
-
-
-def _optional(path: Path | None) -> str | None:
-    return str(path) if path is not None else None
-
-
 WORKER_SCRAPE_SECONDS = 2.0
+MAX_WORKER_METRICS_BYTES = 16 * 1024 * 1024
 
 
 class SupervisorMetrics:
@@ -357,23 +330,22 @@ class WorkersCollector(Collector):
         self._lock = threading.Lock()  # scrapes may run at once
 
     def collect(self) -> Iterator[Metric]:
+        """Each worker read in a thread of its own, all within one timeout: a worker that is
+        stuck, slow or answers garbage costs its own series, not the scrape."""
+        endpoints = list(self._endpoints())
+        texts: list[str | None] = []
+        if endpoints:
+            pool = ThreadPoolExecutor(len(endpoints), thread_name_prefix="worker-metrics")
+            reads = [pool.submit(self._scrape, port) for _, port in endpoints]
+            done, _ = wait(reads, self._timeout)
+            texts = [r.result() if r in done else None for r in reads]
+            pool.shutdown(wait=False)  # a read still dripping ends at its own socket timeout
         families: dict[str, Metric] = {}
-        for worker, port in self._endpoints():
-            try:
-                text = self._scrape(port)
-            except (OSError, ValueError) as exc:
+        for (worker, _), text in zip(endpoints, texts, strict=True):
+            if text is None or not self._merge(worker, text, families):
                 with self._lock:
                     self._failures += 1
-                log.warning("metrics of worker %s unreadable: %s", worker, exc)
-                continue
-            for family in text_string_to_metric_families(text):
-                merged = families.setdefault(
-                    family.name, Metric(family.name, family.documentation, family.type)
-                )
-                for sample in family.samples:
-                    merged.samples.append(
-                        sample._replace(labels={**sample.labels, "worker": worker})
-                    )
+                log.warning("metrics of worker %s unreadable", worker)
         yield from families.values()
         yield CounterMetricFamily(
             f"{NAMESPACE}_worker_scrape_failures",
@@ -381,8 +353,30 @@ class WorkersCollector(Collector):
             value=self._failures,
         )
 
-    def _scrape(self, port: int) -> str:
+    def _scrape(self, port: int) -> str | None:
         url = f"http://127.0.0.1:{port}/metrics"
-        with urllib.request.urlopen(url, timeout=self._timeout) as response:
-            body: bytes = response.read()
-        return body.decode()
+        try:
+            with urllib.request.urlopen(url, timeout=self._timeout) as response:
+                body: bytes = response.read(MAX_WORKER_METRICS_BYTES + 1)
+            return body.decode() if len(body) <= MAX_WORKER_METRICS_BYTES else None
+        except Exception:  # refused, reset, half an answer: this worker's series are missing
+            return None
+
+    @staticmethod
+    def _merge(worker: str, text: str, families: dict[str, Metric]) -> bool:
+        """Add one worker's families, each sample labelled; False if its text does not parse
+        (nothing of it is added then). The text format shows a counter's creation time as a
+        gauge family of its own (X_created), which OpenMetrics forbids beside counter X: those
+        are left out."""
+        try:
+            parsed = list(text_string_to_metric_families(text))
+        except Exception:
+            return False
+        parsed = [family for family in parsed if not family.name.endswith("_created")]
+        for family in parsed:
+            merged = families.setdefault(
+                family.name, Metric(family.name, family.documentation, family.type)
+            )
+            for sample in family.samples:
+                merged.samples.append(sample._replace(labels={**sample.labels, "worker": worker}))
+        return True

@@ -23,7 +23,8 @@ from moderator.errors import ConfigError
 from moderator.serving.auth import AccessControl, AuthInterceptor
 from moderator.serving.engine import MODEL_STOP_SECONDS, ModerationEngine
 from moderator.serving.health import HealthMonitor
-from moderator.serving.metrics import Metrics, start_metrics_endpoint
+from moderator.serving.metrics import Metrics
+from moderator.serving.metrics_endpoint import start_metrics_endpoint
 from moderator.serving.request_limits import RequestLimits
 from moderator.serving.servicer import (
     ADMIN_PORT_METHODS,
@@ -286,15 +287,23 @@ class Service:
             self._metrics_server = None
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 async def run_until_signal(
-    service: Service, on_serving: Callable[[Service], None] | None = None
+    service: Service,
+    on_serving: Callable[[Service], None] | None = None,
+    hurry_on: tuple[signal.Signals, ...] = STOP_SIGNALS,
 ) -> None:
-    """Start, serve until SIGTERM or SIGINT (SIGHUP reloads the policies), then drain."""
+    """Start, serve until SIGTERM or SIGINT (SIGHUP reloads the policies), then drain; a
+    second signal among `hurry_on` cuts the drain short. Signals a supervisor blocked while
+    starting this process are let through once they have handlers."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: _reload_on_signal(service))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (*STOP_SIGNALS, signal.SIGHUP))
     starting = asyncio.ensure_future(service.start())
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -310,6 +319,8 @@ async def run_until_signal(
     await stopping
     log.info("signal received: draining")
     stop.clear()
+    for sig in STOP_SIGNALS:  # repeats of the others (a process group's, say) change nothing
+        loop.add_signal_handler(sig, stop.set if sig in hurry_on else _ignore_repeat)
     draining = asyncio.ensure_future(service.stop())
     again = asyncio.ensure_future(stop.wait())
     await asyncio.wait({draining, again}, return_when=asyncio.FIRST_COMPLETED)
@@ -318,6 +329,10 @@ async def run_until_signal(
         await service.hurry()
     again.cancel()
     await draining
+
+
+def _ignore_repeat() -> None:
+    log.info("signal received again: still draining")
 
 
 def run_in_daemon_thread(fn: Callable[[], None]) -> asyncio.Future[None]:
@@ -365,5 +380,6 @@ async def serve(
     config: Config,
     on_serving: Callable[[Service], None] | None = None,
     load_model: Callable[[ModelConfig], ClipModel] = load_clip,
+    hurry_on: tuple[signal.Signals, ...] = STOP_SIGNALS,
 ) -> None:
-    await run_until_signal(Service(config, load_model=load_model), on_serving)
+    await run_until_signal(Service(config, load_model=load_model), on_serving, hurry_on)

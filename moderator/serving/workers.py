@@ -6,7 +6,7 @@ with small requests that thread is the limit long before a GPU is. Each worker i
 SO_REUSEPORT, so the kernel spreads connections over them; DESIGN.md says why replicas rather
 than front ends feeding one model process.
 
-The supervisor imports neither torch nor grpc. It holds the ports (so nothing else takes them
+The supervisor imports no torch. It holds the ports (so nothing else takes them
 between a worker's exit and its restart), gives each worker its share of the CPUs, serves the
 workers' metrics as one endpoint with a `worker` label, forwards SIGTERM, SIGINT (the drain)
 and SIGHUP (reload), and starts again a worker that exits on its own. A worker that exits
@@ -27,6 +27,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,9 @@ from moderator.config import Config, ModelConfig
 from moderator.core.cpus import usable_cpus
 from moderator.errors import ConfigError
 from moderator.logs import configure_logging
-from moderator.serving.metrics import SupervisorMetrics, WorkersCollector, start_metrics_endpoint
+from moderator.serving.metrics import SupervisorMetrics, WorkersCollector
+from moderator.serving.metrics_endpoint import start_metrics_endpoint
+from moderator.serving.ports import hold_port
 
 if TYPE_CHECKING:
     from moderator.core.clip import ClipModel
@@ -51,6 +54,10 @@ LONGEST_RESTART_SECONDS = 30.0
 # A worker that served this long before exiting restarts after the shortest wait again.
 STABLE_SECONDS = 60.0
 _PR_SET_PDEATHSIG = 1
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# After the drain's own budget (drain, grace, model stop, trace flush), a worker still running
+# is stuck: it is killed.
+STOP_MARGIN_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -96,33 +103,23 @@ def worker_config(config: Config, cpus: int) -> Config:
     )
 
 
-def hold_port(host: str, port: int) -> socket.socket:
-    """Bind `host:port` with SO_REUSEPORT and keep it, without listening: the workers (same
-    user, same option) can bind it too, nobody else can. Port 0 picks a free one."""
-    bind_host = "::" if host.strip("[]") == "::" else host.strip("[]")
-    family, kind, proto, _, address = socket.getaddrinfo(
-        bind_host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    held = socket.socket(family, kind, proto)
-    try:
-        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        held.bind(address)
-    except OSError as exc:
-        held.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    return held
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What every worker process is started with (sent to it by multiprocessing)."""
+
+    config: Config
+    logs: LogSettings
+    load_model: Callable[[ModelConfig], ClipModel] | None
+    supervisor: int  # its pid
 
 
-def run_worker(
-    config: Config,
-    number: int,
-    ready: Connection,
-    logs: LogSettings,
-    load_model: Callable[[ModelConfig], ClipModel] | None,
-) -> None:
-    """A worker process's main: the service, with the supervisor told once it serves."""
+def run_worker(setup: WorkerSetup, number: int, ready: Connection) -> None:
+    """A worker process's main: the service, with the supervisor told once it serves. It
+    starts with SIGTERM, SIGINT and SIGHUP blocked (start_worker): they wait for its handlers.
+    A repeated SIGTERM does not hurry its drain (the supervisor hurries it with SIGINT)."""
     os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor only; it drains the workers
-    _die_with_parent()
+    _die_with_parent(setup.supervisor)
+    logs = setup.logs
     configure_logging(logs.level, logs.log_format, logs.log_requests, worker=number)
     from moderator.core.clip import load_clip
     from moderator.serving.server import serve
@@ -131,15 +128,21 @@ def run_worker(
         ready.send({"metrics_port": service.metrics_port, "port": service.port})
         ready.close()
 
-    asyncio.run(serve(config, serving, load_model or load_clip))
+    load_model = setup.load_model or load_clip
+    asyncio.run(serve(setup.config, serving, load_model, hurry_on=(signal.SIGINT,)))
+    # Stopped, or stopped while loading: then the model still loads on a daemon thread, and
+    # finalising the interpreter under it can abort. Nothing is left to clean up.
+    logging.shutdown()
+    os._exit(0)
 
 
-def _die_with_parent() -> None:
-    """SIGTERM (a drain) when the supervisor dies, even by SIGKILL: no orphan keeps serving."""
+def _die_with_parent(supervisor: int) -> None:
+    """SIGTERM (a drain) when the supervisor dies, even by SIGKILL: no orphan keeps serving.
+    (The supervisor may be PID 1, in a container.)"""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() == 1:  # it died before the line above
+    if os.getppid() != supervisor:  # it died before the line above
         os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -159,7 +162,7 @@ class Supervisor:
         self._context = multiprocessing.get_context("spawn")  # no fork of a threaded process
         self._held: list[socket.socket] = []
         self._workers = [Worker(number) for number in range(config.server.workers)]
-        self._worker_config = config
+        self._setup = WorkerSetup(config, logs, load_model, os.getpid())
         self.registry = registry or CollectorRegistry()
         self.metrics = SupervisorMetrics(self.registry)
         self.registry.register(WorkersCollector(self.metrics_endpoints))
@@ -178,15 +181,24 @@ class Supervisor:
         """Take the ports before any worker starts: a port in use stops the start here."""
         server = self.config.server
         main = hold_port(server.host, server.port)
-        self._held.append(main)
-        self.port = main.getsockname()[1]
+        self._held += main
+        self.port = main[0].getsockname()[1]
         admin_port = server.admin_port
         if admin_port >= 0:
             admin = hold_port(server.admin_host, admin_port)
-            self._held.append(admin)
-            admin_port = admin.getsockname()[1]
+            self._held += admin
+            admin_port = admin[0].getsockname()[1]
         shared = replace(server, port=self.port, admin_port=admin_port)
-        self._worker_config = worker_config(replace(self.config, server=shared), usable_cpus())
+        cpus = usable_cpus()
+        if server.workers > cpus:
+            log.warning(
+                "--workers %d on %d CPUs: each worker gets 1 torch thread and 1 decode worker, "
+                "and its own model and admission budgets",
+                server.workers,
+                cpus,
+            )
+        shared_config = worker_config(replace(self.config, server=shared), cpus)
+        self._setup = WorkerSetup(shared_config, self._logs, self._load_model, os.getpid())
 
     def start_metrics_endpoint(self) -> None:
         self._metrics_server = start_metrics_endpoint(self.registry, self.config.server)
@@ -197,10 +209,19 @@ class Supervisor:
         receiving, sending = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=run_worker,
-            args=(self._worker_config, worker.number, sending, self._logs, self._load_model),
+            args=(self._setup, worker.number, sending),
             name=f"moderator-worker-{worker.number}",
         )
-        process.start()
+        # Blocked until the worker's handlers exist: a signal during its start-up is handled,
+        # not fatal (the mask is inherited; the supervisor gets its own signals after this).
+        # multiprocessing's resource tracker, started with the first process, unblocks SIGINT
+        # and SIGTERM when it starts: started first.
+        resource_tracker.ensure_running()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         sending.close()  # the worker's copy is its own; EOF here once it exits
         worker.process, worker.ready, worker.metrics_port = process, receiving, 0
         worker.started_at, worker.restart_at = time.monotonic(), None
@@ -210,6 +231,7 @@ class Supervisor:
         """Note workers that now serve; schedule a restart for one that exited; raise
         ConfigError for one that exited without ever serving."""
         now = time.monotonic()
+        self._reap_orphans()
         for worker in self._workers:
             self._note_serving(worker)
             process = worker.process
@@ -261,19 +283,41 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.process.pid, sig)
 
-    async def wait_for_workers(self) -> int:
-        """Wait until every worker has exited; 0 if all exited cleanly."""
+    async def wait_for_workers(self, seconds: float | None = None) -> int:
+        """Wait until every worker has exited (killing those still running after `seconds`);
+        0 if all exited cleanly."""
+        deadline = None if seconds is None else time.monotonic() + seconds
         status = 0
         for worker in self._workers:
             process = worker.process
             if process is None:
                 continue
             while process.is_alive():
+                if deadline is not None and time.monotonic() > deadline:
+                    log.error("worker %d did not stop: killed", worker.number)
+                    process.kill()
+                    deadline = None
                 await asyncio.sleep(POLL_SECONDS)
             process.join()
+            if process.exitcode != 0:
+                log.error("worker %d exited with status %s", worker.number, process.exitcode)
             status = status or (0 if process.exitcode == 0 else 1)
             worker.process = None
         return status
+
+    def _reap_orphans(self) -> None:
+        """As PID 1 in a container, processes whose parent died (a killed worker's decode
+        workers) become ours: reaped here, leaving the workers to multiprocessing."""
+        ours = {w.process.pid for w in self._workers if w.process is not None}
+        while True:
+            try:
+                found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if found is None or found.si_pid in ours:
+                return
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(found.si_pid, 0)
 
     def close(self) -> None:
         if self._metrics_server is not None:
@@ -314,24 +358,30 @@ class Supervisor:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), POLL_SECONDS)
             return await self.drain(stop)
-        except ConfigError:
+        except Exception:
             self.stopping = True
             self.signal_workers(signal.SIGTERM)
-            await self.wait_for_workers()
+            await self.wait_for_workers(self._stop_seconds())
             raise
         finally:
             self.close()
 
+    def _stop_seconds(self) -> float:
+        server = self.config.server
+        return server.drain_seconds + server.shutdown_grace_seconds + STOP_MARGIN_SECONDS
+
     async def drain(self, stop: asyncio.Event) -> int:
+        """SIGTERM to every worker (each drains); a second signal here sends SIGINT, which
+        cuts their drains short; a worker still running after the drain's budget is killed."""
         log.info("signal received: draining %d workers", len(self._workers))
         self.stopping = True
         self.signal_workers(signal.SIGTERM)
         stop.clear()
-        waiting = asyncio.ensure_future(self.wait_for_workers())
+        waiting = asyncio.ensure_future(self.wait_for_workers(self._stop_seconds()))
         again = asyncio.ensure_future(stop.wait())
         await asyncio.wait({waiting, again}, return_when=asyncio.FIRST_COMPLETED)
         if not waiting.done():
             log.warning("second signal: the workers stop without waiting for requests")
-            self.signal_workers(signal.SIGTERM)
+            self.signal_workers(signal.SIGINT)
         again.cancel()
         return await waiting

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -137,3 +139,65 @@ def test_a_worker_that_cannot_start_stops_the_service_with_the_reason(tmp_path: 
     )  # fmt: skip
     assert process.returncode == 2
     assert "before it served" in process.stderr
+
+
+def serve_command(*flags: str) -> list[str]:
+    return [
+        sys.executable, "-m", "moderator", "serve", "--demo", "--workers", "2",
+        "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--drain-seconds", "0",
+        "--policy-poll-seconds", "0", *flags,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
+def test_signals_while_the_workers_load_are_handled_not_fatal(sig: signal.Signals) -> None:
+    log: list[str] = []
+    process = subprocess.Popen(serve_command(), stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    for line in process.stderr:
+        log.append(line)
+        if "worker 1 started" in line:
+            break
+    process.send_signal(sig)  # the workers are importing torch and loading the model
+    if sig == signal.SIGHUP:
+        for line in process.stderr:
+            log.append(line)
+            if re.search(ALL_SERVING, line):
+                break
+        process.send_signal(signal.SIGTERM)
+    log += process.stderr.readlines()
+    assert process.wait(timeout=120) == 0, "".join(log[-20:])
+
+
+def test_the_supervisor_as_pid_1_starts_and_drains_its_workers() -> None:
+    """In a container without an init the supervisor is PID 1 (its workers' parent pid is 1)."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("no unshare here")
+    if subprocess.run([unshare, "--pid", "--fork", "true"], check=False).returncode:
+        pytest.skip("no PID namespaces here (unshare needs privileges)")
+    command = [unshare, "--pid", "--fork", "--kill-child", *serve_command()]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    log = []
+    for line in process.stderr:
+        log.append(line)
+        if re.search(ALL_SERVING, line) or "error" in line:
+            break
+    assert re.search(ALL_SERVING, log[-1]), "".join(log[-20:])
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    os.kill(int(children[0]), signal.SIGTERM)  # the supervisor: unshare passes nothing on
+    log += process.stderr.readlines()
+    assert process.wait(timeout=120) == 0, "".join(log[-20:])
+
+
+def test_a_worker_that_does_not_stop_is_killed_after_the_drain_budget() -> None:
+    running = start_supervised("--drain-seconds", "0", "--shutdown-grace-seconds", "0")
+    stuck = running.worker_pids()[0]
+    os.kill(stuck, signal.SIGSTOP)
+    started = time.monotonic()
+    running.process.send_signal(signal.SIGTERM)
+    status = running.process.wait(timeout=120)
+    assert time.monotonic() - started < 60
+    assert status == 1  # a worker had to be killed
+    assert any("worker 0 did not stop: killed" in line for line in running.log)

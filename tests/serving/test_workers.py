@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,12 +11,16 @@ from typing import Any
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client.openmetrics import parser as openmetrics_parser
 from prometheus_client.parser import text_string_to_metric_families
 
 from moderator.config import Config, DecodeConfig, ModelConfig, ServerConfig
 from moderator.errors import ConfigError
-from moderator.serving.metrics import SupervisorMetrics, WorkersCollector, start_metrics_endpoint
-from moderator.serving.workers import hold_port, worker_config
+from moderator.serving.metrics import SupervisorMetrics, WorkersCollector
+from moderator.serving.metrics_endpoint import start_metrics_endpoint
+from moderator.serving.ports import hold_port
+from moderator.serving.workers import worker_config
 
 
 def config_with(workers: int, **server: Any) -> Config:
@@ -64,20 +69,36 @@ def test_workers_must_be_between_1_and_64() -> None:
 
 
 @pytest.fixture
-def held() -> Iterator[socket.socket]:
-    sock = hold_port("127.0.0.1", 0)
-    yield sock
-    sock.close()
+def held() -> Iterator[list[socket.socket]]:
+    sockets = hold_port("127.0.0.1", 0)
+    yield sockets
+    for sock in sockets:
+        sock.close()
 
 
-def test_a_held_port_can_be_shared_by_workers_and_by_nobody_else(held: socket.socket) -> None:
-    port = held.getsockname()[1]
+def test_a_held_port_can_be_shared_by_workers_and_by_nobody_else(
+    held: list[socket.socket],
+) -> None:
+    port = held[0].getsockname()[1]
     worker = grpc.server(None, options=[("grpc.so_reuseport", 1)])  # type: ignore[arg-type]
     assert worker.add_insecure_port(f"127.0.0.1:{port}") == port
     stranger = grpc.server(None, options=[("grpc.so_reuseport", 0)])  # type: ignore[arg-type]
     with pytest.raises(RuntimeError):
         stranger.add_insecure_port(f"127.0.0.1:{port}")
     worker.stop(None)
+    with pytest.raises(ConfigError, match="cannot listen"):  # a second supervisor
+        hold_port("127.0.0.1", port)
+
+
+def test_every_address_of_the_host_is_held() -> None:
+    addresses = {info[4][0] for info in socket.getaddrinfo("localhost", 0, type=socket.SOCK_STREAM)}
+    sockets = hold_port("localhost", 0)
+    try:
+        assert {sock.getsockname()[0] for sock in sockets} == addresses
+        assert len({sock.getsockname()[1] for sock in sockets}) == 1  # one port for all
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def test_a_port_in_use_stops_the_start_with_its_address() -> None:
@@ -151,3 +172,37 @@ def test_a_worker_that_does_not_answer_is_counted_and_the_others_still_reported(
     assert 'moderator_images_total{decision="allow",worker="0"} 2.0' in text
     assert 'worker="1"' not in text
     assert "moderator_worker_scrape_failures_total 1.0" in text
+
+
+def test_a_stuck_worker_costs_its_own_series_not_the_scrape() -> None:
+    alive = FakeWorker(4)
+    with socket.socket() as stuck:
+        stuck.bind(("127.0.0.1", 0))
+        stuck.listen()  # connections queue, nothing ever answers
+        endpoints = [("0", alive.port), ("1", stuck.getsockname()[1])]
+        registry = CollectorRegistry()
+        registry.register(WorkersCollector(lambda: endpoints, timeout=0.5))
+        started = time.monotonic()
+        try:
+            text = generate_latest(registry).decode()
+        finally:
+            alive.close()
+    assert time.monotonic() - started < 2
+    assert 'moderator_images_total{decision="allow",worker="0"} 4.0' in text
+    assert "moderator_worker_scrape_failures_total 1.0" in text
+
+
+def test_the_merged_metrics_are_valid_openmetrics() -> None:
+    workers = [FakeWorker(1), FakeWorker(2)]
+    try:
+        registry = CollectorRegistry()
+        endpoints = [(str(i), w.port) for i, w in enumerate(workers)]
+        registry.register(WorkersCollector(lambda: endpoints))
+        text = openmetrics.generate_latest(registry).decode()  # type: ignore[no-untyped-call]
+    finally:
+        for worker in workers:
+            worker.close()
+    parse = openmetrics_parser.text_string_to_metric_families
+    names = {family.name for family in parse(text)}  # type: ignore[no-untyped-call]
+    assert "moderator_images" in names
+    assert not any(name.endswith("_created") for name in names)
