@@ -45,12 +45,15 @@ RUN python -m venv /opt/venv \
 # -- the package -----------------------------------------------------------------------------
 FROM torch-${VARIANT} AS build
 WORKDIR /src
+COPY clients/python ./clients/python
 COPY pyproject.toml README.md ./
 COPY moderator ./moderator
 # Not editable: the venv must not point back into /src. pip compiles the byte code as it
 # installs (the running container cannot write it); a separate `compileall` would fail on
-# torch's own py312-only test helper.
-RUN pip install '.[tracing]' torch==2.14.1 torchvision==0.29.1
+# torch's own py312-only test helper. The client package (the generated gRPC code) first:
+# the server depends on it and it is not on PyPI.
+RUN pip install ./clients/python \
+ && pip install '.[tracing]' torch==2.14.1 torchvision==0.29.1
 
 # -- runtime ---------------------------------------------------------------------------------
 FROM python AS runtime

@@ -9,10 +9,11 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: install serve demo test lint typecheck unit proto proto-check train-demo bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PINS)
+	$(BIN)/python -m pip install -q -e ./clients/python
 	$(BIN)/python -m pip install -q -e '.[dev,tracing]' $(TORCH_PINS)
 	touch $(STAMP)
 

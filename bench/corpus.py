@@ -19,10 +19,9 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from moderator_client.v1 import moderator_pb2 as pb
+from moderator_client.v1 import moderator_pb2_grpc as pb_grpc
 from soak import server_process, tree_rss
-
-from moderator.v1 import moderator_pb2 as pb
-from moderator.v1 import moderator_pb2_grpc as pb_grpc
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
 

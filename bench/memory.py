@@ -53,14 +53,14 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from moderator_client.v1 import moderator_pb2 as pb
+from moderator_client.v1 import moderator_pb2_grpc as pb_grpc
 from procs import descendants, process_cpu_seconds
 from soak import server_process
 from throughput import photo_like_jpeg
 
 from moderator.demo.hostile import HOSTILE_SAMPLES, mutate
 from moderator.demo.shapes import COLOURS, SHAPES, render_shape
-from moderator.v1 import moderator_pb2 as pb
-from moderator.v1 import moderator_pb2_grpc as pb_grpc
 
 MIB = 1024 * 1024
 HEAP_BYTES = 64 * MIB  # glibc's HEAP_MAX_SIZE on 64-bit: each non-main arena heap is one

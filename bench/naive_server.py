@@ -19,12 +19,12 @@ from typing import Any
 import grpc
 import open_clip
 import torch
+from moderator_client.v1 import moderator_pb2 as pb
+from moderator_client.v1 import moderator_pb2_grpc as pb_grpc
 from PIL import Image
 
 from moderator.core.clip import PRECISIONS
 from moderator.core.policies import load_policy_dir
-from moderator.v1 import moderator_pb2 as pb
-from moderator.v1 import moderator_pb2_grpc as pb_grpc
 
 
 class NaiveServicer(pb_grpc.ModeratorServicer):

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from moderator_client.v1 import moderator_pb2 as pb
 
 from moderator.demo.shapes import render_shape
-from moderator.v1 import moderator_pb2 as pb
 
 MIB = 1024 * 1024
 MODERATE = "/moderator.v1.Moderator/Moderate"

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import grpc
 import torch
+from moderator_client import format_json
+from moderator_client.v1 import moderator_pb2 as pb
+from moderator_client.v1 import moderator_pb2_grpc as pb_grpc
 from throughput import (
     photo_like_jpeg,
     random_model,
@@ -32,9 +35,6 @@ from moderator.core.embeddings import EmbeddingCache, build_policy_index
 from moderator.core.policies import build_policy_set, load_policy_dir
 from moderator.core.rescoring import EmbeddedImage, embedded_image, rescore_images
 from moderator.tools.embeddings_file import read_embeddings_file
-from moderator.v1 import moderator_pb2 as pb
-from moderator.v1 import moderator_pb2_grpc as pb_grpc
-from moderator.wire import format_json
 
 STORED = 4096  # one ScoreEmbeddings request at the default limit
 MIB = 1024 * 1024

@@ -37,12 +37,12 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from moderator_client.v1 import moderator_pb2 as pb
+from moderator_client.v1 import moderator_pb2_grpc as pb_grpc
 from procs import descendants
 
 from moderator.demo.hostile import COSTLY_SAMPLES, HOSTILE_SAMPLES, mutate
 from moderator.demo.shapes import COLOURS, SHAPES, render_shape
-from moderator.v1 import moderator_pb2 as pb
-from moderator.v1 import moderator_pb2_grpc as pb_grpc
 
 SERVER_START_TIMEOUT = 300.0
 REPORT_EVERY = 30.0

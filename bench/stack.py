@@ -58,6 +58,7 @@ import grpc
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from moderator_client.v1 import moderator_pb2 as pb
 from pipeline import StandInEncoder, print_figures
 from pipeline import measure as measure_pipeline
 from procs import cpu_seconds, descendants, read_stat
@@ -65,7 +66,6 @@ from throughput import median_range, photo_like_jpeg
 
 from moderator.config import REPO_ROOT, ImageConfig
 from moderator.core.views import Preprocessing, decode_views
-from moderator.v1 import moderator_pb2 as pb
 
 if TYPE_CHECKING:
     from moderator.config import Config, ModelConfig

@@ -34,6 +34,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
+from moderator_client.v1 import moderator_pb2 as pb
+from moderator_client.v1 import moderator_pb2_grpc as pb_grpc
 from PIL import Image, ImageDraw
 
 from moderator.config import REPO_ROOT, ModelConfig
@@ -41,8 +43,6 @@ from moderator.core.clip import ClipModel, load_clip
 from moderator.core.embeddings import EmbeddingCache, build_policy_index
 from moderator.core.policies import Policy, build_policy_set, load_policy_dir, parse_policy
 from moderator.core.scoring import score_views
-from moderator.v1 import moderator_pb2 as pb
-from moderator.v1 import moderator_pb2_grpc as pb_grpc
 
 MODEL = "ViT-B-32"
 SERVER_START_TIMEOUT = 300.0

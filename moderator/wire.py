@@ -1,21 +1,19 @@
-"""The protobuf mapping, in one place: domain results to messages and back, and JSON lines.
+"""The protobuf mapping, in one place: domain results to messages and back.
 
-Used by the servicer (responses), the CLI (`check --json`) and `moderator rescore --out`, so a
-result reads the same wherever it is written.
+Used by the servicer (responses) and `moderator rescore` (its stored results), so a result
+reads the same wherever it is made. The JSON line a result is stored as is the client
+package's (moderator_client.format_json).
 """
 
 from __future__ import annotations
 
-import json
-
-from google.protobuf.json_format import MessageToDict
+from moderator_client.v1 import moderator_pb2 as pb
 
 from moderator.core.outcomes import ImageOutcome, ModerationResult, PolicyOutcome, Report
 from moderator.core.policies import Action, Mode, Policy, ReloadStatus
 from moderator.core.rescoring import EmbeddedImage, embedded_image
 from moderator.core.scoring import Decision
 from moderator.errors import ImageErrorCode
-from moderator.v1 import moderator_pb2 as pb
 
 DECISIONS = {
     Decision.ALLOW: pb.DECISION_ALLOW,
@@ -101,11 +99,3 @@ def policy_info(policy: Policy) -> pb.PolicyInfo:
 
 def reload_status(status: ReloadStatus) -> pb.ReloadStatus:
     return pb.ReloadStatus(ok=status.ok, message=status.message, unix_time=int(status.unix_time))
-
-
-def format_json(result: pb.ImageResult, policy_version: str, model: str, precision: str) -> str:
-    """One ImageResult as a JSON line (protobuf's JSON mapping) with its response's context:
-    the line `moderator rescore` reads back."""
-    record = MessageToDict(result, preserving_proto_field_name=True)
-    record.update(policy_version=policy_version, model=model, precision=precision)
-    return json.dumps(record, sort_keys=True)

@@ -1,4 +1,4 @@
-"""`moderator check`: moderate image files with a running server."""
+"""`moderator check`: moderate image files with a running server, through the client package."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
+from moderator_client import ImageResult, ModeratorClient
 
 from moderator.cli.flags import Subparsers, env_name
-from moderator.config import MIB
 from moderator.errors import ConfigError
-from moderator.v1 import moderator_pb2 as pb
-from moderator.v1 import moderator_pb2_grpc as pb_grpc
 
 CHECK_BATCH_SIZE = 16
 
@@ -46,71 +44,62 @@ def add_parser(commands: Subparsers, env: Mapping[str, str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    options = [
-        ("grpc.max_send_message_length", 256 * MIB),
-        ("grpc.max_receive_message_length", 256 * MIB),
-    ]
-    with open_channel(args, options) as channel:
-        stub = pb_grpc.ModeratorStub(channel)
-        metadata = bearer(args)
+    with open_client(args) as client:
         for start in range(0, len(args.files), CHECK_BATCH_SIZE):
             files: list[Path] = args.files[start : start + CHECK_BATCH_SIZE]
-            request = pb.ModerateRequest(
-                images=[pb.Image(id=str(path), data=path.read_bytes()) for path in files],
-                policy_ids=args.policy,
-                include_embeddings=args.embeddings,
-            )
             try:
-                response = stub.Moderate(request, timeout=args.timeout, metadata=metadata)
+                answer = client.moderate(files, args.policy, include_embeddings=args.embeddings)
             except grpc.RpcError as exc:
                 print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
                 return 1
-            for result in response.results:
-                if args.json or args.embeddings:
-                    from moderator.wire import format_json  # loads torch: only when asked
-
-                    context = (response.policy_version, response.model, response.precision)
-                    print(format_json(result, *context))
-                else:
-                    print(format_line(result))
+            if args.json or args.embeddings:
+                print("\n".join(answer.json_lines()))
+            else:
+                print("\n".join(format_line(result) for result in answer.results))
     return 0
 
 
-def open_channel(args: argparse.Namespace, options: list[tuple[str, int]]) -> grpc.Channel:
-    """TLS when any --tls-* flag is given, else plaintext."""
-    if not (args.tls_ca or args.tls_cert or args.tls_key):
-        return grpc.insecure_channel(args.server, options=options)
+def open_client(args: argparse.Namespace) -> ModeratorClient:
+    """TLS when any --tls-* flag is given, else plaintext; the token if there is one."""
+    ca, cert, key = tls_files(args)
+    try:
+        return ModeratorClient(
+            args.server,
+            tls_ca=ca,
+            tls_cert=cert,
+            tls_key=key,
+            token=read_token(args),
+            timeout=args.timeout,
+        )
+    except (ValueError, OSError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def tls_files(args: argparse.Namespace) -> tuple[Path | None, Path | None, Path | None]:
+    """--tls-ca, --tls-cert and --tls-key, the last two together or not at all."""
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together (a client certificate)")
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=args.tls_ca.read_bytes() if args.tls_ca else None,
-        private_key=args.tls_key.read_bytes() if args.tls_key else None,
-        certificate_chain=args.tls_cert.read_bytes() if args.tls_cert else None,
-    )
-    return grpc.secure_channel(args.server, credentials, options=options)
+    return args.tls_ca, args.tls_cert, args.tls_key
 
 
-def bearer(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
-    """The authorization metadata: --token-file, else MODERATOR_TOKEN, else none."""
+def read_token(args: argparse.Namespace) -> str | None:
+    """--token-file, else MODERATOR_TOKEN, else none."""
+    if not args.token_file:
+        return args.token  # type: ignore[no-any-return]
     try:
-        token = Path(args.token_file).read_text().strip() if args.token_file else args.token
+        return Path(args.token_file).read_text().strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--token-file {args.token_file}: cannot read it ({exc})") from exc
-    if token and not token.isascii():
-        raise ConfigError("the token is not ASCII: was the wrong file given?")
-    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-def format_line(result: pb.ImageResult) -> str:
-    """One ImageResult as a tab-separated line: id, decision, violations (or the error)."""
-    decision = pb.Decision.Name(result.decision).removeprefix("DECISION_")
-    if result.decision == pb.DECISION_ERROR:
-        code = pb.ImageErrorCode.Name(result.error.code).removeprefix("IMAGE_ERROR_CODE_")
-        return f"{result.id}\t{decision}\t{code}: {result.error.message}"
+def format_line(result: ImageResult) -> str:
+    """One result as a tab-separated line: id, decision, violations (or the error)."""
+    decision = result.decision.upper()
+    if result.error is not None:
+        return f"{result.id}\t{decision}\t{result.error.code.upper()}: {result.error.message}"
     violations = [
-        f"{p.policy_id}{'(shadow)' if p.mode == pb.POLICY_MODE_SHADOW else ''}="
+        f"{p.policy_id}{'(shadow)' if p.mode == 'shadow' else ''}="
         f"{p.score:.3f}>={p.threshold:.3f} ({p.matched_description})"
-        for p in result.policies
-        if p.violated
+        for p in result.violations
     ]
     return f"{result.id}\t{decision}\t{', '.join(violations) or '-'}"

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from moderator_client.client import credentials
 
-from moderator.cli.check import open_channel
+from moderator.cli.check import tls_files
 from moderator.cli.flags import Subparsers, env_name
+from moderator.errors import ConfigError
 
 SERVICE = "moderator.v1.Moderator"
 
@@ -31,8 +33,19 @@ def add_parser(commands: Subparsers, env: Mapping[str, str]) -> None:
     health.set_defaults(handler=run)
 
 
+def open_channel(args: argparse.Namespace) -> grpc.Channel:
+    """TLS when any --tls-* flag is given (the client package's rules), else plaintext."""
+    try:
+        tls = credentials(*tls_files(args))
+    except (ValueError, OSError) as exc:
+        raise ConfigError(str(exc)) from exc
+    if tls is None:
+        return grpc.insecure_channel(args.server)
+    return grpc.secure_channel(args.server, tls)
+
+
 def run(args: argparse.Namespace) -> int:
-    with open_channel(args, []) as channel:
+    with open_channel(args) as channel:
         check = health_pb2_grpc.HealthStub(channel).Check
         try:
             request = health_pb2.HealthCheckRequest(service=args.service)

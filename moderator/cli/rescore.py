@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from moderator_client import format_json
+
 from moderator.cli.flags import Subparsers
 from moderator.cli.options import MODEL_OPTIONS, add_options, load_model
 from moderator.core.policies import load_policy_dir
@@ -107,7 +109,7 @@ class Rescore:
     def add_chunk(self, chunk: StoredChunk, out: TextIO | None) -> None:
         from moderator.tools.changes import verdict_of
         from moderator.tools.embeddings_file import source_mismatch
-        from moderator.wire import format_json, image_result
+        from moderator.wire import image_result
 
         for problem in chunk.problems:
             print(f"skipped {problem}", file=sys.stderr)

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import grpc
+from moderator_client.v1 import moderator_pb2 as pb
 
 from moderator.errors import (
     DeadlineExceeded,
@@ -27,7 +28,6 @@ from moderator.logs import REQUEST_LOGGER
 from moderator.serving.auth import CALLER
 from moderator.serving.metrics import Metrics
 from moderator.serving.tracing import Tracing
-from moderator.v1 import moderator_pb2 as pb
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger(REQUEST_LOGGER)

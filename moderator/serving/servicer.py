@@ -13,6 +13,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
+from moderator_client.v1 import moderator_pb2 as pb
 
 from moderator.core.outcomes import Report
 from moderator.errors import DeadlineExceeded, InvalidRequest, NotReady, Overloaded
@@ -27,7 +28,6 @@ from moderator.serving.request_limits import (
     moderate_shape,
 )
 from moderator.serving.stream import answer_in_order
-from moderator.v1 import moderator_pb2 as pb
 from moderator.wire import REPORTS, embedded, moderate_response, policy_info, reload_status
 
 log = logging.getLogger(__name__)

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from moderator_client.v1 import moderator_pb2 as pb
+from moderator_client.v1 import moderator_pb2_grpc as pb_grpc
 
 from moderator.cli.main import build_parser, main
 from moderator.cli.options import config_from_args
 from moderator.config import DEMO_CHECKPOINT_PATH, DEMO_POLICIES_DIR, Config
 from moderator.serving.access import Role, load_access_file
-from moderator.v1 import moderator_pb2 as pb
-from moderator.v1 import moderator_pb2_grpc as pb_grpc
 from tests.helpers import copy_demo_policies, edit, shape_png, start_demo_server_process
 
 SERVE_TIMEOUT = 120

@@ -19,13 +19,13 @@ from typing import Any, cast
 import grpc
 import pytest
 import yaml
+from moderator_client.v1 import moderator_pb2 as pb
+from moderator_client.v1 import moderator_pb2_grpc as pb_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from moderator.demo.hostile import gif_of_tiny_frames
 from moderator.serving.metrics import Metrics, SupervisorMetrics, WorkersCollector
-from moderator.v1 import moderator_pb2 as pb
-from moderator.v1 import moderator_pb2_grpc as pb_grpc
 from tests.deploy.conftest import Prometheus, free_ports, run_prometheus, stop
 from tests.helpers import (
     code_of,

@@ -14,11 +14,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from moderator_client.v1 import moderator_pb2 as pb
+from moderator_client.v1 import moderator_pb2_grpc as pb_grpc
 
 from moderator.logs import REQUEST_LOGGER, fields_of
 from moderator.serving.access import token_digest
-from moderator.v1 import moderator_pb2 as pb
-from moderator.v1 import moderator_pb2_grpc as pb_grpc
 from tests.helpers import (
     RunningService,
     code_of,

@@ -13,13 +13,13 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from moderator_client.v1 import moderator_pb2 as pb
+from moderator_client.v1 import moderator_pb2_grpc as pb_grpc
 from PIL import Image
 
 from moderator.core.clip import ClipModel
 from moderator.demo.shapes import render_shape
 from moderator.serving import decoding
-from moderator.v1 import moderator_pb2 as pb
-from moderator.v1 import moderator_pb2_grpc as pb_grpc
 from tests.helpers import RunningService, demo_config, shape_png, start_service
 
 # What two decoders may move a score on the demo model: measured up to 0.013 on these images

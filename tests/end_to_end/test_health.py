@@ -8,11 +8,11 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from moderator_client.v1 import moderator_pb2 as pb
+from moderator_client.v1 import moderator_pb2_grpc as pb_grpc
 
 from moderator.config import BatchConfig
 from moderator.core.clip import ClipModel
-from moderator.v1 import moderator_pb2 as pb
-from moderator.v1 import moderator_pb2_grpc as pb_grpc
 from tests.helpers import (
     GatedModel,
     RunningService,

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from moderator_client.v1 import moderator_pb2 as pb
+from moderator_client.v1 import moderator_pb2_grpc as pb_grpc
 from PIL import Image
 
 from moderator.config import DecodeConfig
@@ -22,8 +24,6 @@ from moderator.demo.hostile import (
     mutate,
 )
 from moderator.demo.shapes import render_shape
-from moderator.v1 import moderator_pb2 as pb
-from moderator.v1 import moderator_pb2_grpc as pb_grpc
 from tests.helpers import (
     RunningService,
     demo_config,

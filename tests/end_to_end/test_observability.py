@@ -13,6 +13,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from moderator_client.v1 import moderator_pb2 as pb
+from moderator_client.v1 import moderator_pb2_grpc as pb_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -22,8 +24,6 @@ from opentelemetry.trace import StatusCode
 from moderator.config import BatchConfig
 from moderator.core.clip import ClipModel
 from moderator.serving.tracing import Tracing
-from moderator.v1 import moderator_pb2 as pb
-from moderator.v1 import moderator_pb2_grpc as pb_grpc
 from tests.helpers import (
     RunningService,
     demo_config,

@@ -12,14 +12,14 @@ from typing import Any
 
 import grpc
 import pytest
+from moderator_client import format_json
+from moderator_client.v1 import moderator_pb2 as pb
+from moderator_client.v1 import moderator_pb2_grpc as pb_grpc
 
 from moderator.cli.main import main
 from moderator.config import DEMO_POLICIES_DIR, ImageConfig
 from moderator.demo.shapes import render_shape
 from moderator.tools.embeddings_file import READ_CHUNK
-from moderator.v1 import moderator_pb2 as pb
-from moderator.v1 import moderator_pb2_grpc as pb_grpc
-from moderator.wire import format_json
 from tests.helpers import copy_demo_policies, demo_config, edit, encode, shape_png, start_service
 
 # Live scores come from a batched matmul on the server, rescores from another batch shape:

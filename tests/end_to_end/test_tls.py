@@ -12,10 +12,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from moderator_client.v1 import moderator_pb2 as pb
+from moderator_client.v1 import moderator_pb2_grpc as pb_grpc
 
 from moderator.serving.access import token_digest
-from moderator.v1 import moderator_pb2 as pb
-from moderator.v1 import moderator_pb2_grpc as pb_grpc
 from tests.helpers import (
     Certificates,
     RunningService,

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from moderator_client.v1 import moderator_pb2 as pb
 from prometheus_client import CollectorRegistry
 
 from moderator.errors import PolicyError
 from moderator.serving.access import METHOD_ROLES, Role, load_access_file, token_digest
 from moderator.serving.auth import AccessControl, PeerNames, audit_log
 from moderator.serving.metrics import Metrics
-from moderator.v1 import moderator_pb2 as pb
 
 
 def write(tmp_path: Path, text: str) -> Path:

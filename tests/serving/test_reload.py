@@ -12,14 +12,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from moderator_client.v1 import moderator_pb2 as pb
+from moderator_client.v1 import moderator_pb2_grpc as pb_grpc
 from prometheus_client import CollectorRegistry
 
 from moderator.core.policies import PolicySet, ReloadStatus, load_policy_dir
 from moderator.errors import NotReady
 from moderator.serving.metrics import Metrics
 from moderator.serving.reload import PolicyReloader
-from moderator.v1 import moderator_pb2 as pb
-from moderator.v1 import moderator_pb2_grpc as pb_grpc
 from tests.helpers import (
     RunningService,
     copy_demo_policies,

@@ -3,6 +3,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from moderator_client.v1 import moderator_pb2 as pb
 
 from moderator.errors import InvalidRequest
 from moderator.serving.request_limits import (
@@ -13,7 +14,6 @@ from moderator.serving.request_limits import (
     find_request_id,
     moderate_shape,
 )
-from moderator.v1 import moderator_pb2 as pb
 
 LIMITS = RequestLimits(max_images=256, max_embeddings=4096, max_views=48)
 EMPTY_IMAGE = b"\x0a\x00"  # field 1, length 0: one Image message with nothing in it

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from moderator_client.v1 import moderator_pb2 as pb
+from moderator_client.v1 import moderator_pb2_grpc as pb_grpc
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
 from moderator.config import ModelConfig
 from moderator.core.clip import ClipModel
 from moderator.serving.server import Service
-from moderator.v1 import moderator_pb2 as pb
-from moderator.v1 import moderator_pb2_grpc as pb_grpc
 from tests.helpers import RunningService, demo_config, encode, shape_png
 
 MIB = 1024 * 1024

@@ -28,7 +28,7 @@ DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmoderator/v1/m
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moderator.v1.moderator_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moderator_client.v1.moderator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DETAIL']._serialized_start=1802

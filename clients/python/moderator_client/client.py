@@ -1,0 +1,347 @@
+"""ModeratorClient (blocking) and AsyncModeratorClient (asyncio): the Moderator service from
+Python with grpcio and protobuf alone.
+
+Both open one channel to `target` ("host:port", or "dns:///name:port" for a name that resolves
+to several replicas: calls are spread over them round-robin) and keep it: make one client and
+reuse it. Calls are retried the gRPC way (a service-config retry policy: exponential backoff
+with jitter, within the call's deadline) when the server answers UNAVAILABLE (restarting,
+draining) or RESOURCE_EXHAUSTED (its queue is full); other errors raise grpc.RpcError at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from moderator_client.results import ImageResult, ModerateResult
+from moderator_client.v1 import moderator_pb2 as pb
+from moderator_client.v1 import moderator_pb2_grpc as pb_grpc
+
+SERVICE = "moderator.v1.Moderator"
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_ATTEMPTS = 5  # gRPC's own ceiling
+RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# gRPC retries only a request it still holds: up to this much of one (the whole of a batch of
+# large photos), and all calls together up to the channel's buffer.
+RETRY_BUFFER_BYTES = 64 * 1024 * 1024
+DETAILS = {
+    "all": pb.DETAIL_ALL_POLICIES,
+    "violations": pb.DETAIL_VIOLATIONS,
+    "decision": pb.DETAIL_DECISION,
+}
+
+ImageLike = bytes | str | os.PathLike[str] | tuple[str, bytes]
+Credential = bytes | str | os.PathLike[str]  # PEM bytes, or a file holding them
+
+
+def service_config(max_attempts: int = DEFAULT_ATTEMPTS) -> str:
+    """Round-robin over every address the target resolves to; retries with backoff."""
+    retry = {
+        "maxAttempts": max_attempts,
+        "initialBackoff": "0.2s",
+        "maxBackoff": "5s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": list(RETRYABLE),
+    }
+    return json.dumps(
+        {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": retry}],
+        }
+    )
+
+
+def channel_options(max_attempts: int = DEFAULT_ATTEMPTS) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.service_config", service_config(max_attempts)),
+        ("grpc.enable_retries", 1),
+        ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),
+        ("grpc.retry_buffer_size", 4 * RETRY_BUFFER_BYTES),
+        # Dead connections are found by pings, no more often than the server allows (10 s).
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
+
+
+def credentials(
+    tls_ca: Credential | None, tls_cert: Credential | None, tls_key: Credential | None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials when any of the three is given (cert and key go together), else None."""
+    if tls_ca is None and tls_cert is None and tls_key is None:
+        return None
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key go together (a client certificate)")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem(tls_ca), private_key=_pem(tls_key), certificate_chain=_pem(tls_cert)
+    )
+
+
+def _pem(value: Credential | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+def bearer(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries `token` (none without one)."""
+    if not token:
+        return ()
+    token = token.strip()
+    if not token.isascii() or not token.isprintable():
+        raise ValueError("the token is not printable ASCII: was the wrong file given?")
+    return (("authorization", f"Bearer {token}"),)
+
+
+def image_message(image: ImageLike, index: int) -> pb.Image:
+    """bytes (id: its position), (id, bytes), or a file path (id: the path as given)."""
+    if isinstance(image, tuple):
+        image_id, data = image
+        return pb.Image(id=image_id, data=data)
+    if isinstance(image, bytes | bytearray | memoryview):
+        return pb.Image(id=str(index), data=bytes(image))
+    return pb.Image(id=os.fspath(image), data=Path(image).read_bytes())
+
+
+def moderate_request(
+    images: Iterable[ImageLike],
+    policy_ids: Sequence[str] = (),
+    detail: str = "all",
+    include_embeddings: bool = False,
+    request_id: str = "",
+) -> pb.ModerateRequest:
+    if detail not in DETAILS:
+        raise ValueError(f"detail must be one of {', '.join(DETAILS)}, not {detail!r}")
+    return pb.ModerateRequest(
+        images=[image_message(image, i) for i, image in enumerate(images)],
+        policy_ids=list(policy_ids),
+        include_embeddings=include_embeddings,
+        request_id=request_id,
+        detail=DETAILS[detail],
+    )
+
+
+def embeddings_request(
+    images: Iterable[ImageResult | pb.EmbeddedImage],
+    policy_ids: Sequence[str] = (),
+    model: str = "",
+    detail: str = "all",
+) -> pb.ScoreEmbeddingsRequest:
+    """Stored embeddings (results of moderate(..., include_embeddings=True)) to rescore."""
+    embedded = [
+        image
+        if isinstance(image, pb.EmbeddedImage)
+        else pb.EmbeddedImage(
+            id=image.id,
+            embedding=image.embedding,
+            views=[pb.Embedding(values=v) for v in image.views],
+        )
+        for image in images
+    ]
+    return pb.ScoreEmbeddingsRequest(
+        images=embedded, policy_ids=list(policy_ids), model=model, detail=DETAILS[detail]
+    )
+
+
+class ModeratorClient:
+    """A blocking client; also a context manager (closes its channel)."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls_ca: Credential | None = None,
+        tls_cert: Credential | None = None,
+        tls_key: Credential | None = None,
+        token: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_attempts: int = DEFAULT_ATTEMPTS,
+    ) -> None:
+        tls = credentials(tls_ca, tls_cert, tls_key)
+        options = channel_options(max_attempts)
+        self._channel = (
+            grpc.secure_channel(target, tls, options)
+            if tls is not None
+            else grpc.insecure_channel(target, options)
+        )
+        self._stub = pb_grpc.ModeratorStub(self._channel)
+        self._metadata = bearer(token)
+        self.timeout = timeout
+
+    def moderate(
+        self,
+        images: Iterable[ImageLike],
+        policy_ids: Sequence[str] = (),
+        *,
+        detail: str = "all",
+        include_embeddings: bool = False,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> ModerateResult:
+        """One request: every image's result, in order (a bad image gets decision "error")."""
+        request = moderate_request(images, policy_ids, detail, include_embeddings, request_id)
+        response = self._stub.Moderate(
+            request, timeout=timeout or self.timeout, metadata=self._metadata
+        )
+        return ModerateResult.from_proto(response)
+
+    def moderate_stream(
+        self,
+        batches: Iterable[Iterable[ImageLike]],
+        policy_ids: Sequence[str] = (),
+        *,
+        detail: str = "all",
+        include_embeddings: bool = False,
+        timeout: float | None = None,
+    ) -> Iterator[ModerateResult]:
+        """One request per batch on one stream, one result per batch in order; a batch that
+        fails alone has its `error` set and the stream goes on. `timeout` covers the stream."""
+        requests = (
+            moderate_request(batch, policy_ids, detail, include_embeddings) for batch in batches
+        )
+        responses = self._stub.ModerateStream(requests, timeout=timeout, metadata=self._metadata)
+        for response in responses:
+            yield ModerateResult.from_proto(response)
+
+    def list_policies(self, timeout: float | None = None) -> pb.ListPoliciesResponse:
+        response: pb.ListPoliciesResponse = self._stub.ListPolicies(
+            pb.ListPoliciesRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+        )
+        return response
+
+    def reload_policies(self, timeout: float | None = None) -> pb.ReloadPoliciesResponse:
+        response: pb.ReloadPoliciesResponse = self._stub.ReloadPolicies(
+            pb.ReloadPoliciesRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+        )
+        return response
+
+    def score_embeddings(
+        self,
+        images: Iterable[ImageResult | pb.EmbeddedImage],
+        policy_ids: Sequence[str] = (),
+        *,
+        model: str = "",
+        detail: str = "all",
+        timeout: float | None = None,
+    ) -> ModerateResult:
+        """What the current policies decide for stored embeddings (no images sent)."""
+        request = embeddings_request(images, policy_ids, model, detail)
+        response = self._stub.ScoreEmbeddings(
+            request, timeout=timeout or self.timeout, metadata=self._metadata
+        )
+        return ModerateResult.from_proto(response)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> ModeratorClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+class AsyncModeratorClient:
+    """The asyncio twin of ModeratorClient (grpc.aio); `async with` closes its channel."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls_ca: Credential | None = None,
+        tls_cert: Credential | None = None,
+        tls_key: Credential | None = None,
+        token: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_attempts: int = DEFAULT_ATTEMPTS,
+    ) -> None:
+        tls = credentials(tls_ca, tls_cert, tls_key)
+        options = channel_options(max_attempts)
+        self._channel = (
+            grpc.aio.secure_channel(target, tls, options)
+            if tls is not None
+            else grpc.aio.insecure_channel(target, options)
+        )
+        self._stub = pb_grpc.ModeratorStub(self._channel)
+        self._metadata = bearer(token)
+        self.timeout = timeout
+
+    async def moderate(
+        self,
+        images: Iterable[ImageLike],
+        policy_ids: Sequence[str] = (),
+        *,
+        detail: str = "all",
+        include_embeddings: bool = False,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> ModerateResult:
+        request = moderate_request(images, policy_ids, detail, include_embeddings, request_id)
+        response = await self._stub.Moderate(
+            request, timeout=timeout or self.timeout, metadata=self._metadata
+        )
+        return ModerateResult.from_proto(response)
+
+    async def moderate_stream(
+        self,
+        batches: AsyncIterable[Iterable[ImageLike]] | Iterable[Iterable[ImageLike]],
+        policy_ids: Sequence[str] = (),
+        *,
+        detail: str = "all",
+        include_embeddings: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncIterator[ModerateResult]:
+        async def requests() -> AsyncIterator[pb.ModerateRequest]:
+            if isinstance(batches, AsyncIterable):
+                async for batch in batches:
+                    yield moderate_request(batch, policy_ids, detail, include_embeddings)
+            else:
+                for batch in batches:
+                    yield moderate_request(batch, policy_ids, detail, include_embeddings)
+
+        call = self._stub.ModerateStream(requests(), timeout=timeout, metadata=self._metadata)
+        async for response in call:
+            yield ModerateResult.from_proto(response)
+
+    async def list_policies(self, timeout: float | None = None) -> pb.ListPoliciesResponse:
+        response: pb.ListPoliciesResponse = await self._stub.ListPolicies(
+            pb.ListPoliciesRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+        )
+        return response
+
+    async def reload_policies(self, timeout: float | None = None) -> pb.ReloadPoliciesResponse:
+        response: pb.ReloadPoliciesResponse = await self._stub.ReloadPolicies(
+            pb.ReloadPoliciesRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+        )
+        return response
+
+    async def score_embeddings(
+        self,
+        images: Iterable[ImageResult | pb.EmbeddedImage],
+        policy_ids: Sequence[str] = (),
+        *,
+        model: str = "",
+        detail: str = "all",
+        timeout: float | None = None,
+    ) -> ModerateResult:
+        request = embeddings_request(images, policy_ids, model, detail)
+        response = await self._stub.ScoreEmbeddings(
+            request, timeout=timeout or self.timeout, metadata=self._metadata
+        )
+        return ModerateResult.from_proto(response)
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> AsyncModeratorClient:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()

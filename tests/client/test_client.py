@@ -1,0 +1,159 @@
+"""The client package (clients/python): what it imports, how it retries, and its calls against
+the real demo server."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from moderator_client import AsyncModeratorClient, ModeratorClient
+from moderator_client.v1 import moderator_pb2 as pb
+
+from moderator.config import REPO_ROOT
+from tests.helpers import RunningService, shape_png
+
+CLIENT = REPO_ROOT / "clients" / "python"
+
+
+def test_the_client_imports_neither_torch_nor_pillow_nor_the_server() -> None:
+    probe = (
+        "import sys, moderator_client, moderator_client.client, moderator_client.results\n"
+        "heavy = [m for m in ('torch', 'PIL', 'numpy', 'moderator') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], check=False, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_client_distribution_depends_on_grpcio_and_protobuf_only() -> None:
+    project = tomllib.loads((CLIENT / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "moderator-client"
+    names = {d.split(">")[0].split("=")[0].split("<")[0].strip() for d in project["dependencies"]}
+    assert names == {"grpcio", "protobuf"}
+
+
+class Flaky:
+    """A Moderator server whose Moderate fails with `code` `failures` times, then answers."""
+
+    def __init__(self, code: grpc.StatusCode, failures: int) -> None:
+        self.code, self.failures, self.calls = code, failures, 0
+        self.server = grpc.server(futures.ThreadPoolExecutor(2))
+        handler = grpc.unary_unary_rpc_method_handler(
+            self.moderate,
+            request_deserializer=pb.ModerateRequest.FromString,
+            response_serializer=pb.ModerateResponse.SerializeToString,
+        )
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("moderator.v1.Moderator", {"Moderate": handler}),)
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def moderate(
+        self, request: pb.ModerateRequest, context: grpc.ServicerContext
+    ) -> pb.ModerateResponse:
+        self.calls += 1
+        if self.calls <= self.failures:
+            context.abort(self.code, "try again later")
+        return pb.ModerateResponse(
+            results=[pb.ImageResult(id=i.id, decision=pb.DECISION_ALLOW) for i in request.images]
+        )
+
+
+@pytest.fixture
+def flaky(request: pytest.FixtureRequest) -> Iterator[Flaky]:
+    code, failures = request.param
+    server = Flaky(code, failures)
+    yield server
+    server.server.stop(None)
+
+
+@pytest.mark.parametrize(
+    "flaky",
+    [(grpc.StatusCode.RESOURCE_EXHAUSTED, 2), (grpc.StatusCode.UNAVAILABLE, 4)],
+    indirect=True,
+)
+def test_overload_and_unavailability_are_retried_with_backoff(flaky: Flaky) -> None:
+    with ModeratorClient(f"127.0.0.1:{flaky.port}") as client:
+        answer = client.moderate([b"x", ("named", b"y")])
+    assert [(r.id, r.decision) for r in answer.results] == [("0", "allow"), ("named", "allow")]
+    assert flaky.calls == flaky.failures + 1
+
+
+@pytest.mark.parametrize("flaky", [(grpc.StatusCode.RESOURCE_EXHAUSTED, 99)], indirect=True)
+def test_retries_stop_at_the_attempt_limit_and_within_the_deadline(flaky: Flaky) -> None:
+    client = ModeratorClient(f"127.0.0.1:{flaky.port}", max_attempts=3)
+    with client, pytest.raises(grpc.RpcError) as raised:
+        client.moderate([b"x"])
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert flaky.calls == 3
+    client = ModeratorClient(f"127.0.0.1:{flaky.port}")
+    with client, pytest.raises(grpc.RpcError) as raised:
+        client.moderate([b"x"], timeout=0.3)
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+@pytest.mark.parametrize("flaky", [(grpc.StatusCode.INVALID_ARGUMENT, 1)], indirect=True)
+def test_a_request_the_server_refuses_is_not_retried(flaky: Flaky) -> None:
+    client = ModeratorClient(f"127.0.0.1:{flaky.port}")
+    with client, pytest.raises(grpc.RpcError) as raised:
+        client.moderate([b"x"])
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert flaky.calls == 1
+
+
+def test_images_as_paths_bytes_and_named_bytes_against_the_demo_server(
+    demo_service: RunningService, tmp_path: Path
+) -> None:
+    path = tmp_path / "red-circle.png"
+    path.write_bytes(shape_png("red", "circle"))
+    with ModeratorClient(demo_service.address) as client:
+        answer = client.moderate([path, shape_png("blue", "square"), ("broken", b"nope")])
+        decided = client.moderate([path], detail="decision")
+        policies = client.list_policies()
+    first, second, broken = answer.results
+    assert (first.id, first.decision) == (str(path), "block")
+    assert "red" in {p.policy_id for p in first.violations}
+    assert (second.id, second.decision) == ("1", "allow")
+    assert broken.decision == "error"
+    assert broken.error is not None
+    assert broken.error.code == "unsupported_format"
+    assert answer.policy_version == policies.policy_version
+    assert decided.results[0].decision == "block"
+    assert decided.results[0].policies == ()
+    with pytest.raises(ValueError, match="detail must be one of"):
+        ModeratorClient(demo_service.address).moderate([path], detail="everything")
+
+
+def test_stored_embeddings_rescore_to_the_same_scores(demo_service: RunningService) -> None:
+    with ModeratorClient(demo_service.address) as client:
+        stored = client.moderate([shape_png("red", "star")], include_embeddings=True)
+        again = client.score_embeddings(stored.results, model=stored.model)
+    assert [p.score for p in again.results[0].policies] == pytest.approx(
+        [p.score for p in stored.results[0].policies], abs=1e-5
+    )
+
+
+def test_the_async_client_moderates_and_streams(demo_service: RunningService) -> None:
+    async def calls() -> tuple[list[str], list[list[str]]]:
+        async with AsyncModeratorClient(demo_service.address) as client:
+            one = await client.moderate([shape_png("red", "circle")])
+            batches = [[shape_png("red", "circle")], [shape_png("blue", "square")] * 2]
+            streamed = [
+                [r.decision for r in answer.results]
+                async for answer in client.moderate_stream(batches)
+            ]
+        return [r.decision for r in one.results], streamed
+
+    single, streamed = asyncio.run(calls())
+    assert single == ["block"]
+    assert streamed == [["block"], ["allow", "allow"]]
