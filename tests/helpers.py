@@ -14,11 +14,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import torch
+from moderator_client.v1 import moderator_pb2 as pb
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
@@ -339,3 +341,31 @@ def start_demo_server_process(
             return process, int(match.group(1))
     process.kill()
     raise AssertionError("the server never reported SERVING:\n" + "".join(lines[-20:]))
+
+
+class Flaky:
+    """A Moderator server whose Moderate fails with `code` `failures` times, then answers."""
+
+    def __init__(self, code: grpc.StatusCode, failures: int) -> None:
+        self.code, self.failures, self.calls = code, failures, 0
+        self.server = grpc.server(futures.ThreadPoolExecutor(2))
+        handler = grpc.unary_unary_rpc_method_handler(
+            self.moderate,
+            request_deserializer=pb.ModerateRequest.FromString,
+            response_serializer=pb.ModerateResponse.SerializeToString,
+        )
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("moderator.v1.Moderator", {"Moderate": handler}),)
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def moderate(
+        self, request: pb.ModerateRequest, context: grpc.ServicerContext
+    ) -> pb.ModerateResponse:
+        self.calls += 1
+        if self.calls <= self.failures:
+            context.abort(self.code, "try again later")
+        return pb.ModerateResponse(
+            results=[pb.ImageResult(id=i.id, decision=pb.DECISION_ALLOW) for i in request.images]
+        )

@@ -8,16 +8,14 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 
 import grpc
 import pytest
 from moderator_client import AsyncModeratorClient, ModeratorClient
-from moderator_client.v1 import moderator_pb2 as pb
 
 from moderator.config import REPO_ROOT
-from tests.helpers import RunningService, shape_png
+from tests.helpers import Flaky, RunningService, shape_png
 
 CLIENT = REPO_ROOT / "clients" / "python"
 
@@ -39,34 +37,6 @@ def test_the_client_distribution_depends_on_grpcio_and_protobuf_only() -> None:
     assert project["name"] == "moderator-client"
     names = {d.split(">")[0].split("=")[0].split("<")[0].strip() for d in project["dependencies"]}
     assert names == {"grpcio", "protobuf"}
-
-
-class Flaky:
-    """A Moderator server whose Moderate fails with `code` `failures` times, then answers."""
-
-    def __init__(self, code: grpc.StatusCode, failures: int) -> None:
-        self.code, self.failures, self.calls = code, failures, 0
-        self.server = grpc.server(futures.ThreadPoolExecutor(2))
-        handler = grpc.unary_unary_rpc_method_handler(
-            self.moderate,
-            request_deserializer=pb.ModerateRequest.FromString,
-            response_serializer=pb.ModerateResponse.SerializeToString,
-        )
-        self.server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("moderator.v1.Moderator", {"Moderate": handler}),)
-        )
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
-
-    def moderate(
-        self, request: pb.ModerateRequest, context: grpc.ServicerContext
-    ) -> pb.ModerateResponse:
-        self.calls += 1
-        if self.calls <= self.failures:
-            context.abort(self.code, "try again later")
-        return pb.ModerateResponse(
-            results=[pb.ImageResult(id=i.id, decision=pb.DECISION_ALLOW) for i in request.images]
-        )
 
 
 @pytest.fixture
