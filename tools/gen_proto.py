@@ -24,6 +24,9 @@ PROTO_FILES = sorted(PROTO_ROOT.rglob("*.proto"))
 PROTOC_PACKAGE = Path("moderator") / "v1"  # where protoc writes, after the .proto path
 OUT = Path("clients") / "python" / "moderator_client" / "v1"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+PACKAGE_INIT = (
+    '"""Generated protobuf and gRPC code for moderator.v1 (make proto). Do not edit."""\n'
+)
 RENAMES = (
     ("from moderator.v1 import", "from moderator_client.v1 import"),
     ("'moderator.v1.moderator_pb2'", "'moderator_client.v1.moderator_pb2'"),
@@ -51,7 +54,8 @@ def generate(out_root: Path) -> list[str]:
         if path.name.endswith(GENERATED_SUFFIXES):
             (out_root / OUT / path.name).write_text(relocate(path.read_text()))
             names.append(path.name)
-    return names
+    (out_root / OUT / "__init__.py").write_text(PACKAGE_INIT)
+    return [*names, "__init__.py"]
 
 
 def relocate(code: str) -> str:
@@ -60,15 +64,19 @@ def relocate(code: str) -> str:
     return code
 
 
+def committed_files() -> set[str]:
+    """Every file in the generated package (anything there is generated, or stale)."""
+    return {p.name for p in (REPO / OUT).iterdir() if p.is_file()}
+
+
 def stale_files(fresh_root: Path, generated: list[str]) -> list[str]:
-    committed = {p.name for p in (REPO / OUT).iterdir() if p.name.endswith(GENERATED_SUFFIXES)}
     stale = [
         name
         for name in generated
         if not (REPO / OUT / name).exists()
         or not filecmp.cmp(fresh_root / OUT / name, REPO / OUT / name, shallow=False)
     ]
-    return stale + sorted(committed - set(generated))
+    return stale + sorted(committed_files() - set(generated))
 
 
 def main() -> int:
@@ -85,6 +93,8 @@ def main() -> int:
                 return 1
             print(f"generated protobuf code is up to date ({len(generated)} files)")
             return 0
+        for name in committed_files() - set(generated):
+            (REPO / OUT / name).unlink()  # generated once, from a proto that is gone
         for name in generated:
             (REPO / OUT / name).write_text((fresh / OUT / name).read_text())
         print(f"wrote {len(generated)} files to {OUT}")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from moderator_client import AsyncModeratorClient, ModeratorClient
+from moderator_client import AsyncModeratorClient, ImageResult, ModeratorClient
+from moderator_client.v1 import moderator_pb2 as pb
 
 from moderator.config import REPO_ROOT
 from tests.helpers import Flaky, RunningService, shape_png
@@ -127,3 +128,72 @@ def test_the_async_client_moderates_and_streams(demo_service: RunningService) ->
     single, streamed = asyncio.run(calls())
     assert single == ["block"]
     assert streamed == [["block"], ["allow", "allow"]]
+
+
+def test_values_a_newer_server_added_are_read_not_fatal() -> None:
+    newer = pb.ImageResult(
+        id="a",
+        decision=pb.DECISION_ERROR,
+        error=pb.ImageError(code=42, message="new"),  # type: ignore[arg-type]
+        policies=[pb.PolicyResult(policy_id="p", action=7, mode=9)],  # type: ignore[arg-type]
+    )
+    result = ImageResult.from_proto(newer)
+    assert result.error is not None
+    assert result.error.code == "unknown_42"
+    assert (result.policies[0].action, result.policies[0].mode) == ("unknown_7", "unknown_9")
+    unknown = pb.ImageResult(decision=11)  # type: ignore[arg-type]
+    assert ImageResult.from_proto(unknown).decision == "unknown_11"
+
+
+def test_a_batch_that_cannot_be_made_ends_the_stream_with_its_own_error(
+    demo_service: RunningService, tmp_path: Path
+) -> None:
+    good = tmp_path / "red.png"
+    good.write_bytes(shape_png("red", "circle"))
+    batches = [[good], [tmp_path / "missing.png"], [good]]
+    seen: list[str] = []
+
+    def read_stream() -> None:
+        with ModeratorClient(demo_service.address) as client:
+            for answer in client.moderate_stream(batches):
+                seen.extend(r.decision for r in answer.results)
+
+    with pytest.raises(FileNotFoundError):
+        read_stream()
+    assert seen == ["block"]
+
+    async def stream() -> None:
+        async with AsyncModeratorClient(demo_service.address) as client:
+            async for answer in client.moderate_stream(batches):
+                seen.extend(r.decision for r in answer.results)
+
+    seen.clear()
+    with pytest.raises(FileNotFoundError):
+        asyncio.run(stream())
+    assert seen == ["block"]
+
+
+@pytest.mark.parametrize("flaky", [(grpc.StatusCode.UNAVAILABLE, 1)], indirect=True)
+def test_one_attempt_means_no_retries_and_the_range_is_checked(flaky: Flaky) -> None:
+    client = ModeratorClient(f"127.0.0.1:{flaky.port}", max_attempts=1)
+    with client, pytest.raises(grpc.RpcError):
+        client.moderate([b"x"])
+    assert flaky.calls == 1
+    for bad in (0, 6):
+        with pytest.raises(ValueError, match="max_attempts must be 1"):
+            ModeratorClient(f"127.0.0.1:{flaky.port}", max_attempts=bad)
+    with pytest.raises(TypeError, match="a list of images"):
+        ModeratorClient(f"127.0.0.1:{flaky.port}").moderate("cat.jpg")
+
+
+def test_the_generated_code_check_finds_any_file_it_did_not_generate() -> None:
+    stray = CLIENT / "moderator_client" / "v1" / "stray.py"
+    check = [sys.executable, str(REPO_ROOT / "tools" / "gen_proto.py"), "--check"]
+    assert subprocess.run(check, capture_output=True, check=False).returncode == 0
+    stray.write_text("# not generated\n")
+    try:
+        done = subprocess.run(check, capture_output=True, text=True, check=False)
+    finally:
+        stray.unlink()
+    assert done.returncode == 1
+    assert "stray.py" in done.stdout

@@ -10,6 +10,7 @@ draining) or RESOURCE_EXHAUSTED (its queue is full); other errors raise grpc.Rpc
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
@@ -27,9 +28,9 @@ DEFAULT_TIMEOUT = 60.0
 DEFAULT_ATTEMPTS = 5  # gRPC's own ceiling
 RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-# gRPC retries only a request it still holds: up to this much of one (the whole of a batch of
-# large photos), and all calls together up to the channel's buffer.
-RETRY_BUFFER_BYTES = 64 * 1024 * 1024
+# gRPC retries only a request it still holds: up to this much of one (above the server's default
+# message limit, 81 MiB), and all calls together up to the channel's buffer.
+RETRY_BUFFER_BYTES = 96 * 1024 * 1024
 DETAILS = {
     "all": pb.DETAIL_ALL_POLICIES,
     "violations": pb.DETAIL_VIOLATIONS,
@@ -41,26 +42,29 @@ Credential = bytes | str | os.PathLike[str]  # PEM bytes, or a file holding them
 
 
 def service_config(max_attempts: int = DEFAULT_ATTEMPTS) -> str:
-    """Round-robin over every address the target resolves to; retries with backoff."""
-    retry = {
-        "maxAttempts": max_attempts,
-        "initialBackoff": "0.2s",
-        "maxBackoff": "5s",
-        "backoffMultiplier": 2,
-        "retryableStatusCodes": list(RETRYABLE),
-    }
-    return json.dumps(
-        {
-            "loadBalancingConfig": [{"round_robin": {}}],
-            "methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": retry}],
+    """Round-robin over every address the target resolves to; retries with backoff (none with
+    max_attempts 1), throttled when most calls fail so a fleet of clients does not multiply an
+    overload."""
+    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if max_attempts > 1:
+        retry = {
+            "maxAttempts": max_attempts,
+            "initialBackoff": "0.2s",
+            "maxBackoff": "5s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": list(RETRYABLE),
         }
-    )
+        config["methodConfig"] = [{"name": [{"service": SERVICE}], "retryPolicy": retry}]
+        config["retryThrottling"] = {"maxTokens": 10, "tokenRatio": 0.1}
+    return json.dumps(config)
 
 
 def channel_options(max_attempts: int = DEFAULT_ATTEMPTS) -> list[tuple[str, Any]]:
+    if not 1 <= max_attempts <= DEFAULT_ATTEMPTS:
+        raise ValueError(f"max_attempts must be 1 (no retries) to {DEFAULT_ATTEMPTS} (gRPC's most)")
     return [
         ("grpc.service_config", service_config(max_attempts)),
-        ("grpc.enable_retries", 1),
+        ("grpc.enable_retries", int(max_attempts > 1)),
         ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),
         ("grpc.retry_buffer_size", 4 * RETRY_BUFFER_BYTES),
         # Dead connections are found by pings, no more often than the server allows (10 s).
@@ -110,6 +114,18 @@ def image_message(image: ImageLike, index: int) -> pb.Image:
     return pb.Image(id=os.fspath(image), data=Path(image).read_bytes())
 
 
+def detail_value(detail: str) -> pb.Detail:
+    if detail not in DETAILS:
+        raise ValueError(f"detail must be one of {', '.join(DETAILS)}, not {detail!r}")
+    return DETAILS[detail]
+
+
+def image_messages(images: Iterable[ImageLike]) -> list[pb.Image]:
+    if isinstance(images, str | bytes | bytearray | memoryview | os.PathLike):
+        raise TypeError("images is a list of images: [path] or [data], not one image")
+    return [image_message(image, i) for i, image in enumerate(images)]
+
+
 def moderate_request(
     images: Iterable[ImageLike],
     policy_ids: Sequence[str] = (),
@@ -117,14 +133,12 @@ def moderate_request(
     include_embeddings: bool = False,
     request_id: str = "",
 ) -> pb.ModerateRequest:
-    if detail not in DETAILS:
-        raise ValueError(f"detail must be one of {', '.join(DETAILS)}, not {detail!r}")
     return pb.ModerateRequest(
-        images=[image_message(image, i) for i, image in enumerate(images)],
+        images=image_messages(images),
         policy_ids=list(policy_ids),
         include_embeddings=include_embeddings,
         request_id=request_id,
-        detail=DETAILS[detail],
+        detail=detail_value(detail),
     )
 
 
@@ -146,8 +160,26 @@ def embeddings_request(
         for image in images
     ]
     return pb.ScoreEmbeddingsRequest(
-        images=embedded, policy_ids=list(policy_ids), model=model, detail=DETAILS[detail]
+        images=embedded, policy_ids=list(policy_ids), model=model, detail=detail_value(detail)
     )
+
+
+class _Failure:
+    """An error met while making a stream's requests: the stream ends cleanly there (gRPC would
+    otherwise report it as an unknown error), and it is raised once the answers are read."""
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+
+    def guard(self, requests: Iterator[pb.ModerateRequest]) -> Iterator[pb.ModerateRequest]:
+        try:
+            yield from requests
+        except Exception as exc:
+            self.error = exc
+
+    def raise_it(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 class ModeratorClient:
@@ -188,7 +220,7 @@ class ModeratorClient:
         """One request: every image's result, in order (a bad image gets decision "error")."""
         request = moderate_request(images, policy_ids, detail, include_embeddings, request_id)
         response = self._stub.Moderate(
-            request, timeout=timeout or self.timeout, metadata=self._metadata
+            request, timeout=self._deadline(timeout), metadata=self._metadata
         )
         return ModerateResult.from_proto(response)
 
@@ -202,23 +234,32 @@ class ModeratorClient:
         timeout: float | None = None,
     ) -> Iterator[ModerateResult]:
         """One request per batch on one stream, one result per batch in order; a batch that
-        fails alone has its `error` set and the stream goes on. `timeout` covers the stream."""
-        requests = (
+        fails alone has its `error` set and the stream goes on. `timeout` covers the whole
+        stream (none by default). A batch that cannot be made (a file that cannot be read)
+        ends the stream after the batches before it, and its error is raised."""
+        detail_value(detail)
+        failed = _Failure()
+        requests = failed.guard(
             moderate_request(batch, policy_ids, detail, include_embeddings) for batch in batches
         )
         responses = self._stub.ModerateStream(requests, timeout=timeout, metadata=self._metadata)
-        for response in responses:
-            yield ModerateResult.from_proto(response)
+        try:
+            for response in responses:
+                yield ModerateResult.from_proto(response)
+        except grpc.RpcError:
+            failed.raise_it()
+            raise
+        failed.raise_it()
 
     def list_policies(self, timeout: float | None = None) -> pb.ListPoliciesResponse:
         response: pb.ListPoliciesResponse = self._stub.ListPolicies(
-            pb.ListPoliciesRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+            pb.ListPoliciesRequest(), timeout=self._deadline(timeout), metadata=self._metadata
         )
         return response
 
     def reload_policies(self, timeout: float | None = None) -> pb.ReloadPoliciesResponse:
         response: pb.ReloadPoliciesResponse = self._stub.ReloadPolicies(
-            pb.ReloadPoliciesRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+            pb.ReloadPoliciesRequest(), timeout=self._deadline(timeout), metadata=self._metadata
         )
         return response
 
@@ -234,9 +275,12 @@ class ModeratorClient:
         """What the current policies decide for stored embeddings (no images sent)."""
         request = embeddings_request(images, policy_ids, model, detail)
         response = self._stub.ScoreEmbeddings(
-            request, timeout=timeout or self.timeout, metadata=self._metadata
+            request, timeout=self._deadline(timeout), metadata=self._metadata
         )
         return ModerateResult.from_proto(response)
+
+    def _deadline(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
 
     def close(self) -> None:
         self._channel.close()
@@ -285,7 +329,7 @@ class AsyncModeratorClient:
     ) -> ModerateResult:
         request = moderate_request(images, policy_ids, detail, include_embeddings, request_id)
         response = await self._stub.Moderate(
-            request, timeout=timeout or self.timeout, metadata=self._metadata
+            request, timeout=self._deadline(timeout), metadata=self._metadata
         )
         return ModerateResult.from_proto(response)
 
@@ -298,27 +342,38 @@ class AsyncModeratorClient:
         include_embeddings: bool = False,
         timeout: float | None = None,
     ) -> AsyncIterator[ModerateResult]:
+        detail_value(detail)
+        failed = _Failure()
+
         async def requests() -> AsyncIterator[pb.ModerateRequest]:
-            if isinstance(batches, AsyncIterable):
-                async for batch in batches:
-                    yield moderate_request(batch, policy_ids, detail, include_embeddings)
-            else:
-                for batch in batches:
-                    yield moderate_request(batch, policy_ids, detail, include_embeddings)
+            try:
+                if isinstance(batches, AsyncIterable):
+                    async for batch in batches:
+                        yield moderate_request(batch, policy_ids, detail, include_embeddings)
+                else:
+                    for batch in batches:
+                        yield moderate_request(batch, policy_ids, detail, include_embeddings)
+            except Exception as exc:
+                failed.error = exc
 
         call = self._stub.ModerateStream(requests(), timeout=timeout, metadata=self._metadata)
-        async for response in call:
-            yield ModerateResult.from_proto(response)
+        try:
+            async for response in call:
+                yield ModerateResult.from_proto(response)
+        except (grpc.RpcError, asyncio.CancelledError):
+            failed.raise_it()
+            raise
+        failed.raise_it()
 
     async def list_policies(self, timeout: float | None = None) -> pb.ListPoliciesResponse:
         response: pb.ListPoliciesResponse = await self._stub.ListPolicies(
-            pb.ListPoliciesRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+            pb.ListPoliciesRequest(), timeout=self._deadline(timeout), metadata=self._metadata
         )
         return response
 
     async def reload_policies(self, timeout: float | None = None) -> pb.ReloadPoliciesResponse:
         response: pb.ReloadPoliciesResponse = await self._stub.ReloadPolicies(
-            pb.ReloadPoliciesRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+            pb.ReloadPoliciesRequest(), timeout=self._deadline(timeout), metadata=self._metadata
         )
         return response
 
@@ -333,9 +388,12 @@ class AsyncModeratorClient:
     ) -> ModerateResult:
         request = embeddings_request(images, policy_ids, model, detail)
         response = await self._stub.ScoreEmbeddings(
-            request, timeout=timeout or self.timeout, metadata=self._metadata
+            request, timeout=self._deadline(timeout), metadata=self._metadata
         )
         return ModerateResult.from_proto(response)
+
+    def _deadline(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
 
     async def close(self) -> None:
         await self._channel.close(None)

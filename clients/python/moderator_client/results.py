@@ -24,7 +24,13 @@ def _status_name(code: int) -> str:
 
 
 def _name(enum: object, value: int, prefix: str) -> str:
-    return enum.Name(value).removeprefix(prefix).lower()  # type: ignore[attr-defined, no-any-return]
+    """The value's name without its prefix, lower case; "unknown_N" for a value a newer server
+    added (an older client must still read the rest of the answer)."""
+    try:
+        name: str = enum.Name(value)  # type: ignore[attr-defined]
+    except ValueError:
+        return f"unknown_{value}"
+    return name.removeprefix(prefix).lower()
 
 
 @dataclass(frozen=True)
