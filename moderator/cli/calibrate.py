@@ -11,6 +11,7 @@ from moderator.cli.flags import Subparsers
 from moderator.cli.options import MODEL_OPTIONS, add_options, load_model
 from moderator.core.policies import load_policy_dir
 from moderator.errors import ConfigError
+from moderator.tools.files import write_target, written_on_success
 
 if TYPE_CHECKING:
     from moderator.tools.calibration import Calibration
@@ -80,12 +81,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"skipped labelled images of disabled policies: {', '.join(skipped)}")
     else:
         examples = read_labels_csv(args.labels, policy_set)
+    if args.report:
+        write_target(args.report)  # a link that is not safe to follow is refused before any work
     clip, cache = load_model(args)
     calibration = calibrate(OfflineScorer(clip, policy_set, cache), examples, target, value)
     print(format_calibration(calibration))
     try:
         if args.report:
-            args.report.write_text(render_report(calibration, args.report), encoding="utf-8")
+            with written_on_success(args.report) as out:
+                out.write(render_report(calibration, args.report))
             print(f"report: {args.report}")
         if args.write:
             write_suggestions(args.policies_dir, calibration, force=args.force)

@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import itertools
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -17,6 +17,7 @@ from moderator.cli.flags import Subparsers
 from moderator.cli.options import MODEL_OPTIONS, add_options, load_model
 from moderator.core.policies import load_policy_dir
 from moderator.errors import ConfigError
+from moderator.tools.files import write_target, written_on_success
 
 if TYPE_CHECKING:
     from moderator.tools.changes import ChangeSummary, Verdict
@@ -57,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"cannot read {args.embeddings}: {exc}") from exc
     if first is None:
         raise ConfigError(f"{args.embeddings}: no image embeddings to rescore")
+    if args.out:
+        write_target(args.out)  # a link that is not safe to follow is refused before any work
     policy_set = load_policy_dir(args.policies)
     baseline_set = load_policy_dir(args.baseline) if args.baseline else None
     clip, cache = load_model(args)
@@ -76,21 +79,6 @@ def run(args: argparse.Namespace) -> int:
         format_summary(rescore.summary, before, f"{args.policies} (version {policy_set.version})")
     )
     return rescore.report_skipped()
-
-
-@contextlib.contextmanager
-def written_on_success(path: Path) -> Iterator[TextIO]:
-    """A file to write `path` through: a regular file (or a link to one) appears only if the
-    block completes; anything else (/dev/stdout, a pipe) is written directly."""
-    from moderator.tools.files import replaced_atomically
-
-    target = path.resolve()
-    if target.exists() and not target.is_file():
-        with target.open("w", encoding="utf-8") as out:
-            yield out
-        return
-    with replaced_atomically(target) as out:
-        yield out
 
 
 @dataclass

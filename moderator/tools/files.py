@@ -1,13 +1,66 @@
-"""Replacing a file so readers see the old content or the new one, never a part."""
+"""Writing the files the tools produce: through links only where that is safe, and replacing a
+file so readers see the old content or the new one, never a part."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
+
+from moderator.errors import ConfigError
+
+MAX_LINK_HOPS = 40
+
+
+def write_target(path: Path) -> Path:
+    """The file writing `path` should replace: `path`, or the target of the links it is, each
+    link followed only if the caller owns it and its directory is not a shared sticky one
+    (/tmp). Replacing a link's target resolved by hand bypasses the kernel's protection of
+    such links: another user could plant /tmp/out.jsonl -> ~/.bashrc and have it replaced."""
+    current = Path(os.path.abspath(path))
+    for _ in range(MAX_LINK_HOPS):
+        try:
+            info = os.lstat(current)
+        except FileNotFoundError:
+            return current
+        if not stat.S_ISLNK(info.st_mode):
+            return current
+        _refuse_unsafe_link(current, info)
+        current = Path(os.path.abspath(current.parent / os.readlink(current)))
+    raise ConfigError(f"{path}: more than {MAX_LINK_HOPS} links, refused")
+
+
+def _refuse_unsafe_link(link: Path, info: os.stat_result) -> None:
+    if info.st_uid != os.geteuid():
+        raise ConfigError(
+            f"{link} is a link owned by another user (uid {info.st_uid}): not followed; "
+            "write to its target path instead"
+        )
+    folder = os.stat(link.parent)
+    shared = folder.st_mode & stat.S_ISVTX and folder.st_mode & stat.S_IWOTH
+    if shared:
+        raise ConfigError(
+            f"{link} is a link in a shared sticky directory ({link.parent}): not followed; "
+            "write to its target path instead"
+        )
+
+
+@contextlib.contextmanager
+def written_on_success(path: Path) -> Iterator[TextIO]:
+    """A file to write `path` through (links followed only where safe: write_target): a
+    regular file appears only if the block completes; anything else (/dev/stdout, a pipe) is
+    written directly."""
+    target = write_target(path)
+    if target.exists() and not target.is_file():
+        with target.open("w", encoding="utf-8") as out:
+            yield out
+        return
+    with replaced_atomically(target) as out:
+        yield out
 
 
 @contextlib.contextmanager

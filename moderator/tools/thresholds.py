@@ -8,7 +8,7 @@ import yaml
 
 from moderator.core.policies import POLICY_SUFFIXES, parse_policy
 from moderator.errors import PolicyError
-from moderator.tools.files import replaced_atomically
+from moderator.tools.files import replaced_atomically, write_target
 
 
 def policy_file(directory: Path, policy_id: str) -> Path:
@@ -36,7 +36,7 @@ def write_thresholds(directory: Path, thresholds: dict[str, float]) -> dict[str,
     """
     updates: dict[str, tuple[Path, str]] = {}
     for policy_id, threshold in sorted(thresholds.items()):
-        path = policy_file(directory, policy_id).resolve()  # a link's target, not the link
+        path = write_target(policy_file(directory, policy_id))  # a safe link's target
         with path.open(encoding="utf-8", newline="") as handle:
             text = handle.read()
         updated = _with_threshold(text, threshold, path.name)

@@ -286,3 +286,21 @@ def test_check_refuses_a_client_certificate_without_its_key(tmp_path: Path) -> N
     done = run_cli("check", "--server", "127.0.0.1:1", "--tls-cert", str(cert), str(image))
     assert done.returncode == 2
     assert "--tls-cert and --tls-key go together" in done.stderr
+
+
+def test_rescore_refuses_to_write_through_a_planted_link(tmp_path: Path) -> None:
+    victim = tmp_path / "bashrc"
+    victim.write_text("original\n")
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    (shared / "new.jsonl").symlink_to(victim)
+    stored = tmp_path / "stored.jsonl"
+    stored.write_text('{"id": "a", "embedding": [1.0], "model": "m"}\n')
+    done = run_cli(
+        "rescore", str(stored), "--policies", str(DEMO_POLICIES_DIR), "--demo",
+        "--out", str(shared / "new.jsonl"),
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "shared sticky directory" in done.stderr
+    assert victim.read_text() == "original\n"
