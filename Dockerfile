@@ -98,6 +98,7 @@ ARG WEIGHTS_SHA256
 COPY --chown=0:0 --chmod=0444 weights/model.safetensors /opt/moderator/weights/model.safetensors
 RUN test -n "${WEIGHTS_SHA256}" || { echo "WEIGHTS=baked needs --build-arg WEIGHTS_SHA256" >&2; exit 1; } \
  && echo "${WEIGHTS_SHA256}  /opt/moderator/weights/model.safetensors" | sha256sum --check --strict
-ENV MODERATOR_PRETRAINED=/opt/moderator/weights/model.safetensors
+ENV MODERATOR_PRETRAINED=/opt/moderator/weights/model.safetensors \
+    MODERATOR_PRETRAINED_SHA256=${WEIGHTS_SHA256}
 
 FROM runtime-${WEIGHTS}

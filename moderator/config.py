@@ -29,6 +29,7 @@ DEFAULT_POLICIES_DIR = Path("policies")  # relative to the working directory
 MIB = 1024 * 1024
 MAX_PORT = 65535
 MAX_WORKERS = 64
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # A worker process with numpy and Pillow loaded maps about 100 MB before it decodes anything.
 MIN_DECODE_MEMORY_MB = 256
 # The default request-size limit: four images at the per-image limit, plus ids and framing.
@@ -58,6 +59,8 @@ class ModelConfig:
     # auto | fp32 | bf16 | fp16 (see core.clip.resolve_precision)
     precision: str = "auto"
     allow_random_weights: bool = False
+    # The weights file's SHA-256 (hex), checked before loading (core/weights.py); "": unchecked.
+    pretrained_sha256: str = ""
     # Extra open_clip model-config JSON to register before creating the model (demo model).
     config_path: Path | None = None
     # torch intra-op threads; 0: the CPUs this process may use (affinity and cgroup quota),
@@ -66,6 +69,16 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         require(bool(self.name), "--model", "must name a model")
+        require(
+            not self.pretrained_sha256 or SHA256_HEX.fullmatch(self.pretrained_sha256) is not None,
+            "--pretrained-sha256",
+            "must be 64 hexadecimal digits, lower case",
+        )
+        require(
+            not self.pretrained_sha256 or self.pretrained is not None,
+            "--pretrained-sha256",
+            "needs weights to check (--pretrained is none)",
+        )
         require(self.threads >= 0, "--torch-threads", "must not be negative (0: one per CPU)")
         require(
             self.precision in PRECISION_CHOICES,

@@ -53,6 +53,7 @@ MODEL_OPTIONS = (
         ModelConfig.pretrained,
         "open_clip pretrained tag, checkpoint PATH, or none",
     ),
+    Option("--pretrained-sha256", str, "", "the weights' SHA-256, checked before loading"),
     Option("--device", str, ModelConfig.device, "auto, cpu, cuda or cuda:N"),
     Option(
         "--precision",
@@ -304,13 +305,17 @@ def add_options(
 
 def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
     if args.demo:
-        return replace(demo_model_config(args.device, args.precision), threads=args.torch_threads)
+        demo = demo_model_config(args.device, args.precision)
+        return replace(
+            demo, threads=args.torch_threads, pretrained_sha256=args.pretrained_sha256.lower()
+        )
     return ModelConfig(
         name=args.model,
         pretrained=None if str(args.pretrained).lower() == "none" else args.pretrained,
         device=args.device,
         precision=args.precision,
         allow_random_weights=args.allow_random_weights,
+        pretrained_sha256=args.pretrained_sha256.lower(),
         threads=args.torch_threads,
     )
 

@@ -28,6 +28,7 @@ from open_clip.transformer import LayerNorm, LayerNormFp32
 from moderator.config import ModelConfig
 from moderator.core.cpus import usable_cpus
 from moderator.core.views import Preprocessing
+from moderator.core.weights import verify_weights
 from moderator.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -322,6 +323,7 @@ def load_clip(config: ModelConfig) -> ClipModel:
         )
     if config.config_path is not None:
         open_clip.add_model_config(config.config_path)
+    verify_weights(config)
     threads = config.threads or usable_cpus()
     torch.set_num_threads(threads)
     device = resolve_device(config.device)

@@ -304,3 +304,10 @@ def test_rescore_refuses_to_write_through_a_planted_link(tmp_path: Path) -> None
     assert done.returncode == 2
     assert "shared sticky directory" in done.stderr
     assert victim.read_text() == "original\n"
+
+
+def test_serve_with_weights_of_another_digest_stops_with_the_reason() -> None:
+    done = run_cli("serve", "--demo", "--port", "0", "--metrics-port", "-1",
+                   "--pretrained-sha256", "F" * 64)  # fmt: skip
+    assert done.returncode == 2
+    assert f"not the {'f' * 64} expected; refusing to load it" in done.stderr
