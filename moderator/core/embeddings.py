@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +26,30 @@ from moderator.core.policies import Policy, PolicySet
 log = logging.getLogger(__name__)
 
 Encoder = Callable[[list[str]], torch.Tensor]
+CHECKSUM_BYTES = 32
+STALE_WRITE_SECONDS = 3600.0
 
 
 class EmbeddingCache:
-    """Prompt embeddings for one model and dtype, kept in memory and persisted to one file."""
+    """Prompt embeddings for one model and dtype, kept in memory and persisted one file per
+    prompt in a folder per model.
+
+    An entry is its vector (float32, little-endian) after a SHA-256 over the model key, the
+    prompt and the vector: an entry edited, cut short, or moved to another prompt's name does
+    not verify, and is encoded again (logged). One file per prompt, each written whole (a
+    temporary file renamed), so processes sharing the folder (replicas on one volume, the CLI
+    beside a server) keep each other's entries. Temporary files older than an hour are what a
+    writer that died left behind: swept at start.
+    """
 
     def __init__(self, directory: Path | None, model_key: str) -> None:
         digest = hashlib.sha256(model_key.encode()).hexdigest()[:16]
-        self.path = directory / f"text-embeddings-{digest}.pt" if directory else None
+        self.path = directory / f"text-embeddings-{digest}" if directory else None
         self.model_key = model_key
-        self._embeddings: dict[str, torch.Tensor] = self._load()
+        self._embeddings: dict[str, torch.Tensor] = {}
         self.encoded_total = 0
+        self.rejected_total = 0  # entries on disk that did not verify
+        self._sweep_stale_writes()
 
     @classmethod
     def for_model(
@@ -50,51 +64,84 @@ class EmbeddingCache:
 
     def lookup(self, prompts: list[str], encode: Encoder) -> torch.Tensor:
         """Embeddings [N, E] (float32, CPU) for `prompts`; encodes only those not cached."""
+        for prompt in dict.fromkeys(p for p in prompts if p not in self._embeddings):
+            stored = self._read(prompt)
+            if stored is not None:
+                self._embeddings[prompt] = stored
         missing = list(dict.fromkeys(p for p in prompts if p not in self._embeddings))
         if missing:
             encoded = encode(missing).float().cpu()
             self._embeddings.update(zip(missing, encoded, strict=True))
             self.encoded_total += len(missing)
-            self._save()
+            self._write(missing)
         return torch.stack([self._embeddings[p] for p in prompts])
 
-    def _load(self) -> dict[str, torch.Tensor]:
-        if self.path is None or not self.path.exists():
-            return {}
-        try:
-            stored = torch.load(self.path, map_location="cpu", weights_only=True)
-            if stored.get("model_key") != self.model_key:
-                return {}
-            return dict(zip(stored["prompts"], stored["embeddings"], strict=True))
-        except Exception as exc:  # a corrupt cache only costs re-encoding
-            log.warning("ignoring unreadable embedding cache %s: %s", self.path, exc)
-            return {}
+    def _entry(self, prompt: str) -> Path:
+        assert self.path is not None
+        name = hashlib.sha256(f"{self.model_key}\0{prompt}".encode()).hexdigest()[:32]
+        return self.path / f"{name}.f32"
 
-    def _save(self) -> None:
+    def _checksum(self, prompt: str, vector: bytes) -> bytes:
+        return hashlib.sha256(f"{self.model_key}\0{prompt}\0".encode() + vector).digest()
+
+    def _read(self, prompt: str) -> torch.Tensor | None:
+        if self.path is None:
+            return None
+        entry = self._entry(prompt)
+        try:
+            data = entry.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("embedding cache entry %s unreadable: %s", entry, exc)
+            return None
+        checksum, vector = data[:CHECKSUM_BYTES], data[CHECKSUM_BYTES:]
+        if vector and len(vector) % 4 == 0 and checksum == self._checksum(prompt, vector):
+            values = torch.frombuffer(bytearray(vector), dtype=torch.float32)
+            if bool(torch.isfinite(values).all()):
+                return values
+        self.rejected_total += 1
+        log.warning(
+            "embedding cache entry %s does not verify for prompt %r: encoded again",
+            entry,
+            prompt[:200],
+        )
+        return None
+
+    def _write(self, prompts: list[str]) -> None:
         if self.path is None:
             return
-        prompts = list(self._embeddings)
-        payload = {
-            "model_key": self.model_key,
-            "prompts": prompts,
-            "embeddings": torch.stack([self._embeddings[p] for p in prompts]),
-        }
-        tmp: str | None = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-            os.replace(tmp, self.path)
-            tmp = None
-        except Exception as exc:  # a cache that cannot be written only costs re-encoding later
+            self.path.mkdir(parents=True, exist_ok=True)
+            for prompt in prompts:
+                vector = self._embeddings[prompt].numpy().astype("<f4").tobytes()
+                _write_whole(self._entry(prompt), self._checksum(prompt, vector) + vector)
+        except OSError as exc:  # a cache that cannot be written only costs re-encoding later
             log.warning(
                 "cannot write embedding cache %s: %s (continuing in memory)", self.path, exc
             )
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+
+    def _sweep_stale_writes(self) -> None:
+        if self.path is None or not self.path.is_dir():
+            return
+        cutoff = time.time() - STALE_WRITE_SECONDS
+        for leftover in self.path.glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                if leftover.lstat().st_mtime < cutoff:
+                    leftover.unlink()
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """`path` holds `data` or what it held before, never a part (a temporary file renamed)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -42,14 +44,64 @@ def test_cache_is_keyed_by_model(tmp_path: Path) -> None:
     assert other.encoded == ["a"]
 
 
-def test_corrupt_cache_file_costs_only_re_encoding(tmp_path: Path) -> None:
+def entries(cache: EmbeddingCache) -> list[Path]:
+    assert cache.path is not None
+    return sorted(cache.path.glob("*.f32"))
+
+
+def test_a_tampered_entry_is_encoded_again_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = EmbeddingCache(tmp_path, "m")
+    cache.lookup(["a knife"], CountingEncoder())
+    [entry] = entries(cache)
+    data = bytearray(entry.read_bytes())
+    data[-1] ^= 0x40  # one bit of the vector: what a tamperer would change
+    entry.write_bytes(bytes(data))
+    encoder = CountingEncoder()
+    reloaded = EmbeddingCache(tmp_path, "m")
+    assert torch.allclose(reloaded.lookup(["a knife"], encoder)[0], vector("a knife"))
+    assert encoder.encoded == ["a knife"]
+    assert reloaded.rejected_total == 1
+    assert "does not verify for prompt 'a knife'" in caplog.text
+    again = CountingEncoder()
+    EmbeddingCache(tmp_path, "m").lookup(["a knife"], again)
+    assert again.encoded == []  # the rewritten entry verifies
+
+
+def test_an_entry_moved_to_another_prompt_or_cut_short_does_not_verify(tmp_path: Path) -> None:
+    cache = EmbeddingCache(tmp_path, "m")
+    cache.lookup(["a knife", "a flower"], CountingEncoder())
+    knife, flower = (cache._entry(p) for p in ("a knife", "a flower"))
+    flower.write_bytes(knife.read_bytes())  # a knife's vector for the flower prompt
+    knife.write_bytes(knife.read_bytes()[:40])
+    encoder = CountingEncoder()
+    EmbeddingCache(tmp_path, "m").lookup(["a knife", "a flower"], encoder)
+    assert encoder.encoded == ["a knife", "a flower"]
+
+
+def test_two_writers_sharing_the_folder_keep_both_sets_of_entries(tmp_path: Path) -> None:
+    server, cli = EmbeddingCache(tmp_path, "m"), EmbeddingCache(tmp_path, "m")
+    server.lookup(["a", "b"], CountingEncoder())
+    cli.lookup(["c"], CountingEncoder())  # a whole-file cache would have dropped a and b here
+    server.lookup(["d"], CountingEncoder())
+    fresh = CountingEncoder()
+    EmbeddingCache(tmp_path, "m").lookup(["a", "b", "c", "d"], fresh)
+    assert fresh.encoded == []
+
+
+def test_writes_a_dead_writer_left_are_swept_at_start(tmp_path: Path) -> None:
     cache = EmbeddingCache(tmp_path, "m")
     cache.lookup(["a"], CountingEncoder())
     assert cache.path is not None
-    cache.path.write_bytes(b"garbage")
-    encoder = CountingEncoder()
-    EmbeddingCache(tmp_path, "m").lookup(["a"], encoder)
-    assert encoder.encoded == ["a"]
+    stale, recent = cache.path / ".x.f32.1.tmp", cache.path / ".y.f32.2.tmp"
+    stale.write_bytes(b"half")
+    recent.write_bytes(b"in progress")
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    EmbeddingCache(tmp_path, "m")
+    assert not stale.exists()
+    assert recent.exists()  # another process may be writing it now
 
 
 def test_unwritable_cache_directory_still_works(tmp_path: Path) -> None:
