@@ -19,8 +19,9 @@ MAX_LINK_HOPS = 40
 def write_target(path: Path) -> Path:
     """The file writing `path` should replace: `path`, or the target of the links it is, each
     link followed only if the caller owns it and its directory is not a shared sticky one
-    (/tmp). Replacing a link's target resolved by hand bypasses the kernel's protection of
-    such links: another user could plant /tmp/out.jsonl -> ~/.bashrc and have it replaced."""
+    (/tmp); root's links count as the caller's. Replacing a link's target resolved by hand
+    bypasses the kernel's protection of such links: another user could plant
+    /tmp/out.jsonl -> ~/.bashrc and have it replaced."""
     current = Path(os.path.abspath(path))
     for _ in range(MAX_LINK_HOPS):
         try:
@@ -35,7 +36,9 @@ def write_target(path: Path) -> Path:
 
 
 def _refuse_unsafe_link(link: Path, info: os.stat_result) -> None:
-    if info.st_uid != os.geteuid():
+    """Root's links are the system's (/dev/stdout, a ConfigMap's ..data): trusted like root
+    itself, except in a shared sticky directory, where no link is followed."""
+    if info.st_uid not in (os.geteuid(), 0):
         raise ConfigError(
             f"{link} is a link owned by another user (uid {info.st_uid}): not followed; "
             "write to its target path instead"
