@@ -11,7 +11,13 @@ from packaging.requirements import Requirement
 
 from moderator.config import REPO_ROOT
 
-SECURITY_FLOORS = {"torch": "2.11", "torchvision": "0.26", "pillow": "12.2.0", "pyyaml": "6.0"}
+SECURITY_FLOORS = {
+    "torch": "2.11",
+    "torchvision": "0.26",
+    "pillow": "12.2.0",
+    "protobuf": "7.35.1",
+    "pyyaml": "6.0",
+}
 
 
 def requirements(pyproject: str) -> list[Requirement]:

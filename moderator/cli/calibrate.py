@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from moderator.tools.offline import OfflineScorer
     from moderator.tools.regression import discover_examples
     from moderator.tools.report import render_report
+    from moderator.tools.thresholds import policy_file
 
     target, value = (
         (Target.RECALL, args.target_recall)
@@ -81,8 +82,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"skipped labelled images of disabled policies: {', '.join(skipped)}")
     else:
         examples = read_labels_csv(args.labels, policy_set)
+    # Links that are not safe to follow are refused before any work.
     if args.report:
-        write_target(args.report)  # a link that is not safe to follow is refused before any work
+        write_target(args.report)
+    if args.write:
+        for policy in policy_set.policies:
+            write_target(policy_file(args.policies_dir, policy.id))
     clip, cache = load_model(args)
     calibration = calibrate(OfflineScorer(clip, policy_set, cache), examples, target, value)
     print(format_calibration(calibration))

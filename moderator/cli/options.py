@@ -305,10 +305,7 @@ def add_options(
 
 def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
     if args.demo:
-        demo = demo_model_config(args.device, args.precision)
-        return replace(
-            demo, threads=args.torch_threads, pretrained_sha256=args.pretrained_sha256.lower()
-        )
+        return replace(demo_model_config(args.device, args.precision), threads=args.torch_threads)
     return ModelConfig(
         name=args.model,
         pretrained=None if str(args.pretrained).lower() == "none" else args.pretrained,

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 Encoder = Callable[[list[str]], torch.Tensor]
 CHECKSUM_BYTES = 32
+MAX_ENTRY_BYTES = CHECKSUM_BYTES + 4 * 65536  # wider than any CLIP text embedding
 STALE_WRITE_SECONDS = 3600.0
 
 
@@ -74,6 +76,22 @@ class EmbeddingCache:
             self._embeddings.update(zip(missing, encoded, strict=True))
             self.encoded_total += len(missing)
             self._write(missing)
+        if len({int(self._embeddings[p].numel()) for p in prompts}) > 1:
+            return self._encode_all_again(prompts, encode)
+        return torch.stack([self._embeddings[p] for p in prompts])
+
+    def _encode_all_again(self, prompts: list[str], encode: Encoder) -> torch.Tensor:
+        """Entries of two sizes (a verified entry of another model's width: the checksum has no
+        secret): none of them is trusted."""
+        log.warning("embedding cache %s holds vectors of different sizes: encoded again", self.path)
+        unique = list(dict.fromkeys(prompts))
+        for prompt in unique:
+            self._embeddings.pop(prompt, None)
+        self.rejected_total += len(unique)
+        encoded = encode(unique).float().cpu()
+        self._embeddings.update(zip(unique, encoded, strict=True))
+        self.encoded_total += len(unique)
+        self._write(unique)
         return torch.stack([self._embeddings[p] for p in prompts])
 
     def _entry(self, prompt: str) -> Path:
@@ -89,7 +107,7 @@ class EmbeddingCache:
             return None
         entry = self._entry(prompt)
         try:
-            data = entry.read_bytes()
+            data = _read_entry(entry)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -113,13 +131,15 @@ class EmbeddingCache:
             return
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            for prompt in prompts:
-                vector = self._embeddings[prompt].numpy().astype("<f4").tobytes()
-                _write_whole(self._entry(prompt), self._checksum(prompt, vector) + vector)
         except OSError as exc:  # a cache that cannot be written only costs re-encoding later
-            log.warning(
-                "cannot write embedding cache %s: %s (continuing in memory)", self.path, exc
-            )
+            log.warning("cannot write embedding cache %s: %s (in memory only)", self.path, exc)
+            return
+        for prompt in prompts:
+            vector = self._embeddings[prompt].numpy().astype("<f4").tobytes()
+            try:
+                _write_whole(self._entry(prompt), self._checksum(prompt, vector) + vector)
+            except OSError as exc:  # this entry only: the others are still worth keeping
+                log.warning("cannot write embedding cache entry for %r: %s", prompt[:200], exc)
 
     def _sweep_stale_writes(self) -> None:
         if self.path is None or not self.path.is_dir():
@@ -129,6 +149,17 @@ class EmbeddingCache:
             with contextlib.suppress(OSError):
                 if leftover.lstat().st_mtime < cutoff:
                     leftover.unlink()
+
+
+def _read_entry(entry: Path) -> bytes:
+    """An entry's bytes: a regular file (not a link, a FIFO that would block, a folder) no
+    larger than any entry can be."""
+    fd = os.open(entry, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_ENTRY_BYTES:
+            raise OSError(f"not a regular file of at most {MAX_ENTRY_BYTES} bytes")
+        return file.read(MAX_ENTRY_BYTES + 1)
 
 
 def _write_whole(path: Path, data: bytes) -> None:

@@ -1,6 +1,6 @@
 """The model weights checked against the digest the operator gave (--pretrained-sha256) before
-they are loaded: a replaced checkpoint (a writable volume, a poisoned cache, a hub repository
-that changed) stops the start instead of silently changing every decision."""
+they are loaded: a replaced checkpoint (a writable volume, a poisoned cache) stops the start
+instead of silently changing every decision."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from pathlib import Path
 import open_clip
 
 from moderator.config import ModelConfig
-from moderator.errors import ConfigError
+from moderator.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1024 * 1024
+HUB_PREFIXES = ("hf-hub:", "local-dir:")
 
 
 def file_sha256(path: Path) -> str:
@@ -27,20 +28,26 @@ def file_sha256(path: Path) -> str:
 
 
 def weights_file(config: ModelConfig) -> Path:
-    """The checkpoint `--pretrained` names: a local file, or an open_clip tag's download (made
-    now, into open_clip's cache, where loading finds it)."""
+    """The checkpoint open_clip will load, found the way it finds it: a pretrained tag first
+    (its download, made now into open_clip's cache, where loading finds it), then a file."""
     assert config.pretrained is not None
-    if Path(config.pretrained).is_file():
-        return Path(config.pretrained)
-    if config.name.startswith(("hf-hub:", "local-dir:")):
-        raise ConfigError(
-            "--pretrained-sha256 checks a checkpoint file or an open_clip pretrained tag; for "
-            f"{config.name} download the checkpoint and give --pretrained PATH"
+    if config.name.startswith(HUB_PREFIXES):
+        raise ConfigError(  # open_clip loads the hub's or folder's weights, whatever --pretrained
+            f"--pretrained-sha256 cannot check {config.name}: open_clip loads its weights "
+            "itself; download the checkpoint and give --model NAME --pretrained PATH"
         )
     settings = open_clip.get_pretrained_cfg(config.name, config.pretrained)
-    if not settings:
-        raise ConfigError(f"--pretrained {config.pretrained!r}: not a file, nor a known tag")
-    return Path(open_clip.download_pretrained(settings))
+    if settings:
+        try:
+            return Path(open_clip.download_pretrained(settings))
+        except Exception as exc:  # network, hub and cache errors of many types
+            raise ModelLoadError(
+                f"cannot download the {config.pretrained!r} weights of {config.name} to check "
+                f"them: {exc}"
+            ) from exc
+    if Path(config.pretrained).is_file():
+        return Path(config.pretrained)
+    raise ConfigError(f"--pretrained {config.pretrained!r}: not a known tag, nor a file")
 
 
 def verify_weights(config: ModelConfig) -> None:

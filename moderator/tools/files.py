@@ -17,22 +17,46 @@ MAX_LINK_HOPS = 40
 
 
 def write_target(path: Path) -> Path:
-    """The file writing `path` should replace: `path`, or the target of the links it is, each
-    link followed only if the caller owns it and its directory is not a shared sticky one
-    (/tmp); root's links count as the caller's. Replacing a link's target resolved by hand
-    bypasses the kernel's protection of such links: another user could plant
-    /tmp/out.jsonl -> ~/.bashrc and have it replaced."""
-    current = Path(os.path.abspath(path))
-    for _ in range(MAX_LINK_HOPS):
+    """The file writing `path` should replace: `path` with its links resolved component by
+    component as the kernel resolves them, each link followed only if the caller (or root)
+    owns it and its directory is not a shared sticky one (/tmp). Replacing a link's target
+    resolved by hand bypasses the kernel's protection of such links: another user could
+    plant /tmp/out.jsonl -> ~/.bashrc (or /tmp/dir -> ~) and have a file of ours replaced.
+    What is not a regular file once resolved (/dev/stdout, a pipe) is opened as named."""
+    parts = list(Path(os.getcwd(), path).parts)
+    resolved, hops = Path(parts.pop(0)), 0
+    while parts:
+        part = parts.pop(0)
+        if part in (".", ""):
+            continue
+        if part == "..":
+            resolved = resolved.parent
+            continue
+        candidate = resolved / part
         try:
-            info = os.lstat(current)
-        except FileNotFoundError:
-            return current
+            info = os.lstat(candidate)
+        except OSError:  # not there (yet): what follows is created or fails as named
+            resolved = candidate
+            continue
         if not stat.S_ISLNK(info.st_mode):
-            return current
-        _refuse_unsafe_link(current, info)
-        current = Path(os.path.abspath(current.parent / os.readlink(current)))
-    raise ConfigError(f"{path}: more than {MAX_LINK_HOPS} links, refused")
+            resolved = candidate
+            continue
+        hops += 1
+        if hops > MAX_LINK_HOPS:
+            raise ConfigError(f"{path}: more than {MAX_LINK_HOPS} links, refused")
+        _refuse_unsafe_link(candidate, info)
+        target = Path(os.readlink(candidate))
+        if target.is_absolute():
+            resolved = Path(target.anchor)
+        parts = list(target.parts[1:] if target.is_absolute() else target.parts) + parts
+    return resolved if _regular_or_absent(path) else Path(path)
+
+
+def _regular_or_absent(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True
 
 
 def _refuse_unsafe_link(link: Path, info: os.stat_result) -> None:

@@ -306,8 +306,17 @@ def test_rescore_refuses_to_write_through_a_planted_link(tmp_path: Path) -> None
     assert victim.read_text() == "original\n"
 
 
-def test_serve_with_weights_of_another_digest_stops_with_the_reason() -> None:
-    done = run_cli("serve", "--demo", "--port", "0", "--metrics-port", "-1",
-                   "--pretrained-sha256", "F" * 64)  # fmt: skip
+def test_serve_with_weights_of_another_digest_stops_with_the_reason(tmp_path: Path) -> None:
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(DEMO_CHECKPOINT_PATH.read_bytes())
+    done = run_cli(
+        "serve", "--model", "moderator-shapes-demo", "--pretrained", str(weights),
+        "--port", "0", "--metrics-port", "-1", "--pretrained-sha256", "F" * 64,
+    )  # fmt: skip
     assert done.returncode == 2
     assert f"not the {'f' * 64} expected; refusing to load it" in done.stderr
+
+
+def test_the_demo_ignores_a_digest_meant_for_production_weights() -> None:
+    args = build_parser({"MODERATOR_PRETRAINED_SHA256": "ab" * 32}).parse_args(["serve", "--demo"])
+    assert config_from_args(args).model.pretrained_sha256 == ""

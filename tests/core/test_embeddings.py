@@ -154,3 +154,32 @@ def test_an_index_on_another_device_keeps_a_cpu_copy_for_rescoring() -> None:
     cpu_index = build_policy_index(policy_set, CountingEncoder(), cache, torch.device("cpu"))
     assert cpu_index.on_cpu is cpu_index
     assert torch.equal(on_cpu.text_matrix, cpu_index.text_matrix)
+
+
+def test_a_forged_entry_of_another_width_is_not_trusted(tmp_path: Path) -> None:
+    """The checksum has no secret: whoever can write the folder can forge one. An entry of
+    another width would break the index: every entry of the lookup is encoded again."""
+    cache = EmbeddingCache(tmp_path, "m")
+    cache.lookup(["a", "b"], CountingEncoder())
+    forged = bytes(4 * (DIM + 3))  # not DIM floats
+    cache._entry("b").write_bytes(cache._checksum("b", forged) + forged)
+    encoder = CountingEncoder()
+    reloaded = EmbeddingCache(tmp_path, "m")
+    assert reloaded.lookup(["a", "b"], encoder).shape == (2, DIM)
+    assert sorted(encoder.encoded) == ["a", "b"]
+
+
+def test_entries_that_are_not_plain_files_neither_block_nor_stop_the_others(
+    tmp_path: Path,
+) -> None:
+    cache = EmbeddingCache(tmp_path, "m")
+    cache.lookup(["seed"], CountingEncoder())
+    os.mkfifo(cache._entry("a"))  # reading it would block until someone writes
+    cache._entry("b").mkdir()  # writing over it fails
+    encoder = CountingEncoder()
+    fresh = EmbeddingCache(tmp_path, "m")
+    assert fresh.lookup(["a", "b", "c"], encoder).shape == (3, DIM)
+    assert encoder.encoded == ["a", "b", "c"]
+    again = CountingEncoder()
+    EmbeddingCache(tmp_path, "m").lookup(["a", "c"], again)
+    assert again.encoded == []  # a's FIFO was replaced by its entry, c was saved after b failed

@@ -32,8 +32,23 @@ def test_what_cannot_be_checked_is_refused() -> None:
         ModelConfig(pretrained_sha256="abc")
     with pytest.raises(ConfigError, match="needs weights to check"):
         ModelConfig(pretrained=None, pretrained_sha256=WRONG)
-    hub = ModelConfig(name="hf-hub:org/model", pretrained="", pretrained_sha256=WRONG)
-    with pytest.raises(ConfigError, match="download the checkpoint"):
+    checkpoint = str(DEMO_CHECKPOINT_PATH)  # a real file: the hub's weights would load instead
+    hub = ModelConfig(name="hf-hub:org/model", pretrained=checkpoint, pretrained_sha256=WRONG)
+    with pytest.raises(ConfigError, match="open_clip loads its weights itself"):
         verify_weights(hub)
-    with pytest.raises(ConfigError, match="not a file, nor a known tag"):
+    with pytest.raises(ConfigError, match="not a known tag, nor a file"):
         verify_weights(ModelConfig(pretrained="no-such-tag", pretrained_sha256=WRONG))
+
+
+def test_a_tag_is_checked_before_a_file_of_the_same_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """open_clip loads the tag's download when --pretrained names both: that is what is checked."""
+    monkeypatch.chdir(tmp_path)
+    Path("openai").write_bytes(b"a file named like the tag")
+    download = tmp_path / "download.bin"
+    download.write_bytes(b"the tag's weights")
+    monkeypatch.setattr("open_clip.download_pretrained", lambda settings: str(download))
+    config = ModelConfig(name="ViT-B-32", pretrained="openai", pretrained_sha256=WRONG)
+    with pytest.raises(ConfigError, match=f"{download} has SHA-256"):
+        verify_weights(config)

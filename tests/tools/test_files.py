@@ -66,3 +66,32 @@ def test_a_link_loop_is_refused(tmp_path: Path) -> None:
     (tmp_path / "b").symlink_to(tmp_path / "a")
     with pytest.raises(ConfigError, match="links, refused"):
         write_target(tmp_path / "a")
+
+
+def test_a_link_among_the_folders_above_the_file_is_checked_too(tmp_path: Path) -> None:
+    victim = tmp_path / "home"
+    victim.mkdir()
+    (victim / "out.jsonl").write_text("original\n")
+    planted = shared_sticky(tmp_path / "tmp") / "dir"
+    planted.symlink_to(victim)
+    with pytest.raises(ConfigError, match="shared sticky directory"):
+        write_target(planted / "out.jsonl")
+    assert (victim / "out.jsonl").read_text() == "original\n"
+
+
+def test_links_are_resolved_as_the_kernel_resolves_them(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "a" / "linkdir").symlink_to("../real/sub")
+    (tmp_path / "real" / "sub" / "out").symlink_to("../x")  # .. of the link's real folder
+    through = tmp_path / "a" / "linkdir" / "out"
+    assert write_target(through) == Path(os.path.realpath(through)) == tmp_path / "real" / "x"
+
+
+def test_what_is_not_a_regular_file_is_written_as_named(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert write_target(Path("/dev/null")) == Path("/dev/null")
+    assert write_target(fifo) == fifo
+    with written_on_success(Path("/dev/null")) as out:
+        out.write("nothing")
