@@ -72,27 +72,23 @@ class EmbeddingCache:
                 self._embeddings[prompt] = stored
         missing = list(dict.fromkeys(p for p in prompts if p not in self._embeddings))
         if missing:
-            encoded = encode(missing).float().cpu()
-            self._embeddings.update(zip(missing, encoded, strict=True))
-            self.encoded_total += len(missing)
-            self._write(missing)
+            self._encode(missing, encode)
         if len({int(self._embeddings[p].numel()) for p in prompts}) > 1:
-            return self._encode_all_again(prompts, encode)
+            # A verified entry of another width (the checksum has no secret): none is trusted.
+            log.warning(
+                "embedding cache %s holds vectors of different sizes: encoded again", self.path
+            )
+            unique = list(dict.fromkeys(prompts))
+            self.rejected_total += len(unique)
+            self._encode(unique, encode)
         return torch.stack([self._embeddings[p] for p in prompts])
 
-    def _encode_all_again(self, prompts: list[str], encode: Encoder) -> torch.Tensor:
-        """Entries of two sizes (a verified entry of another model's width: the checksum has no
-        secret): none of them is trusted."""
-        log.warning("embedding cache %s holds vectors of different sizes: encoded again", self.path)
-        unique = list(dict.fromkeys(prompts))
-        for prompt in unique:
-            self._embeddings.pop(prompt, None)
-        self.rejected_total += len(unique)
-        encoded = encode(unique).float().cpu()
-        self._embeddings.update(zip(unique, encoded, strict=True))
-        self.encoded_total += len(unique)
-        self._write(unique)
-        return torch.stack([self._embeddings[p] for p in prompts])
+    def _encode(self, prompts: list[str], encode: Encoder) -> None:
+        """Encode `prompts` (distinct), keep and save them."""
+        encoded = encode(prompts).float().cpu()
+        self._embeddings.update(zip(prompts, encoded, strict=True))
+        self.encoded_total += len(prompts)
+        self._write(prompts)
 
     def _entry(self, prompt: str) -> Path:
         assert self.path is not None

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moderator.config import SHA256_HEX
 from moderator.core.policy_files import (
     compose_policy_yaml,
     construct_policy_value,
@@ -22,7 +23,6 @@ from moderator.core.policy_files import (
 )
 from moderator.errors import PolicyError
 
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 CALLER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_ENTRIES = 1000
 ANONYMOUS = "anonymous"  # the caller label when no token file is configured
@@ -103,7 +103,7 @@ def _parse(document: Any, source: str, problems: list[str]) -> AccessFile:
         where = f"{source}: tokens[{i}]"
         caller = _caller(entry, where, {"name", "sha256", "roles"}, problems)
         digest = entry.get("sha256") if isinstance(entry, dict) else None
-        if not isinstance(digest, str) or not SHA256_HEX.match(digest):
+        if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
             problems.append(f"{where}: 'sha256' must be 64 lower-case hex digits, quoted")
         elif digest in by_digest:
             problems.append(f"{where}: the same sha256 as '{by_digest[digest].name}'")

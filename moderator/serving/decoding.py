@@ -25,10 +25,6 @@ class ImageDecoder:
         self._pool = DecodePool(config.decode, config.images, prep, metrics)
         self._metrics = metrics
 
-    @property
-    def on_device(self) -> bool:
-        return self._device is not None
-
     def start(self) -> None:
         self._pool.start()
         if self._device is not None:

@@ -150,9 +150,13 @@ def fit_square(image: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
 @dataclass
 class _Pending:
     data: bytes
-    pixels: int
+    header: JpegHeader  # read once, on the caller's side
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[torch.Tensor | None]
+
+    @property
+    def pixels(self) -> int:
+        return self.header.width * self.header.height
 
     def settle(self, value: torch.Tensor | None) -> None:
         """Resolve the future on its loop (unless resolved or cancelled meanwhile)."""
@@ -223,23 +227,29 @@ class DeviceDecoder:
         with self._lock:
             if self._thread is None or self._stopped:
                 return None
-            self._queue.append(_Pending(data, header.width * header.height, loop, future))
+            self._queue.append(_Pending(data, header, loop, future))
             self._lock.notify()
         return await future
 
     def decode_batch(self, items: list[bytes]) -> list[torch.Tensor | None]:
         """Each file's view on the device, in order; None for a file that is not eligible, fails
         to decode, or decodes to another size than its header says."""
+        return self.decode_read([(data, read_jpeg_header(data)) for data in items])
+
+    def decode_read(
+        self, items: list[tuple[bytes, JpegHeader | None]]
+    ) -> list[torch.Tensor | None]:
+        """decode_batch of files whose headers were read already."""
         results: list[torch.Tensor | None] = [None] * len(items)
         chosen = [
             (i, header)
-            for i, header in enumerate(map(read_jpeg_header, items))
-            if device_eligible(items[i], header, self.limits, self.max_image_pixels)
+            for i, (data, header) in enumerate(items)
+            if device_eligible(data, header, self.limits, self.max_image_pixels)
         ]
         if not chosen:
             return results
         with contextlib.nullcontext() if self._stream is None else torch.cuda.stream(self._stream):
-            decoded = self._decode_all([items[i] for i, _ in chosen])
+            decoded = self._decode_all([items[i][0] for i, _ in chosen])
             for (i, header), image in zip(chosen, decoded, strict=True):
                 results[i] = None if image is None else self._finish(image, header)
             self._hand_over(results)
@@ -282,7 +292,7 @@ class DeviceDecoder:
     def _run(self) -> None:
         while (batch := self._take()) is not None:
             try:
-                results = self.decode_batch([item.data for item in batch])
+                results = self.decode_read([(item.data, item.header) for item in batch])
             except Exception:
                 log.exception("device decode of a batch failed; its images go to the CPU path")
                 results = [None] * len(batch)

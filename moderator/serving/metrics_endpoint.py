@@ -19,8 +19,7 @@ def start_metrics_endpoint(registry: CollectorRegistry, config: ServerConfig) ->
         return None
     if config.metrics_tls_cert is not None and config.metrics_tls_key is not None:
         check_key_pair(config.metrics_tls_cert, config.metrics_tls_key, "--metrics-tls-cert")
-    host = config.metrics_host or config.host
-    host = "::" if host in ("[::]", "::") else host.strip("[]")
+    host = (config.metrics_host or config.host).strip("[]")  # [::] -> ::
     try:
         httpd, _thread = start_http_server(
             config.metrics_port,

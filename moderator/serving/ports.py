@@ -12,7 +12,7 @@ def hold_port(host: str, port: int) -> list[socket.socket]:
     """Bind every address of `host` on `port` with SO_REUSEPORT and keep them, without
     listening: the workers (same user, same option) can bind them too. A port anything else
     holds (a server, another supervisor) is refused first. Port 0 picks a free one."""
-    bind_host = "::" if host.strip("[]") == "::" else host.strip("[]")
+    bind_host = host.strip("[]")  # [::] -> ::
     held: list[socket.socket] = []
     try:
         for family, kind, proto, found in _addresses(bind_host, port):

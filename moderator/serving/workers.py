@@ -233,16 +233,16 @@ class Supervisor:
         now = time.monotonic()
         self._reap_orphans()
         for worker in self._workers:
-            self._note_serving(worker)
             process = worker.process
             if process is None:
                 if worker.restart_at is not None and now >= worker.restart_at:
                     self.start_worker(worker)
                     self.metrics.worker_restarts.inc()
                 continue
-            if process.is_alive() or self.stopping:
+            alive = process.is_alive()
+            self._note_serving(worker)  # after is_alive: a message sent just before exit counts
+            if alive or self.stopping:
                 continue
-            self._note_serving(worker)
             worker.process, worker.metrics_port, worker.serving = None, 0, False
             if not worker.served:
                 raise ConfigError(

@@ -14,7 +14,7 @@ from PIL import Image, ImageCms, ImageDraw
 from torchvision.io import decode_jpeg
 
 from moderator.config import ImageConfig
-from moderator.core.jpeg_header import read_jpeg_header
+from moderator.core.jpeg_header import JpegHeader, read_jpeg_header
 from moderator.core.views import Preprocessing, apply_orientation, decode_views, fit_to_square
 from moderator.errors import ConfigError
 from moderator.serving import device_decode
@@ -262,18 +262,18 @@ def test_a_decoded_size_other_than_the_header_says_goes_to_the_cpu(
 
 
 class Gate:
-    """Holds the decoder's thread in decode_batch until opened; records each batch's size."""
+    """Holds the decoder's thread in decode_read until opened; records each batch's size."""
 
     def __init__(self, decoder: DeviceDecoder) -> None:
         self.open = threading.Event()
         self.sizes: list[int] = []
-        self._decode_batch = decoder.decode_batch
-        decoder.decode_batch = self  # type: ignore[method-assign]
+        self._decode_read = decoder.decode_read
+        decoder.decode_read = self  # type: ignore[method-assign]
 
-    def __call__(self, items: list[bytes]) -> list[torch.Tensor | None]:
+    def __call__(self, items: list[tuple[bytes, JpegHeader | None]]) -> list[torch.Tensor | None]:
         self.sizes.append(len(items))
         assert self.open.wait(30), "the test never opened the gate"
-        return self._decode_batch(items)
+        return self._decode_read(items)
 
 
 def test_concurrent_decodes_from_an_event_loop_are_batched() -> None:

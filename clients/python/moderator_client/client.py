@@ -182,8 +182,11 @@ class _Failure:
             raise self.error
 
 
-class ModeratorClient:
-    """A blocking client; also a context manager (closes its channel)."""
+class _Client:
+    """What both clients hold: one channel to `target` (opened with `_grpc`, grpc or grpc.aio),
+    its stub, the call metadata and the default deadline."""
+
+    _grpc: Any = grpc
 
     def __init__(
         self,
@@ -199,13 +202,20 @@ class ModeratorClient:
         tls = credentials(tls_ca, tls_cert, tls_key)
         options = channel_options(max_attempts)
         self._channel = (
-            grpc.secure_channel(target, tls, options)
+            self._grpc.secure_channel(target, tls, options)
             if tls is not None
-            else grpc.insecure_channel(target, options)
+            else self._grpc.insecure_channel(target, options)
         )
         self._stub = pb_grpc.ModeratorStub(self._channel)
         self._metadata = bearer(token)
         self.timeout = timeout
+
+    def _deadline(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
+
+
+class ModeratorClient(_Client):
+    """A blocking client; also a context manager (closes its channel)."""
 
     def moderate(
         self,
@@ -279,9 +289,6 @@ class ModeratorClient:
         )
         return ModerateResult.from_proto(response)
 
-    def _deadline(self, timeout: float | None) -> float:
-        return self.timeout if timeout is None else timeout
-
     def close(self) -> None:
         self._channel.close()
 
@@ -292,30 +299,10 @@ class ModeratorClient:
         self.close()
 
 
-class AsyncModeratorClient:
+class AsyncModeratorClient(_Client):
     """The asyncio twin of ModeratorClient (grpc.aio); `async with` closes its channel."""
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        tls_ca: Credential | None = None,
-        tls_cert: Credential | None = None,
-        tls_key: Credential | None = None,
-        token: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        max_attempts: int = DEFAULT_ATTEMPTS,
-    ) -> None:
-        tls = credentials(tls_ca, tls_cert, tls_key)
-        options = channel_options(max_attempts)
-        self._channel = (
-            grpc.aio.secure_channel(target, tls, options)
-            if tls is not None
-            else grpc.aio.insecure_channel(target, options)
-        )
-        self._stub = pb_grpc.ModeratorStub(self._channel)
-        self._metadata = bearer(token)
-        self.timeout = timeout
+    _grpc = grpc.aio
 
     async def moderate(
         self,
@@ -391,9 +378,6 @@ class AsyncModeratorClient:
             request, timeout=self._deadline(timeout), metadata=self._metadata
         )
         return ModerateResult.from_proto(response)
-
-    def _deadline(self, timeout: float | None) -> float:
-        return self.timeout if timeout is None else timeout
 
     async def close(self) -> None:
         await self._channel.close(None)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import grpc
 
-from moderator_client.client import AsyncModeratorClient, bearer
+from moderator_client.client import AsyncModeratorClient, bearer, credentials
 from moderator_client.progress import Progress
 from moderator_client.results import ModerateResult
 
@@ -117,7 +117,6 @@ class Scan:
         self.progress = progress
         self.stopping = asyncio.Event()
         self._out = args.out.open("a", encoding="utf-8")
-        self._next = 0
 
     def batches(self) -> Iterator[list[tuple[str, bytes]]]:
         batch: list[tuple[str, bytes]] = []
@@ -206,21 +205,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = Progress(len(files), sys.stderr, args.progress_seconds, skipped=len(skip))
     try:
         token = args.token_file.read_text().strip() if args.token_file else None
-        connect = functools.partial(
-            AsyncModeratorClient,
-            args.server,
-            tls_ca=args.tls_ca.read_bytes() if args.tls_ca else None,
-            tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
-            tls_key=args.tls_key.read_bytes() if args.tls_key else None,
-            token=token or os.environ.get("MODERATOR_TOKEN"),
-            timeout=args.timeout,
+        token = token or os.environ.get("MODERATOR_TOKEN")
+        ca, cert, key = (
+            p.read_bytes() if p else None for p in (args.tls_ca, args.tls_cert, args.tls_key)
         )
-        bearer(connect.keywords["token"])  # a bad token is an argument error, before any work
-        if (args.tls_cert is None) != (args.tls_key is None):
-            raise ValueError("--tls-cert and --tls-key go together (a client certificate)")
+        # the client's own checks, now: bad credentials are an argument error, before any work
+        bearer(token)
+        credentials(ca, cert, key)
     except (OSError, ValueError) as exc:
         print(f"moderator-scan: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    connect = functools.partial(
+        AsyncModeratorClient,
+        args.server,
+        tls_ca=ca,
+        tls_cert=cert,
+        tls_key=key,
+        token=token,
+        timeout=args.timeout,
+    )
     interrupted = asyncio.run(_scan(args, files, progress, connect))
     progress.summary()
     if interrupted:
