@@ -75,7 +75,7 @@ def main() -> None:
         )
 
     async def in_workers(data: bytes) -> np.ndarray:
-        return await pool.decode(data)
+        return (await pool.decode(data)).views
 
     sets = {
         "224 px JPEG": [photo_like_jpeg(224, 224, seed) for seed in range(16)],

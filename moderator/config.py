@@ -335,6 +335,8 @@ class Config:
     # Seconds between checks of the policy directory for changes; 0 turns watching off.
     policy_poll_seconds: float = 5.0
     embedding_cache_dir: Path = field(default_factory=default_cache_dir)
+    # Memory for the view embeddings of recently seen images (by SHA-256); 0 turns it off.
+    image_cache_mb: int = 256
     model: ModelConfig = field(default_factory=ModelConfig)
     images: ImageConfig = field(default_factory=ImageConfig)
     batching: BatchConfig = field(default_factory=BatchConfig)
@@ -342,6 +344,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self) -> None:
+        require(self.image_cache_mb >= 0, "--image-cache-mb", "must not be negative (0: off)")
         require(
             self.policy_poll_seconds >= 0,
             "--policy-poll-seconds",

@@ -59,6 +59,11 @@ def image_result(outcome: ImageOutcome) -> pb.ImageResult:
         embedding=outcome.embedding,
         views=[pb.Embedding(values=view) for view in outcome.views],
     )
+    if outcome.hashes is not None:
+        result.sha256 = outcome.hashes.sha256
+        if outcome.hashes.pdq is not None:
+            result.pdq = outcome.hashes.pdq.hex
+            result.pdq_quality = outcome.hashes.pdq.quality
     if outcome.error is not None:
         result.error.code = IMAGE_ERROR_CODES[outcome.error.code]
         result.error.message = outcome.error.message
@@ -76,12 +81,18 @@ def policy_result(outcome: PolicyOutcome) -> pb.PolicyResult:
         mode=MODES[policy.mode],
         matched_description=outcome.matched_description,
         policy_version=policy.version,
+        example_score=outcome.example_score,
+        example_threshold=policy.known.example_threshold if policy.known.examples else 0.0,
+        matched_example=outcome.matched_example,
+        allowed_by=outcome.allowed_by,
+        matched_hash=outcome.matched_hash,
     )
 
 
 def embedded(image: pb.EmbeddedImage) -> EmbeddedImage:
     """A ScoreEmbeddings image as the domain's stored image (values converted later)."""
-    return embedded_image(image.id, image.embedding, [view.values for view in image.views])
+    views = [view.values for view in image.views]
+    return embedded_image(image.id, image.embedding, views, sha256=image.sha256, pdq=image.pdq)
 
 
 def policy_info(policy: Policy) -> pb.PolicyInfo:
@@ -94,6 +105,9 @@ def policy_info(policy: Policy) -> pb.PolicyInfo:
         description_count=len(policy.descriptions),
         benign_count=len(policy.benign),
         version=policy.version,
+        example_count=len(policy.known.examples),
+        allow_example_count=len(policy.known.allow_examples),
+        hash_count=policy.known.hash_count,
     )
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 import torch
 from moderator_client.v1 import moderator_pb2 as pb
 from PIL import Image
@@ -71,16 +72,32 @@ def shape_png(colour: str, shape: str, width: int = 160, height: int = 160) -> b
     return encode(render_shape(colour, shape, width, height))
 
 
+def textured_scene(seed: int, width: int = 640, height: int = 480) -> Image.Image:
+    """A photo-like picture (smooth colour fields and finer detail): what PDQ is made for (the
+    demo's flat shapes sit near PDQ's median and flip bits when resized)."""
+    rng = np.random.default_rng(seed)
+    fields = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    detail = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+    smooth = Image.fromarray(fields).resize((width, height), Image.Resampling.BICUBIC)
+    fine = Image.fromarray(detail).resize((width, height), Image.Resampling.BICUBIC)
+    return Image.blend(smooth, fine, 0.3)
+
+
 def demo_config(
     tmp_path: Path,
     batching: BatchConfig | None = None,
     server: ServerConfig | None = None,
     decode: DecodeConfig | None = None,
     images: ImageConfig | None = None,
+    *,
+    image_cache_mb: int = 0,
 ) -> Config:
+    """The demo service's config; the cache for repeated uploads is off unless asked for (most
+    tests send an image again to see it go through the model again)."""
     return Config(
         policies_dir=DEMO_POLICIES_DIR,
         embedding_cache_dir=tmp_path / "cache",
+        image_cache_mb=image_cache_mb,
         model=demo_model_config("cpu"),
         batching=batching or BatchConfig(),
         decode=decode or DecodeConfig(),
@@ -182,6 +199,14 @@ def edit(path: Path, old: str, new: str) -> None:
     text = path.read_text()
     assert old in text
     path.write_text(text.replace(old, new))
+
+
+def text_only(scores: list[list[float]]) -> torch.Tensor:
+    """Text scores [N, P] laid out as score_views lays scores out ([N, 3P]): no example and no
+    allow example matched."""
+    text = torch.tensor(scores)
+    unmatched = torch.full_like(text, float("-inf"))
+    return torch.cat([text, unmatched, unmatched], dim=1)
 
 
 def make_index(*policies: tuple[str, str]) -> PolicyIndex:

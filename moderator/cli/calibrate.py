@@ -106,15 +106,18 @@ def run(args: argparse.Namespace) -> int:
 def write_suggestions(directory: Path, calibration: Calibration, force: bool) -> None:
     from moderator.tools.thresholds import format_threshold, write_thresholds
 
-    changes: dict[str, tuple[float, float]] = {}
+    changes: dict[tuple[str, str], tuple[float, float]] = {}
     for result in calibration.policies:
         if result.suggested is None or result.suggested.threshold == result.current.threshold:
             continue
         if result.few_examples and not force:
-            print(f"{result.policy_id}: not written, too few labelled images (--force writes it)")
+            print(f"{result.name}: not written, too few labelled images (--force writes it)")
             continue
-        changes[result.policy_id] = (result.current.threshold, result.suggested.threshold)
-    written = write_thresholds(directory, {pid: new for pid, (_, new) in changes.items()})
-    for policy_id, path in written.items():
-        old, new = changes[policy_id]
-        print(f"{path}: threshold {format_threshold(old)} -> {format_threshold(new)}")
+        changes[result.policy_id, result.key] = (
+            result.current.threshold,
+            result.suggested.threshold,
+        )
+    written = write_thresholds(directory, {change: new for change, (_, new) in changes.items()})
+    for (policy_id, key), path in written.items():
+        old, new = changes[policy_id, key]
+        print(f"{path}: {key} {format_threshold(old)} -> {format_threshold(new)}")

@@ -61,9 +61,7 @@ MODEL_OPTIONS = (
         ModelConfig.precision,
         "auto, fp32, bf16 or fp16 (auto: bf16 where fast)",
     ),
-    Option(
-        "--cache-dir", Path, None, "text-embedding cache directory (default: ~/.cache/moderator)"
-    ),
+    Option("--cache-dir", Path, None, "embedding cache directory (default: ~/.cache/moderator)"),
     Option(
         "--torch-threads", int, 0, "torch intra-op threads (0: the CPUs this container may use)"
     ),
@@ -132,6 +130,7 @@ SERVE_OPTIONS = (
         "a forward pass running this long makes health NOT_SERVING",
     ),
     Option("--gpu-decode", auto_on_off, "auto", "plain JPEGs decoded on CUDA: auto, on or off"),
+    Option("--image-cache-mb", int, Config.image_cache_mb, "repeated uploads cache (0: off)"),
     Option(
         "--decode-workers",
         int,
@@ -324,6 +323,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         policies_dir=args.policies or default_policies,
         policy_poll_seconds=args.policy_poll_seconds,
         embedding_cache_dir=args.cache_dir or default_cache_dir(),
+        image_cache_mb=args.image_cache_mb,
         model=model_config_from_args(args),
         images=ImageConfig(
             max_bytes=int(args.max_image_mb * MIB),

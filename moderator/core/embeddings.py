@@ -22,13 +22,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moderator.core.hash_index import HashIndex, build_hash_index
+from moderator.core.known_content import ExampleImage
 from moderator.core.policies import Policy, PolicySet
 
 log = logging.getLogger(__name__)
 
 Encoder = Callable[[list[str]], torch.Tensor]
+# An example image -> its view embeddings [V, E], L2-normalised (decoded and encoded as live
+# images are; the caller caches them).
+ExampleEncoder = Callable[[ExampleImage], torch.Tensor]
 CHECKSUM_BYTES = 32
-MAX_ENTRY_BYTES = CHECKSUM_BYTES + 4 * 65536  # wider than any CLIP text embedding
+# The widest entry: an example image of 64 views of 4096 values (and its view count)
+MAX_ENTRY_BYTES = CHECKSUM_BYTES + 4 * (1 + 64 * 4096)
 STALE_WRITE_SECONDS = 3600.0
 
 
@@ -44,9 +50,10 @@ class EmbeddingCache:
     writer that died left behind: swept at start.
     """
 
-    def __init__(self, directory: Path | None, model_key: str) -> None:
+    def __init__(self, directory: Path | None, model_key: str, kind: str = "text") -> None:
         digest = hashlib.sha256(model_key.encode()).hexdigest()[:16]
-        self.path = directory / f"text-embeddings-{digest}" if directory else None
+        self.directory = directory
+        self.path = directory / f"{kind}-embeddings-{digest}" if directory else None
         self.model_key = model_key
         self._embeddings: dict[str, torch.Tensor] = {}
         self.encoded_total = 0
@@ -60,6 +67,15 @@ class EmbeddingCache:
         """The cache for one model's weights and text precision; in memory only for random
         weights."""
         return cls(directory if weights_key else None, f"{weights_key}|{text_precision}")
+
+    @classmethod
+    def for_images(
+        cls, directory: Path | None, weights_key: str | None, pipeline: str
+    ) -> EmbeddingCache:
+        """The cache of example images' view embeddings for one model's weights and image
+        `pipeline` (precision, view size, limits: whatever changes the views or their
+        embeddings); keyed by the image's content digest."""
+        return cls(directory if weights_key else None, f"{weights_key}|{pipeline}", "image")
 
     def __len__(self) -> int:
         return len(self._embeddings)
@@ -175,21 +191,27 @@ def _write_whole(path: Path, data: bytes) -> None:
 class PolicyIndex:
     """Everything the scorer needs for one PolicySet, as tensors.
 
-    `text_matrix` holds one row per description and benign text of every policy. The gather
-    tables map each policy to its rows, padded with `pad_row` (a column of -inf added at
-    scoring time), so the per-policy max is one gather and one reduction for all policies.
+    `matrix` holds one row per description and benign text of every policy, then one per view
+    of every example image. The gather tables map each policy to its rows, padded with
+    `pad_row` (a column of -inf added at scoring time), so each per-policy max is one gather
+    and one reduction for all policies.
     """
 
     policy_set: PolicySet
-    text_matrix: torch.Tensor  # [D, E] on the model device
+    matrix: torch.Tensor  # [R, E] on the model device
     violating_rows: torch.Tensor  # [P, K] long, on the model device
     benign_rows: torch.Tensor  # [P, Kb] long, on the model device
     has_benign: torch.Tensor  # [P] bool, on the model device
-    thresholds: torch.Tensor  # [P] float32, CPU
+    example_rows: torch.Tensor  # [P, Kx] long, on the model device: violating examples' views
+    allow_rows: torch.Tensor  # [P, Ka] long, on the model device: allow examples' views
+    thresholds: torch.Tensor  # [3, P] float32, CPU: text, example and allow thresholds
+    example_names: tuple[tuple[str, ...], ...]  # [P][Kx]: the example each row is a view of
+    allow_names: tuple[tuple[str, ...], ...]  # [P][Ka]
+    hashes: HashIndex
 
     @property
     def pad_row(self) -> int:
-        return int(self.text_matrix.shape[0])
+        return int(self.matrix.shape[0])
 
     cpu_copy: PolicyIndex | None = None  # when the tensors above are on a GPU
 
@@ -201,28 +223,92 @@ class PolicyIndex:
 
 
 def build_policy_index(
-    policy_set: PolicySet, encode: Encoder, cache: EmbeddingCache, device: torch.device
+    policy_set: PolicySet,
+    encode: Encoder,
+    cache: EmbeddingCache,
+    device: torch.device,
+    embed_example: ExampleEncoder | None = None,
 ) -> PolicyIndex:
+    """`embed_example`: an example image's view embeddings, needed when a policy has any."""
     policies = policy_set.policies
     texts, violating, benign = _text_layout(policies)
+    text_matrix = embed_texts(texts, encode, cache)
+    examples = _ExampleLayout(len(texts), embed_example)
+    example_rows = [examples.add(p.known.examples) for p in policies]
+    allow_rows = [examples.add(p.known.allow_examples) for p in policies]
+    matrix = examples.appended_to(text_matrix)
+    if not len(matrix):  # hash lists alone: no rows, but images are still multiplied by it
+        matrix = torch.zeros(0, int(cache.lookup([""], encode).shape[1]))
+    pad = int(matrix.shape[0])
     on_cpu = PolicyIndex(
         policy_set=policy_set,
-        text_matrix=embed_texts(texts, encode, cache),
-        violating_rows=_padded(violating, len(texts)),
-        benign_rows=_padded(benign, len(texts)),
+        matrix=matrix,
+        violating_rows=_padded(violating, pad),
+        benign_rows=_padded(benign, pad),
         has_benign=torch.tensor([bool(rows) for rows in benign], dtype=torch.bool),
-        thresholds=torch.tensor([p.threshold for p in policies], dtype=torch.float32),
+        example_rows=_padded([rows for rows, _ in example_rows], pad),
+        allow_rows=_padded([rows for rows, _ in allow_rows], pad),
+        thresholds=torch.tensor(
+            [
+                [p.threshold for p in policies],
+                [p.known.example_threshold for p in policies],
+                [p.known.allow_threshold for p in policies],
+            ],
+            dtype=torch.float32,
+        ).view(3, len(policies)),
+        example_names=tuple(names for _, names in example_rows),
+        allow_names=tuple(names for _, names in allow_rows),
+        hashes=build_hash_index(policies),
     )
     if device.type == "cpu":
         return on_cpu
     return dataclasses.replace(
         on_cpu,
-        text_matrix=on_cpu.text_matrix.to(device),
+        matrix=on_cpu.matrix.to(device),
         violating_rows=on_cpu.violating_rows.to(device),
         benign_rows=on_cpu.benign_rows.to(device),
         has_benign=on_cpu.has_benign.to(device),
+        example_rows=on_cpu.example_rows.to(device),
+        allow_rows=on_cpu.allow_rows.to(device),
         cpu_copy=on_cpu,
     )
+
+
+class _ExampleLayout:
+    """Example images' view embeddings, appended after the text rows, each image once."""
+
+    def __init__(self, first_row: int, embed: ExampleEncoder | None) -> None:
+        self._next_row = first_row
+        self._embed = embed
+        self._blocks: list[torch.Tensor] = []
+        self._rows: dict[str, list[int]] = {}  # by content digest
+
+    def add(self, examples: Sequence[ExampleImage]) -> tuple[list[int], tuple[str, ...]]:
+        """The rows of `examples` (embedded now unless seen) and the name of each row."""
+        rows: list[int] = []
+        names: list[str] = []
+        for example in examples:
+            if example.sha256 not in self._rows:
+                self._rows[example.sha256] = self._embedded(example)
+            rows += self._rows[example.sha256]
+            names += [example.name] * len(self._rows[example.sha256])
+        return rows, tuple(names)
+
+    def _embedded(self, example: ExampleImage) -> list[int]:
+        if self._embed is None:
+            raise ValueError("policies with example images need an image encoder")
+        views = self._embed(example).float().cpu()
+        self._blocks.append(views)
+        first, self._next_row = self._next_row, self._next_row + int(views.shape[0])
+        return list(range(first, self._next_row))
+
+    def appended_to(self, text_matrix: torch.Tensor) -> torch.Tensor:
+        if not self._blocks:
+            return text_matrix
+        blocks = [text_matrix, *self._blocks] if len(text_matrix) else self._blocks
+        if len({int(block.shape[1]) for block in blocks}) > 1:
+            raise ValueError("image and text embeddings differ in size")
+        return torch.cat(blocks)
 
 
 def embed_texts(

@@ -10,6 +10,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from moderator.core.hash_index import ImageHashes
 from moderator.core.policies import Policy, PolicySet
 from moderator.core.scoring import Decision, ScoredImage, decision_of
 from moderator.errors import InvalidImage, InvalidRequest
@@ -29,9 +30,13 @@ class Report(enum.Enum):
 @dataclass(frozen=True)
 class PolicyOutcome:
     policy: Policy
-    score: float
+    score: float  # text score; 0 for a policy without descriptions
     violated: bool
     matched_description: str
+    example_score: float = 0.0  # best similarity to a violating example; 0 without examples
+    matched_example: str = ""  # the example that reached example_threshold
+    allowed_by: str = ""  # the allow example that kept the policy from being violated
+    matched_hash: str = ""  # the hash list entry the image matched (violated whatever else)
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,10 @@ class ImageOutcome:
     error: InvalidImage | None = None
     embedding: tuple[float, ...] = ()
     views: tuple[tuple[float, ...], ...] = ()  # every view, only when there is more than one
+    hashes: ImageHashes | None = None  # SHA-256 and PDQ, when known
+    # (policy id, 'example' | 'hash' | 'allow') for each selected policy decided by known
+    # content, whatever is reported
+    known_rules: tuple[tuple[str, str], ...] = ()
     violated: tuple[Policy, ...] = ()  # the selected policies it violated, whatever is reported
 
 
@@ -118,17 +127,39 @@ def _outcome(
         id=image_id,
         decision=decision_of(violated, policies),
         policies=tuple(
-            PolicyOutcome(
-                policy=policies[p],
-                score=image.scores[p],
-                violated=p in flagged,
-                matched_description=policies[p].descriptions[image.matched[p]],
-            )
-            for p in reported
+            policy_outcome(image, p, policies[p], violated=p in flagged) for p in reported
         ),
         embedding=embedding,
         views=all_views,
         violated=tuple(policies[p] for p in violated),
+        hashes=image.hashes,
+        known_rules=_known_rules(image, policies, selected),
+    )
+
+
+def _known_rules(
+    image: ScoredImage, policies: Sequence[Policy], selected: Selection
+) -> tuple[tuple[str, str], ...]:
+    rules = [
+        *((p, "hash") for p in image.hash_matches),
+        *((p, "allow") for p in image.allowed_by),
+        *((p, "example") for p in image.matched_examples if p in image.violated),
+    ]
+    return tuple((policies[p].id, rule) for p, rule in rules if selected is None or p in selected)
+
+
+def policy_outcome(image: ScoredImage, p: int, policy: Policy, violated: bool) -> PolicyOutcome:
+    """Policy `policy`, at position `p` of the index, for one scored image: its scores and the
+    rule that decided."""
+    return PolicyOutcome(
+        policy=policy,
+        score=image.scores[p] if policy.descriptions else 0.0,
+        violated=violated,
+        matched_description=policy.descriptions[image.matched[p]] if policy.descriptions else "",
+        example_score=image.example_scores[p] if policy.known.examples else 0.0,
+        matched_example=image.matched_examples.get(p, ""),
+        allowed_by=image.allowed_by.get(p, ""),
+        matched_hash=image.hash_matches.get(p, ""),
     )
 
 

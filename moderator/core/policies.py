@@ -11,42 +11,50 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-import math
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
 from moderator.core import policy_files
+from moderator.core.known_content import (
+    KNOWN_CONTENT_KEYS,
+    NO_KNOWN_CONTENT,
+    KnownContent,
+    Location,
+    read_known_content,
+)
 from moderator.core.policy_files import (
-    clipped,
     compose_policy_yaml,
-    construct_policy_value,
     described,
     read_policy_text,
     scan_policy_dir,
     shown_name,
 )
+from moderator.core.policy_values import DEFAULT_TEMPLATES, PolicyReader, key_lines
 from moderator.errors import PolicyError
 
-# Prompt ensembling as in CLIP: each description is embedded through every template and averaged.
-DEFAULT_TEMPLATES: tuple[str, ...] = ("{}", "a photo of {}.", "a picture of {}.")
+__all__ = ["DEFAULT_TEMPLATES"]
+
 POLICY_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-MAX_TEXTS_PER_POLICY = 256
-MAX_TEXT_CHARS = 500
-MAX_TEMPLATES = 32
 MAX_PROBLEMS_PER_FILE = 20  # a file of 100k unknown keys must not make a 20 MB message
 MAX_PROBLEMS_PER_DIRECTORY = 100  # nor a directory of 100k stray files
-MAX_SHOWN_CHARS = 80  # of a key or value quoted in a problem
-REQUIRED_KEYS = ("title", "action", "threshold", "descriptions")
-_E = TypeVar("_E", bound=enum.Enum)
+REQUIRED_KEYS = ("title", "action")
+# A policy's text rule; required unless it has examples or hash lists instead.
+TEXT_RULE_KEYS = ("threshold", "descriptions")
+_SIGNAL_KEYS = frozenset({"descriptions", "examples", "hash_lists", "sha256_lists"})
 POLICY_SUFFIXES = policy_files.POLICY_SUFFIXES  # the tools find policy files by it
 _MAP_TAG = "tag:yaml.org,2002:map"
-KNOWN_KEYS = frozenset(
-    {"title", "description", "action", "mode", "threshold", "descriptions", "benign", "templates"}
+KNOWN_KEYS = (
+    frozenset(
+        {"title", "description", "action", "mode", "threshold", "descriptions", "benign"}
+        | {"templates"}
+    )
+    | KNOWN_CONTENT_KEYS
 )
 
 
@@ -73,6 +81,7 @@ class Policy:
     benign: tuple[str, ...]
     templates: tuple[str, ...]
     version: str
+    known: KnownContent = NO_KNOWN_CONTENT  # example images and hash lists
 
     def prompts(self, texts: Iterable[str]) -> list[list[str]]:
         """Each text expanded through every template."""
@@ -180,35 +189,47 @@ def parse_policy_file(path: Path, directory: Path | None = None) -> Policy:
             ]
         )
     text = read_policy_text(path, directory)
-    return parse_policy(policy_id, text, source=shown_name(path))
+    root = os.path.realpath(directory if directory is not None else path.parent)
+    location = Location(path.parent, root)
+    return parse_policy(policy_id, text, source=shown_name(path), location=location)
 
 
-def parse_policy(policy_id: str, text: str, source: str) -> Policy:
-    """Validate one policy document. Raises PolicyError naming `source`, key and line."""
+def parse_policy(
+    policy_id: str, text: str, source: str, location: Location | None = None
+) -> Policy:
+    """Validate one policy document. Raises PolicyError naming `source`, key and line.
+
+    `location`: where the files it names (examples, hash lists) are; a policy without one
+    cannot name files."""
     node = compose_policy_yaml(text, source)
     if not isinstance(node, yaml.MappingNode) or node.tag != _MAP_TAG:
         raise PolicyError([f"{source}: a policy must be a YAML mapping of keys to values"])
-    reader = _Reader(source, _key_lines(node))
+    reader = PolicyReader(source, key_lines(node), KNOWN_KEYS)
     data = reader.values(node)
     for duplicate in reader.duplicate_keys(node):
         reader.problem(duplicate, "key appears more than once")
-    for key in sorted(set(reader.lines) - KNOWN_KEYS):
-        reader.problem(key, f"unknown key (known keys: {', '.join(sorted(KNOWN_KEYS))})")
-    for key in REQUIRED_KEYS:
+    for i, key in enumerate(sorted(set(reader.lines) - KNOWN_KEYS)):
+        listed = f" (known keys: {', '.join(sorted(KNOWN_KEYS))})" if i == 0 else ""
+        reader.problem(key, f"unknown key{listed}")
+    text_rule = "descriptions" in reader.lines or not _SIGNAL_KEYS & reader.lines.keys()
+    for key in (*REQUIRED_KEYS, *(TEXT_RULE_KEYS if text_rule else ())):
         if key not in reader.lines:
             reader.problems.append(f"{source}: missing required key '{key}'")
     title = reader.string(data, "title", required=True)
     description = reader.string(data, "description", required=False)
     action = reader.choice(data, "action", Action, default=None)
     mode = reader.choice(data, "mode", Mode, default=Mode.ENFORCE)
-    threshold = reader.threshold(data)
+    threshold = reader.threshold(data) if text_rule else 0.0
+    if not text_rule and "threshold" in reader.lines:
+        reader.problem("threshold", "applies to descriptions, and this policy has none")
     descriptions = reader.texts(data, "descriptions", required=True)
     benign = reader.texts(data, "benign", required=False)
     templates = reader.templates(data)
+    known = read_known_content(data, location, reader.problem)
     if reader.problems or action is None or mode is None or threshold is None:
         problems = _capped(reader.problems, source, MAX_PROBLEMS_PER_FILE)
         raise PolicyError(problems or [f"{source}: invalid policy"])
-    content = {
+    content: dict[str, Any] = {
         "id": policy_id,
         "title": title,
         "action": action.value,
@@ -218,6 +239,8 @@ def parse_policy(policy_id: str, text: str, source: str) -> Policy:
         "benign": benign,
         "templates": templates,
     }
+    if known.versioned() != NO_KNOWN_CONTENT.versioned():  # else the version stays as it was
+        content["known"] = known.versioned()
     version = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
     return Policy(
         id=policy_id,
@@ -230,6 +253,7 @@ def parse_policy(policy_id: str, text: str, source: str) -> Policy:
         benign=benign,
         templates=templates,
         version=version,
+        known=known,
     )
 
 
@@ -237,151 +261,3 @@ def _capped(problems: list[str], source: str, limit: int) -> list[str]:
     if len(problems) <= limit:
         return problems
     return [*problems[:limit], f"{source}: {len(problems) - limit} more problems not shown"]
-
-
-def _shown(value: object) -> str:
-    """A value as a problem quotes it: its repr, cut short."""
-    try:
-        text = repr(value)
-    except Exception:  # a repr that cannot be made (an int too long to print, ...)
-        text = f"<{type(value).__name__}>"
-    return clipped(text, MAX_SHOWN_CHARS)
-
-
-def _key_lines(node: yaml.MappingNode) -> dict[str, int]:
-    lines: dict[str, int] = {}
-    for key_node, _ in node.value:
-        if isinstance(key_node, yaml.ScalarNode):
-            lines.setdefault(str(key_node.value), key_node.start_mark.line + 1)
-    return lines
-
-
-class _Reader:
-    """Reads typed values out of a parsed policy, collecting every problem on the way."""
-
-    def __init__(self, source: str, lines: dict[str, int]) -> None:
-        self.source = source
-        self.lines = lines
-        self.problems: list[str] = []
-
-    def problem(self, key: str, message: str) -> None:
-        line = self.lines.get(key)
-        where = f"{self.source}:{line}" if line else self.source
-        self.problems.append(f"{where}: key '{clipped(key, MAX_SHOWN_CHARS)}': {message}")
-
-    def values(self, node: yaml.MappingNode) -> dict[str, Any]:
-        """The value of each known key (the first, if repeated), built one key at a time."""
-        data: dict[str, Any] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                mark = key_node.start_mark
-                where = f"{self.source}:{mark.line + 1}:{mark.column + 1}"
-                self.problems.append(f"{where}: keys must be plain names, not lists or mappings")
-                continue
-            key = str(key_node.value)
-            if key not in KNOWN_KEYS or key in data:
-                continue
-            try:
-                data[key] = construct_policy_value(value_node, self.source, key)
-            except PolicyError as exc:
-                self.problems.extend(exc.problems)
-        return data
-
-    def duplicate_keys(self, node: yaml.MappingNode) -> list[str]:
-        seen: set[str] = set()
-        duplicates = []
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                continue
-            key = str(key_node.value)
-            if key in seen:
-                duplicates.append(key)
-            seen.add(key)
-        return duplicates
-
-    def string(self, data: dict[str, Any], key: str, required: bool) -> str:
-        value = data.get(key)
-        if value is None:
-            return ""
-        if not isinstance(value, str) or (required and not value.strip()):
-            self.problem(key, "must be a non-empty string")
-            return ""
-        return value.strip()
-
-    def choice(
-        self, data: dict[str, Any], key: str, kind: type[_E], default: _E | None
-    ) -> _E | None:
-        if key not in data:
-            return default
-        value = data[key]
-        allowed = [member.value for member in kind]
-        if value not in allowed:
-            self.problem(key, f"must be one of {' | '.join(allowed)}, got {_shown(value)}")
-            return None
-        return kind(value)
-
-    def threshold(self, data: dict[str, Any]) -> float | None:
-        if "threshold" not in data:
-            return None
-        value = data["threshold"]
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
-            self.problem("threshold", f"must be a number, got {_shown(value)}")
-            return None
-        if not -2.0 <= value <= 2.0:
-            self.problem(
-                "threshold", f"must be between -2 and 2 (a cosine score), got {_shown(value)}"
-            )
-            return None
-        return float(value)
-
-    def texts(self, data: dict[str, Any], key: str, required: bool) -> tuple[str, ...]:
-        if key not in data:
-            return ()
-        value = data[key]
-        if not isinstance(value, list) or (required and not value):
-            self.problem(key, "must be a non-empty list of strings")
-            return ()
-        if len(value) > MAX_TEXTS_PER_POLICY:
-            self.problem(
-                key, f"has {len(value)} entries, at most {MAX_TEXTS_PER_POLICY} are allowed"
-            )
-            return ()
-        texts: list[str] = []
-        for i, item in enumerate(value):
-            if not isinstance(item, str) or not item.strip():
-                self.problem(key, f"entry {i + 1} must be a non-empty string, got {_shown(item)}")
-            elif len(item) > MAX_TEXT_CHARS:
-                self.problem(key, f"entry {i + 1} is longer than {MAX_TEXT_CHARS} characters")
-            else:
-                texts.append(" ".join(item.split()))
-        return tuple(texts)
-
-    def templates(self, data: dict[str, Any]) -> tuple[str, ...]:
-        value = data.get("templates", "default")
-        if value == "default":
-            return DEFAULT_TEMPLATES
-        if not isinstance(value, list) or not value:
-            self.problem(
-                "templates", "must be 'default' or a non-empty list of strings with one {}"
-            )
-            return ()
-        if len(value) > MAX_TEMPLATES:
-            self.problem("templates", f"at most {MAX_TEMPLATES} templates are allowed")
-            return ()
-        templates: list[str] = []
-        for i, item in enumerate(value):
-            if not isinstance(item, str) or item.count("{}") != 1 or _has_other_braces(item):
-                self.problem(
-                    "templates", f"entry {i + 1} must contain exactly one {{}}, got {_shown(item)}"
-                )
-            else:
-                templates.append(item)
-        return tuple(templates)
-
-
-def _has_other_braces(template: str) -> bool:
-    return "{" in template.replace("{}", "") or "}" in template.replace("{}", "")

@@ -145,33 +145,43 @@ def read_policy_bytes(path: Path, directory: Path | None) -> bytes:
         real, problem = _target_problem(path, root)
         if problem:
             raise PolicyError([problem])
-        return _read_capped(real, path)
+        return _read_capped(real, shown_name(path), MAX_POLICY_FILE_BYTES, "a policy file")
     except OSError as exc:
         raise PolicyError([f"{shown_name(path)}: cannot read: {_reason(exc)}"]) from exc
 
 
-def _read_capped(real: str, path: Path) -> bytes:
-    too_large = (
-        f"{shown_name(path)}: larger than {MAX_POLICY_FILE_BYTES} bytes (1 MiB), "
-        "the limit for a policy file"
-    )
+def read_referenced_bytes(path: Path, root: str, name: str, limit: int, what: str) -> bytes:
+    """The bytes of a file a policy names (an example image, a hash list), which must resolve
+    inside `root` (the policy directory's real path) and be a regular file of at most `limit`
+    bytes. Raises PolicyError naming it as `name`; never blocks, never reads past the limit."""
+    try:
+        real = os.path.realpath(path)
+        if not _inside(root, real):
+            raise PolicyError([f"{name}: lies outside the policy directory, not read"])
+        return _read_capped(real, name, limit, what)
+    except OSError as exc:
+        raise PolicyError([f"{name}: cannot read: {_reason(exc)}"]) from exc
+
+
+def _read_capped(real: str, name: str, limit: int, what: str) -> bytes:
+    too_large = f"{name}: larger than {limit} bytes ({limit / 1048576:g} MiB), the limit for {what}"
     fd = os.open(real, _OPEN_FLAGS)
     try:
         status = os.fstat(fd)  # what was opened, whatever the path pointed to when checked
         kind = _kind(status.st_mode)
         if kind:
-            raise PolicyError([f"{shown_name(path)}: is {kind}, not a regular file"])
-        if status.st_size > MAX_POLICY_FILE_BYTES:
+            raise PolicyError([f"{name}: is {kind}, not a regular file"])
+        if status.st_size > limit:
             raise PolicyError([too_large])
         chunks: list[bytes] = []
         size = 0
-        while size <= MAX_POLICY_FILE_BYTES:
-            chunk = os.read(fd, MAX_POLICY_FILE_BYTES + 1 - size)
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
             if not chunk:
                 break
             chunks.append(chunk)
             size += len(chunk)
-        if size > MAX_POLICY_FILE_BYTES:  # it grew since fstat
+        if size > limit:  # it grew since fstat
             raise PolicyError([too_large])
         return b"".join(chunks)
     finally:

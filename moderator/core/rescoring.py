@@ -17,7 +17,9 @@ import numpy.typing as npt
 import torch
 
 from moderator.core.embeddings import PolicyIndex
+from moderator.core.hash_index import ImageHashes
 from moderator.core.outcomes import ImageOutcome, Report, Selection, build_outcomes
+from moderator.core.pdq import PDQ_HEX, Pdq
 from moderator.core.scoring import ScoredImage, score_views, scored_images
 from moderator.errors import ImageErrorCode, InvalidImage
 
@@ -37,11 +39,29 @@ class EmbeddedImage:
 
     id: str
     views: tuple[Vector, ...]
+    hashes: ImageHashes | None = None  # matched against hash lists when given
+    invalid: str = ""  # why it cannot be scored, found before any conversion
 
 
-def embedded_image(image_id: str, embedding: Vector, views: Sequence[Vector] = ()) -> EmbeddedImage:
-    """The image as Moderate returned it: `views` when it had several, else `embedding`."""
-    return EmbeddedImage(image_id, tuple(views) if views else (embedding,))
+def embedded_image(
+    image_id: str,
+    embedding: Vector,
+    views: Sequence[Vector] = (),
+    *,
+    sha256: str = "",
+    pdq: str = "",
+) -> EmbeddedImage:
+    """The image as Moderate returned it: `views` when it had several, else `embedding`, and
+    its hashes when they were stored ('' when not)."""
+    all_views = tuple(views) if views else (embedding,)
+    if sha256 and not PDQ_HEX.fullmatch(sha256):  # a SHA-256 is 64 hex digits too
+        return EmbeddedImage(image_id, all_views, invalid="sha256 must be 64 lowercase hex digits")
+    if pdq and not PDQ_HEX.fullmatch(pdq):
+        return EmbeddedImage(image_id, all_views, invalid="pdq must be 64 lowercase hex digits")
+    if not sha256 and not pdq:
+        return EmbeddedImage(image_id, all_views)
+    hashes = ImageHashes(sha256, Pdq(pdq, 0) if pdq else None)
+    return EmbeddedImage(image_id, all_views, hashes)
 
 
 def score_embedded(
@@ -51,12 +71,12 @@ def score_embedded(
 
     `max_views`: the most views Moderate gives one image (ImageConfig.max_views).
     """
-    dim = int(index.text_matrix.shape[1])
+    dim = int(index.matrix.shape[1])
     failed: dict[int, InvalidImage] = {}
     rows: list[npt.NDArray[np.float32]] = []
     owners: list[int] = []  # the image of each row
     for i, image in enumerate(images):
-        views = _view_arrays(image, dim, max_views)
+        views = _invalid(image.invalid) if image.invalid else _view_arrays(image, dim, max_views)
         if isinstance(views, InvalidImage):
             failed[i] = views
         else:
@@ -68,7 +88,7 @@ def score_embedded(
     if not bool(keep.any()):
         return [failed[i] for i in range(len(images))]
     kept = matrix[keep]
-    scores, matched = score_views(kept.to(index.text_matrix.device), index)
+    scores, matched = score_views(kept.to(index.matrix.device), index)
     kept_images = [image for i, image in enumerate(images) if i not in failed]
     scored = iter(
         scored_images(
@@ -76,10 +96,22 @@ def score_embedded(
             scores.cpu(),
             matched.cpu(),
             [len(image.views) for image in kept_images],
-            index.thresholds,
+            index,
+            hashes=[image.hashes for image in kept_images],
         )
     )
     return [failed[i] if i in failed else next(scored) for i in range(len(images))]
+
+
+def score_stored(
+    views: torch.Tensor, index: PolicyIndex, hashes: ImageHashes | None = None
+) -> ScoredImage:
+    """One image's view embeddings ([V, E], float32, CPU), as the live path made them, scored
+    as the live path scores them (on the index's device)."""
+    scores, matched = score_views(views.to(index.matrix.device), index)
+    return scored_images(views, scores.cpu(), matched.cpu(), [len(views)], index, hashes=[hashes])[
+        0
+    ]
 
 
 def rescore_images(

@@ -37,6 +37,7 @@ from moderator.core.images import (
     open_image,
     too_complex,
 )
+from moderator.core.pdq import PDQ_MAX_SIDE, Pdq, pdq_of
 from moderator.core.structure import read_timeline
 from moderator.errors import ImageErrorCode, InvalidImage
 
@@ -74,8 +75,19 @@ class Preprocessing:
 Box = tuple[int, int, int, int]
 
 
+@dataclass(frozen=True)
+class DecodedImage:
+    views: np.ndarray  # uint8 [V, 3, size, size], V <= limits.max_views
+    pdq: Pdq  # of the first view's picture at full size (capped: core/pdq.py)
+
+
 def decode_views(data: bytes, limits: ImageConfig, prep: Preprocessing) -> np.ndarray:
-    """Decode one image into its views, a uint8 array [V, 3, size, size], V <= limits.max_views.
+    """The views of one image (decode_image without the hash)."""
+    return decode_image(data, limits, prep).views
+
+
+def decode_image(data: bytes, limits: ImageConfig, prep: Preprocessing) -> DecodedImage:
+    """Decode one image into its views and its PDQ hash.
 
     Raises InvalidImage with a specific code; never anything else for bad bytes.
     """
@@ -83,7 +95,9 @@ def decode_views(data: bytes, limits: ImageConfig, prep: Preprocessing) -> np.nd
     image = open_image(data, limits)
     check_structure(data, image.format, limits)
     try:
-        views = [to_chw_array(view) for view in image_views(image, data, limits, prep)]
+        pictures = image_views(image, data, limits, prep)
+        views = [to_chw_array(view) for view in pictures.views]
+        pdq = pdq_of(pictures.first_layer)
     except InvalidImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -92,15 +106,21 @@ def decode_views(data: bytes, limits: ImageConfig, prep: Preprocessing) -> np.nd
         raise too_complex("decoding it needs more memory than the budget") from exc
     except Exception as exc:  # Pillow's decoders raise many types; one image must not fail a batch
         raise InvalidImage(ImageErrorCode.CORRUPT, f"cannot decode {image.format}: {exc}") from exc
-    return np.stack(views)
+    return DecodedImage(np.stack(views), pdq)
 
 
 # -- frames ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Pictures:
+    views: list[Image.Image]  # every view, at most limits.max_views
+    first_layer: Image.Image  # the first frame's first layer, oriented, before resizing
+
+
 def image_views(
     image: Image.Image, data: bytes, limits: ImageConfig, prep: Preprocessing
-) -> list[Image.Image]:
+) -> Pictures:
     """Every view of the image, at most `limits.max_views`."""
     orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
     if image.format in ("JPEG", "MPO"):
@@ -115,23 +135,27 @@ def image_views(
     to_srgb = srgb_transform(image.info.get("icc_profile"))
     picked = frames_by_display_time(durations, min(limits.max_frames, limits.max_views // boxes))
     per_frame = []
+    first_layer: Image.Image | None = None
     for index in picked:
         frame = select_frame(image, index, len(durations), limits)
-        per_frame.append(frame_views(frame, orientation, limits, prep, to_srgb))
-    return fit_views(per_frame, [durations[i] for i in picked], limits.max_views)
+        layers = [apply_orientation(layer, orientation) for layer in visible_layers(frame)]
+        if first_layer is None:
+            first_layer = layers[0]
+        per_frame.append(frame_views(layers, limits, prep, to_srgb))
+    assert first_layer is not None  # every image has a frame, every frame a layer
+    views = fit_views(per_frame, [durations[i] for i in picked], limits.max_views)
+    return Pictures(views, first_layer)
 
 
 def frame_views(
-    frame: Image.Image,
-    orientation: int,
+    layers: list[Image.Image],
     limits: ImageConfig,
     prep: Preprocessing,
     to_srgb: ImageCms.ImageCmsTransform | None,
 ) -> list[Image.Image]:
-    """One frame's views: for each visible layer, the whole layer and its tiles."""
+    """One frame's views: for each visible layer (oriented), the whole layer and its tiles."""
     views = []
-    for unoriented in visible_layers(frame):
-        layer = apply_orientation(unoriented, orientation)
+    for layer in layers:
         for box in view_boxes(layer.width, layer.height, limits):
             crop = layer.crop(box) if box != (0, 0, *layer.size) else layer
             views.append(fit_to_square(crop, prep, to_srgb))
@@ -155,11 +179,12 @@ def _oriented_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
 
 
 def request_draft(image: Image.Image, limits: ImageConfig, size: int) -> None:
-    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the views still get enough pixels."""
+    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the views still get enough pixels, and
+    the PDQ hash its PDQ_MAX_SIDE."""
     width, height = image.size
     long_side, short_side = max(width, height), min(width, height)
     needs_tiles = long_side / short_side > limits.tile_aspect_ratio
-    scale = size / (short_side if needs_tiles else long_side)
+    scale = max(size / (short_side if needs_tiles else long_side), PDQ_MAX_SIDE / long_side)
     if scale < 1:
         image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
 

@@ -14,6 +14,7 @@ import torch
 
 from moderator.core.clip import OnHost, copy_to_host
 from moderator.core.embeddings import PolicyIndex
+from moderator.core.hash_index import ImageHashes
 from moderator.core.scoring import ScoredImage, score_views
 from moderator.serving.tracing import BatchTimes
 
@@ -29,6 +30,7 @@ class WorkItem:
     future: Future[ScoredImage] = field(default_factory=Future)
     on_done: Callable[[], None] | None = None  # called once the item has left the worker
     on_timed: Callable[[BatchTimes], None] | None = None  # its forward pass's times (tracing)
+    hashes: ImageHashes | None = None  # matched against the index's hash lists
 
     @property
     def views(self) -> int:

@@ -38,6 +38,7 @@ import torch
 from moderator.config import BatchConfig
 from moderator.core.clip import gather_views
 from moderator.core.embeddings import PolicyIndex
+from moderator.core.hash_index import ImageHashes
 from moderator.core.scoring import ScoredImage, scored_images
 from moderator.errors import DeadlineExceeded, ModelFailed, NotReady
 from moderator.serving.batch import (
@@ -155,20 +156,16 @@ class Batcher:
         pixels: torch.Tensor,
         index: PolicyIndex,
         deadline: float | None,
+        *,
         on_done: Callable[[], None] | None = None,
         on_timed: Callable[[BatchTimes], None] | None = None,
+        hashes: ImageHashes | None = None,
     ) -> Future[ScoredImage]:
-        """Queue one image's views; `on_done` is called from a pipeline thread once the
-        image has left it (scored, failed or dropped), `on_timed` with the times of the
-        forward pass that scored it."""
-        item = WorkItem(
-            pixels=pixels,
-            index=index,
-            deadline=deadline,
-            enqueued=self._clock(),
-            on_done=on_done,
-            on_timed=on_timed,
-        )
+        """Queue one image's views (and hashes, matched against the index's lists); `on_done`
+        is called from a pipeline thread once the image has left it (scored, failed or
+        dropped), `on_timed` with the times of the forward pass that scored it."""
+        item = WorkItem(pixels, index, deadline, self._clock(), on_done=on_done)
+        item.on_timed, item.hashes = on_timed, hashes
         with self._lock:
             if not self._running:
                 raise NotReady("the model worker is not running")
@@ -363,8 +360,9 @@ class Batcher:
                 self._left_device(batch)
             results: dict[int, ScoredImage] = {}
             for index, positions, (embeddings, scores, matched) in read:
-                counts = [batch.items[i].views for i in positions]
-                scored = scored_images(embeddings, scores, matched, counts, index.thresholds)
+                items = [batch.items[i] for i in positions]
+                counts, hashes = [i.views for i in items], [i.hashes for i in items]
+                scored = scored_images(embeddings, scores, matched, counts, index, hashes=hashes)
                 results.update(zip(positions, scored, strict=True))
         except Exception as exc:  # a device error surfaces when its results are read
             self._fail_batch(batch.items, exc)

@@ -28,7 +28,8 @@ import numpy as np
 
 from moderator.config import DecodeConfig, ImageConfig
 from moderator.core.cpus import usable_cpus
-from moderator.core.views import Preprocessing
+from moderator.core.pdq import Pdq
+from moderator.core.views import DecodedImage, Preprocessing
 from moderator.errors import DeadlineExceeded, ImageErrorCode, InvalidImage, NotReady
 from moderator.serving.decode_worker import (
     LENGTH_BYTES,
@@ -105,9 +106,9 @@ class DecodeWorker:
                 if attempt == 2:
                     raise NotReady(f"a decode worker cannot start: {exc}") from exc
 
-    def decode(self, data: bytes, timeout: float) -> np.ndarray:
-        """The views of `data`; InvalidImage for a bad image, WorkerLost if the worker had to
-        be killed (the pool starts another)."""
+    def decode(self, data: bytes, timeout: float) -> DecodedImage:
+        """The views and hash of `data`; InvalidImage for a bad image, WorkerLost if the worker
+        had to be killed (the pool starts another)."""
         if self._process is not None and self._process.poll() is not None:
             self.kill()  # it died while idle: this image had nothing to do with it
         self.wait_ready()
@@ -120,20 +121,21 @@ class DecodeWorker:
                 len(data).to_bytes(LENGTH_BYTES, "little")
                 + self._number.to_bytes(LENGTH_BYTES, "little")
             )
-            count = self._view_count(self._read_reply(timeout))
+            count, pdq = self._view_count(self._read_reply(timeout))
         except WorkerLost:
             self.kill()
             raise
-        return self._views(count)
+        return DecodedImage(self._views(count), pdq)
 
-    def _view_count(self, answer: dict[str, Any]) -> int:
-        """The number of views in a well-formed answer to the current request; InvalidImage for
-        an error answer; WorkerLost for anything else (a worker out of step cannot be trusted)."""
+    def _view_count(self, answer: dict[str, Any]) -> tuple[int, Pdq]:
+        """The number of views and the hash in a well-formed answer to the current request;
+        InvalidImage for an error answer; WorkerLost for anything else (a worker out of step
+        cannot be trusted)."""
         if answer.get("id") != self._number:
             raise WorkerLost("crash", f"worker answered request {answer.get('id')!r}")
         views = answer.get("views")
         if isinstance(views, int) and 1 <= views * self._view_bytes <= self._output_capacity:
-            return views
+            return views, _pdq_of_answer(answer)
         try:
             code = ImageErrorCode(answer.get("code"))
         except ValueError as exc:
@@ -260,7 +262,7 @@ class DecodePool:
             worker.close()
         self._metrics.decode_workers.set(0)
 
-    async def decode(self, data: bytes, deadline: float | None = None) -> np.ndarray:
+    async def decode(self, data: bytes, deadline: float | None = None) -> DecodedImage:
         """The views of one image, decoded in a worker. Cancelling the caller before a worker
         takes the image means it is never decoded."""
         return await asyncio.wrap_future(self._threads.submit(self.decode_now, data, deadline))
@@ -268,7 +270,7 @@ class DecodePool:
     def worker_pids(self) -> list[int]:
         return [pid for worker in self._workers if (pid := worker.pid) is not None]
 
-    def decode_now(self, data: bytes, deadline: float | None = None) -> np.ndarray:
+    def decode_now(self, data: bytes, deadline: float | None = None) -> DecodedImage:
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("the deadline passed before the image was decoded")
         worker = self._idle.get()
@@ -310,6 +312,13 @@ class DecodePool:
         thread = threading.Thread(target=revive, name="decode-revive", daemon=True)
         self._revivals.append(thread)
         thread.start()
+
+
+def _pdq_of_answer(answer: dict[str, Any]) -> Pdq:
+    try:
+        return Pdq(answer["pdq"], answer["pdq_quality"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WorkerLost("crash", "worker sent a malformed hash") from exc
 
 
 def _lost_image(exc: WorkerLost, timeout: float) -> InvalidImage:

@@ -9,7 +9,8 @@ shared memory file the server maps too (no copies through pipes).
 Protocol, one image at a time: the server writes the image into the shared memory at offset 0
 and sends its length and a request number (8 bytes each, little-endian) on stdin; the worker
 writes the views at `input_capacity` and answers on stdout with a length-prefixed (4 bytes) JSON
-object: {"id": N, "views": V} or {"id": N, "code": ImageErrorCode value, "message": ...}. The
+object: {"id": N, "views": V, "pdq": HEX, "pdq_quality": Q} or {"id": N, "code": ImageErrorCode
+value, "message": ...}. The
 first answer, {"id": 0, "ready": true}, comes once the worker has warmed up. End of stdin ends
 the worker.
 """
@@ -29,7 +30,7 @@ from typing import Any
 from PIL import Image
 
 from moderator.config import MIB, ImageConfig
-from moderator.core.views import Preprocessing, decode_views
+from moderator.core.views import Preprocessing, decode_image, decode_views
 from moderator.errors import ImageErrorCode, InvalidImage
 
 LENGTH_BYTES = 8
@@ -94,7 +95,7 @@ def decode_one(shm: mmap.mmap, length: int, settings: WorkerSettings) -> dict[st
     if length > settings.input_capacity:
         return {"code": ImageErrorCode.TOO_MANY_BYTES.value, "message": "image too large"}
     try:
-        views = decode_views(shm[:length], settings.limits, settings.prep)
+        decoded = decode_image(shm[:length], settings.limits, settings.prep)
     except InvalidImage as exc:
         return {"code": exc.code.value, "message": exc.message[:MAX_MESSAGE_CHARS]}
     except MemoryError:
@@ -102,12 +103,14 @@ def decode_one(shm: mmap.mmap, length: int, settings: WorkerSettings) -> dict[st
             "code": ImageErrorCode.TOO_COMPLEX.value,
             "message": f"decoding it needs more than the {settings.memory_mb} MB memory budget",
         }
-    if views.nbytes > settings.output_capacity:  # decode_views bounds the views; never here
+    views = decoded.views
+    if views.nbytes > settings.output_capacity:  # decode_image bounds the views; never here
         return {"code": ImageErrorCode.TOO_COMPLEX.value, "message": "too many views"}
-    # decode_views returns a contiguous array: its buffer goes into the shared memory in one copy.
+    # decode_image returns a contiguous array: its buffer goes into the shared memory in one copy.
     start = settings.input_capacity
     shm[start : start + views.nbytes] = views.data.cast("B")
-    return {"views": int(views.shape[0])}
+    pdq = decoded.pdq
+    return {"views": int(views.shape[0]), "pdq": pdq.hex, "pdq_quality": pdq.quality}
 
 
 def _private_stdout() -> Any:

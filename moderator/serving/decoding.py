@@ -10,7 +10,7 @@ import torch
 from moderator.config import Config
 from moderator.core.views import Preprocessing
 from moderator.serving.decode_pool import DecodePool
-from moderator.serving.device_decode import DeviceDecoder, decode_on_device
+from moderator.serving.device_decode import DecodedPixels, DeviceDecoder, decode_on_device
 from moderator.serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -39,12 +39,19 @@ class ImageDecoder:
     def worker_pids(self) -> list[int]:
         return self._pool.worker_pids()
 
-    async def decode(self, data: bytes, deadline: float | None) -> torch.Tensor:
-        """The image's views, uint8 [V, 3, S, S]: on the host, or on the device when it decoded
-        them. Raises InvalidImage (from the CPU path, which judges every bad file)."""
+    async def decode(self, data: bytes, deadline: float | None) -> DecodedPixels:
+        """The image's views, uint8 [V, 3, S, S] (on the host, or on the device when it decoded
+        them), and its hash. Raises InvalidImage (from the CPU path, which judges every bad
+        file)."""
         if self._device is not None:
-            pixels = await self._device.decode(data)
-            self._metrics.device_decodes.labels(path="cpu" if pixels is None else "device").inc()
-            if pixels is not None:
-                return pixels
-        return torch.from_numpy(await self._pool.decode(data, deadline))
+            decoded = await self._device.decode(data)
+            self._metrics.device_decodes.labels(path="cpu" if decoded is None else "device").inc()
+            if decoded is not None:
+                return decoded
+        on_host = await self._pool.decode(data, deadline)
+        return DecodedPixels(torch.from_numpy(on_host.views), on_host.pdq)
+
+    def decode_pixels(self, data: bytes) -> torch.Tensor:
+        """The views alone, blocking, in a decode worker: for policy example images, decoded
+        off the event loop."""
+        return torch.from_numpy(self._pool.decode_now(data).views)

@@ -28,6 +28,7 @@ from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
 from moderator.config import ImageConfig
 from moderator.core.jpeg_header import JpegHeader, read_jpeg_header
+from moderator.core.pdq import PDQ_MAX_SIDE, Pdq, pdq_of_array
 from moderator.core.structure import count_jpeg_scans
 from moderator.core.views import Preprocessing
 from moderator.errors import ConfigError
@@ -147,24 +148,45 @@ def fit_square(image: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     return canvas
 
 
+@dataclass(frozen=True)
+class DecodedPixels:
+    """An image's views as the model takes them (uint8 [V, 3, S, S], on the host or the
+    device) and its PDQ hash."""
+
+    pixels: torch.Tensor
+    pdq: Pdq
+
+
+def pdq_on_host(image: torch.Tensor) -> Pdq:
+    """PDQ of uint8 [3, H, W] on any device as core.pdq.pdq_of computes it: a copy at most
+    PDQ_MAX_SIDE on its long side (made where the image is), hashed on the host."""
+    _, height, width = image.shape
+    scale = PDQ_MAX_SIDE / max(width, height)
+    if scale < 1:
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        small = F.interpolate(image.unsqueeze(0).float(), size, mode="bicubic", antialias=True)
+        image = small[0].round_().clamp_(0, 255).to(torch.uint8)
+    return pdq_of_array(image.permute(1, 2, 0).cpu().numpy())
+
+
 @dataclass
 class _Pending:
     data: bytes
     header: JpegHeader  # read once, on the caller's side
     loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[torch.Tensor | None]
+    future: asyncio.Future[DecodedPixels | None]
 
     @property
     def pixels(self) -> int:
         return self.header.width * self.header.height
 
-    def settle(self, value: torch.Tensor | None) -> None:
+    def settle(self, value: DecodedPixels | None) -> None:
         """Resolve the future on its loop (unless resolved or cancelled meanwhile)."""
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
             self.loop.call_soon_threadsafe(_resolve, self.future, value)
 
 
-def _resolve(future: asyncio.Future[torch.Tensor | None], value: torch.Tensor | None) -> None:
+def _resolve(future: asyncio.Future[DecodedPixels | None], value: DecodedPixels | None) -> None:
     if not future.done():
         future.set_result(value)
 
@@ -215,7 +237,7 @@ class DeviceDecoder:
         if thread is not None:
             thread.join(timeout)
 
-    async def decode(self, data: bytes) -> torch.Tensor | None:
+    async def decode(self, data: bytes) -> DecodedPixels | None:
         """The file's single view, uint8 [1, 3, S, S] on the device; None: use the CPU path."""
         header = read_jpeg_header(data)  # bounded: MAX_SEGMENTS, MAX_FILL_BYTES
         if header is None or not header_eligible(
@@ -223,7 +245,7 @@ class DeviceDecoder:
         ):
             return None
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[torch.Tensor | None] = loop.create_future()
+        future: asyncio.Future[DecodedPixels | None] = loop.create_future()
         with self._lock:
             if self._thread is None or self._stopped:
                 return None
@@ -231,16 +253,16 @@ class DeviceDecoder:
             self._lock.notify()
         return await future
 
-    def decode_batch(self, items: list[bytes]) -> list[torch.Tensor | None]:
+    def decode_batch(self, items: list[bytes]) -> list[DecodedPixels | None]:
         """Each file's view on the device, in order; None for a file that is not eligible, fails
         to decode, or decodes to another size than its header says."""
         return self.decode_read([(data, read_jpeg_header(data)) for data in items])
 
     def decode_read(
         self, items: list[tuple[bytes, JpegHeader | None]]
-    ) -> list[torch.Tensor | None]:
+    ) -> list[DecodedPixels | None]:
         """decode_batch of files whose headers were read already."""
-        results: list[torch.Tensor | None] = [None] * len(items)
+        results: list[DecodedPixels | None] = [None] * len(items)
         chosen = [
             (i, header)
             for i, (data, header) in enumerate(items)
@@ -271,22 +293,23 @@ class DeviceDecoder:
             return None
         return image
 
-    def _finish(self, image: torch.Tensor, header: JpegHeader | None) -> torch.Tensor | None:
+    def _finish(self, image: torch.Tensor, header: JpegHeader | None) -> DecodedPixels | None:
         if header is None or tuple(image.shape) != (3, header.height, header.width):
             return None  # the decoder read another frame than the header walk did
         try:
-            return fit_square(orient(image, header.orientation), self.prep)
+            oriented = orient(image, header.orientation)
+            return DecodedPixels(fit_square(oriented, self.prep), pdq_on_host(oriented))
         except Exception:  # out of device memory, most likely: the CPU path has its own budget
             log.warning("device resize failed; image sent to the CPU path", exc_info=True)
             return None
 
-    def _hand_over(self, results: list[torch.Tensor | None]) -> None:
+    def _hand_over(self, results: list[DecodedPixels | None]) -> None:
         """On CUDA: the tensors complete and kept from reuse (see the module docstring)."""
         if self._stream is not None:
             default = torch.cuda.default_stream(self.device)
-            for tensor in results:
-                if tensor is not None:
-                    tensor.record_stream(default)
+            for decoded in results:
+                if decoded is not None:
+                    decoded.pixels.record_stream(default)
             self._stream.synchronize()
 
     def _run(self) -> None:

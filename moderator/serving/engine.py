@@ -19,9 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from moderator.config import Config, ModelConfig
+from moderator.config import MIB, Config, ModelConfig
 from moderator.core.clip import TEXT_PRECISION, ClipModel, load_clip
 from moderator.core.embeddings import EmbeddingCache, PolicyIndex, build_policy_index
+from moderator.core.examples import ExampleEmbedder
+from moderator.core.hash_index import ImageHashes
 from moderator.core.outcomes import (
     ImageOutcome,
     ModerationResult,
@@ -29,14 +31,15 @@ from moderator.core.outcomes import (
     build_outcomes,
     selected_policies,
 )
-from moderator.core.policies import Mode, PolicySet, ReloadStatus, load_policy_dir
-from moderator.core.rescoring import EmbeddedImage
+from moderator.core.policies import PolicySet, ReloadStatus, load_policy_dir
+from moderator.core.rescoring import EmbeddedImage, score_stored
 from moderator.core.scoring import ScoredImage
 from moderator.errors import InvalidImage, NotReady
 from moderator.serving.admission import Budgets, Ticket
 from moderator.serving.batching import Batcher
 from moderator.serving.decoding import ImageDecoder
 from moderator.serving.health import WorkerState
+from moderator.serving.image_cache import CachedImage, ImageCache, sha256_of
 from moderator.serving.metrics import Metrics
 from moderator.serving.reload import PolicyReloader
 from moderator.serving.rescorer import Rescorer, check_count
@@ -78,6 +81,8 @@ class ModerationEngine:
         self._decoding_images = 0  # touched on the event loop thread only
         self._ready = False
         self.cache: EmbeddingCache | None = None
+        self._examples: ExampleEmbedder | None = None
+        self.image_cache = ImageCache(config.image_cache_mb * MIB, metrics)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -97,9 +102,12 @@ class ModerationEngine:
         self.cache = EmbeddingCache.for_model(
             self.config.embedding_cache_dir, clip.info.weights_key, TEXT_PRECISION
         )
-        self._reloader.last = self._install_policies(load_policy_dir(self.config.policies_dir))
         self._decoder = ImageDecoder(self.config, clip.preprocessing, clip.device, self.metrics)
-        self._decoder.start()
+        self._decoder.start()  # before the policies: their example images are decoded too
+        self._examples = ExampleEmbedder.for_model(
+            clip, self._decoder.decode_pixels, self.config.embedding_cache_dir, self.config.images
+        )
+        self._reloader.last = self._install_policies(load_policy_dir(self.config.policies_dir))
         self.rescorer.start()
         batching = self.config.batching
         pipelined = batching.pipelined_on(clip.device.type)
@@ -173,7 +181,12 @@ class ModerationEngine:
         assert self.cache is not None
         clip = self.clip
         encoded_before = self.cache.encoded_total
-        index = build_policy_index(policy_set, clip.encode_texts, self.cache, clip.device)
+        examples = self._examples
+        assert examples is not None
+        embedded_before = examples.embedded_total
+        index = build_policy_index(
+            policy_set, clip.encode_texts, self.cache, clip.device, embed_example=examples
+        )
         previous = self._index
         self._index = index  # the swap: one reference assignment
         encoded = self.cache.encoded_total - encoded_before
@@ -181,24 +194,12 @@ class ModerationEngine:
         now = time.time()
         message = (
             f"loaded {len(policy_set.policies)} policies (version {policy_set.version}) "
-            f"from {self.config.policies_dir}; encoded {encoded} new prompts"
+            f"from {self.config.policies_dir}; encoded {encoded} new prompts and "
+            f"{examples.embedded_total - embedded_before} new example images"
         )
-        self._export_policy_metrics(policy_set, previous, now)
+        self.metrics.count_policy_set(policy_set, previous.policy_set if previous else None, now)
         log.info(message)
         return ReloadStatus(ok=True, message=message, unix_time=now)
-
-    def _export_policy_metrics(
-        self, policy_set: PolicySet, previous: PolicyIndex | None, now: float
-    ) -> None:
-        self.metrics.policy_reloads.labels(result="success").inc()
-        self.metrics.policy_last_reload.set(now)
-        self.metrics.policy_last_reload_success.set(1)
-        if previous is not None:
-            self.metrics.policy_set_info.remove(previous.policy_set.version)
-        self.metrics.policy_set_info.labels(version=policy_set.version).set(1)
-        for mode in (Mode.ENFORCE, Mode.SHADOW):
-            count = sum(p.mode is mode for p in policy_set.policies)
-            self.metrics.policies_loaded.labels(mode=mode.value).set(count)
 
     def _warm_up(self) -> None:
         self._submit_blank().result(WARMUP_TIMEOUT_SECONDS)
@@ -340,6 +341,26 @@ class ModerationEngine:
     async def _embed_one(
         self, image: ImageInput, index: PolicyIndex, deadline: float | None, ticket: Ticket
     ) -> ScoredImage | InvalidImage:
+        """The image scored against `index`: from the cache of repeated uploads when its bytes
+        were seen (no decode, no model), else decoded and through the model (and cached)."""
+        sha256 = await sha256_of(image.data)
+        cached = self.image_cache.get(sha256)
+        if cached is not None:
+            hashes = ImageHashes(sha256, cached.pdq)
+            return await asyncio.to_thread(score_stored, cached.embeddings, index, hashes)
+        scored = await self._embed_new(image, sha256, index, deadline, ticket)
+        if isinstance(scored, ScoredImage) and scored.hashes is not None and scored.hashes.pdq:
+            self.image_cache.put(sha256, CachedImage(scored.embeddings, scored.hashes.pdq))
+        return scored
+
+    async def _embed_new(
+        self,
+        image: ImageInput,
+        sha256: str,
+        index: PolicyIndex,
+        deadline: float | None,
+        ticket: Ticket,
+    ) -> ScoredImage | InvalidImage:
         assert self._decoder is not None
         assert self._batcher is not None
         # Room for one view before decoding, the rest once decoding says how many: pixels
@@ -351,17 +372,18 @@ class ModerationEngine:
             self._decoding_images += 1
             try:
                 with self.tracing.span("decode", **{"image.bytes": len(image.data)}):
-                    pixels = await self._decoder.decode(image.data, deadline)
-                held = pixels.shape[0]
+                    decoded = await self._decoder.decode(image.data, deadline)
+                held = decoded.pixels.shape[0]
                 self.budgets.more_views(ticket, held)
                 # The views stay held until the image leaves the model's queue, even when
                 # this request is cancelled first: its pixels are there until then.
                 future = self._batcher.submit(
-                    pixels,
+                    decoded.pixels,
                     index,
                     deadline,
                     on_done=self.budgets.views_released_later(held),
                     on_timed=self.tracing.batch_recorder(),
+                    hashes=ImageHashes(sha256, decoded.pdq),
                 )
                 held = 0
             except InvalidImage as exc:

@@ -30,6 +30,7 @@ from moderator.errors import ImageErrorCode
 
 if TYPE_CHECKING:  # the supervisor imports this module, and never torch
     from moderator.core.outcomes import ImageOutcome
+    from moderator.core.policies import PolicySet
     from moderator.core.scoring import Decision
 
 log = logging.getLogger(__name__)
@@ -53,204 +54,188 @@ class Metrics:
         # process_* (memory, CPU seconds, open files) and python_info, on this registry too
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
-        self.requests = Counter(
+        self.requests = self._counter(
             "requests",
             "RPCs by method, gRPC status code and caller (a name from the token file, "
             "'anonymous' without one, 'unauthenticated' for calls without a known token).",
             ["method", "code", "caller"],
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.request_duration = Histogram(
+        self.request_duration = self._histogram(
             "request_duration_seconds",
             "RPC wall time.",
             ["method"],
-            namespace=NAMESPACE,
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.images = Counter(
+        self.images = self._counter(
             "images",
             "Images moderated, by decision (allow, review, block, error).",
             ["decision"],
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.image_errors = Counter(
+        self.image_errors = self._counter(
             "image_errors",
             "Images that could not be moderated, by error code.",
             ["code"],
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.policy_violations = Counter(
+        self.policy_violations = self._counter(
             "policy_violations",
             "Policy violations, shadow ones included.",
             ["policy", "mode"],
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.batch_images = Histogram(
+        self.batch_images = self._histogram(
             "batch_images",
             "Image views per forward pass.",
-            namespace=NAMESPACE,
             buckets=BATCH_BUCKETS,
-            registry=registry,
         )
-        self.queue_images = Gauge(
+        self.queue_images = self._gauge(
             "queue_images",
             "Images waiting for the model.",
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = self._histogram(
             "queue_wait_seconds",
             "Time from an image entering the queue to its forward pass.",
-            namespace=NAMESPACE,
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.decode_duration = Histogram(
+        self.decode_duration = self._histogram(
             "decode_duration_seconds",
             "Time to decode one image into its views in a decode worker, refusals included.",
-            namespace=NAMESPACE,
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.decode_workers = Gauge(
+        self.decode_workers = self._gauge(
             "decode_workers",
             "Decode worker processes.",
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.decode_worker_restarts = Counter(
+        self.decode_worker_restarts = self._counter(
             "decode_worker_restarts",
             "Decode workers killed and replaced: 'timeout' (an image ran past the decode budget) "
             "or 'crash' (the worker died).",
             ["reason"],
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.device_decodes = Counter(
+        self.device_decodes = self._counter(
             "device_decodes",
             "Images offered to the device's JPEG decoder (--gpu-decode), by where they were "
             "decoded: device, or cpu (not a plain JPEG, or the device failed on it).",
             ["path"],
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.inference_duration = Histogram(
+        self.inference_duration = self._histogram(
             "inference_duration_seconds",
             "Forward pass plus scoring time per batch.",
-            namespace=NAMESPACE,
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.rejected_requests = Counter(
+        self.rejected_requests = self._counter(
             "rejected_requests",
             "Work kept from the model: 'overload' (a budget full), 'request_limit' (one request "
             "needs more than it may), 'deadline' and 'cancelled' (queued or waiting work dropped).",
             ["reason"],
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.admission_in_flight = Gauge(
+        self.admission_in_flight = self._gauge(
             "admission_in_flight",
             "Work admitted and not finished, by resource (images, views, bytes, rescore_requests).",
             ["resource"],
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.admission_limit = Gauge(
+        self.admission_limit = self._gauge(
             "admission_limit",
             "The most work admitted at once, by resource.",
             ["resource"],
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.auth_reloads = Counter(
+        self.auth_reloads = self._counter(
             "auth_reloads",
             "Token file (re)loads by result (success or error; an error keeps the previous file).",
             ["result"],
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.auth_file_info = Gauge(
+        self.auth_file_info = self._gauge(
             "auth_file_info",
             "The token file in force: a hash of its content (always 1; one series at a time).",
             ["version"],
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.healthy = Gauge(
+        self.healthy = self._gauge(
             "healthy",
             "1 while health reports SERVING because the model works, 0 otherwise.",
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.health_problem = Gauge(
+        self.health_problem = self._gauge(
             "health_problem",
             "1 while this problem holds health at NOT_SERVING: 'failed_batches' (forward passes "
             "failing in a row) or 'stuck_batch' (one forward pass running too long).",
             ["reason"],
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.policies_loaded = Gauge(
+        self.policies_loaded = self._gauge(
             "policies_loaded",
             "Active policies by mode.",
             ["mode"],
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.policy_reloads = Counter(
+        self.policy_reloads = self._counter(
             "policy_reloads",
             "Policy (re)loads by result (success or error).",
             ["result"],
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.policy_last_reload = Gauge(
+        self.policy_last_reload = self._gauge(
             "policy_last_reload_timestamp_seconds",
             "Unix time of the last successful policy (re)load.",
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.policy_last_reload_success = Gauge(
+        self.policy_last_reload_success = self._gauge(
             "policy_last_reload_success",
             "1 if the last policy (re)load attempt succeeded, 0 while the running set is older "
             "than a directory that failed to load (and before the first load).",
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.policy_set_info = Gauge(
+        self.policy_set_info = self._gauge(
             "policy_set_info",
             "The active policy-set version (always 1; one series at a time).",
             ["version"],
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.model_info = Gauge(
+        self.model_info = self._gauge(
             "model_info",
             "The model being served (always 1).",
             ["model", "pretrained", "device", "precision"],
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.text_embeddings_encoded = Counter(
+        self.text_embeddings_encoded = self._counter(
             "text_embeddings_encoded",
             "Policy prompts run through the text encoder (cache misses).",
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.embeddings_scored = Counter(
+        self.embeddings_scored = self._counter(
             "embeddings_scored",
             "Stored image embeddings scored by ScoreEmbeddings (not counted in images_total).",
             ["result"],
-            namespace=NAMESPACE,
-            registry=registry,
+        )
+        self.image_cache_requests = self._counter(
+            "image_cache_requests",
+            "Moderated images looked up in the cache for repeated uploads (--image-cache-mb), "
+            "by result: hit (decode and model skipped) or miss.",
+            ["result"],
+        )
+        self.image_cache_bytes = self._gauge(
+            "image_cache_bytes", "Bytes held by the cache for repeated uploads."
+        )
+        self.image_cache_entries = self._gauge(
+            "image_cache_entries", "Images held by the cache for repeated uploads."
+        )
+        self.image_cache_max_bytes = self._gauge(
+            "image_cache_max_bytes", "The cache's bound (--image-cache-mb; 0: off)."
+        )
+        self.known_content_matches = self._counter(
+            "known_content_matches",
+            "Policy decisions made by known content, shadow policies included: 'example' (an "
+            "example image matched), 'hash' (a hash list entry matched), 'allow' (an allow "
+            "example kept the policy from being violated).",
+            ["policy", "rule"],
         )
         self.start_known_series_at_zero()
+
+    def _counter(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Counter:
+        return Counter(name, documentation, labels, namespace=NAMESPACE, registry=self.registry)
+
+    def _gauge(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Gauge:
+        return Gauge(name, documentation, labels, namespace=NAMESPACE, registry=self.registry)
+
+    def _histogram(
+        self,
+        name: str,
+        documentation: str,
+        labels: Sequence[str] = (),
+        buckets: Sequence[float] = LATENCY_BUCKETS,
+    ) -> Histogram:
+        return Histogram(
+            name,
+            documentation,
+            labels,
+            namespace=NAMESPACE,
+            registry=self.registry,
+            buckets=buckets,
+        )
 
     def start_known_series_at_zero(self) -> None:
         """Every known label value exported from the start: rate() and increase() cannot see
@@ -267,9 +252,25 @@ class Metrics:
             self.decode_worker_restarts.labels(reason=reason)
         for path in ("device", "cpu"):
             self.device_decodes.labels(path=path)
+        for result in ("hit", "miss"):
+            self.image_cache_requests.labels(result=result)
         for result in RESULTS:
             self.policy_reloads.labels(result=result)
             self.auth_reloads.labels(result=result)
+
+    def count_policy_set(
+        self, policy_set: PolicySet, previous: PolicySet | None, unix_time: float
+    ) -> None:
+        """A policy set swapped in (replacing `previous`) at `unix_time`."""
+        self.policy_reloads.labels(result="success").inc()
+        self.policy_last_reload.set(unix_time)
+        self.policy_last_reload_success.set(1)
+        if previous is not None:
+            self.policy_set_info.remove(previous.version)
+        self.policy_set_info.labels(version=policy_set.version).set(1)
+        for mode in ("enforce", "shadow"):
+            count = sum(p.mode.value == mode for p in policy_set.policies)
+            self.policies_loaded.labels(mode=mode).set(count)
 
     def count_outcomes(self, outcomes: Iterable[ImageOutcome]) -> None:
         """Images by decision and error code, and policy violations, of moderated images:
@@ -277,6 +278,7 @@ class Metrics:
         decisions: dict[Decision, int] = {}
         errors: dict[ImageErrorCode, int] = {}
         violations: dict[tuple[str, str], int] = {}
+        known: dict[tuple[str, str], int] = {}
         for outcome in outcomes:
             decisions[outcome.decision] = decisions.get(outcome.decision, 0) + 1
             if outcome.error is not None:
@@ -284,12 +286,16 @@ class Metrics:
             for policy in outcome.violated:
                 key = (policy.id, policy.mode.value)
                 violations[key] = violations.get(key, 0) + 1
+            for policy_id, rule in outcome.known_rules:
+                known[policy_id, rule] = known.get((policy_id, rule), 0) + 1
         for decision, count in decisions.items():
             self._by_decision[decision].inc(count)
         for code, count in errors.items():
             self._by_error[code].inc(count)
         for (policy_id, mode), count in violations.items():
             self.policy_violations.labels(policy=policy_id, mode=mode).inc(count)
+        for (policy_id, rule), count in known.items():
+            self.known_content_matches.labels(policy=policy_id, rule=rule).inc(count)
 
 
 WORKER_SCRAPE_SECONDS = 2.0

@@ -105,6 +105,8 @@ class PolicyReloader:
                 return self.last, seen
             try:
                 self.last = self._install(policy_set)
+            except PolicyError as exc:  # an example image that cannot be used
+                return self._failed(running, exc), seen
             except Exception as exc:  # encoding failed (out of memory, ...): keep serving
                 log.exception("embedding the new policy set failed")
                 error = PolicyError([f"embedding the policies failed: {exc}"])

@@ -84,12 +84,22 @@ class LabelledScore:
 @dataclass(frozen=True)
 class PolicyCalibration:
     policy_id: str
+    key: str  # the threshold calibrated: 'threshold' (text) or 'example_threshold'
     samples: tuple[LabelledScore, ...]
     current: OperatingPoint
     curve: tuple[OperatingPoint, ...]  # one point per distinct score, highest threshold first
     suggested: OperatingPoint | None  # None when the target cannot be reached (or no data)
     best_f1: OperatingPoint | None
     average_precision: float
+
+    @property
+    def name(self) -> str:
+        """How tables name it: the policy id, and which threshold when not the text one."""
+        return self.policy_id if self.key == "threshold" else f"{self.policy_id} ({self.key})"
+
+    @property
+    def anchor(self) -> str:
+        return self.policy_id if self.key == "threshold" else f"{self.policy_id}-{self.key}"
 
     @property
     def violating(self) -> int:
@@ -189,6 +199,8 @@ def calibrate_policy(
     current_threshold: float,
     target: Target,
     value: float,
+    *,
+    key: str = "threshold",
 ) -> PolicyCalibration:
     curve = precision_recall_curve(samples)
     usable = any(s.violating for s in samples) and any(not s.violating for s in samples)
@@ -201,6 +213,7 @@ def calibrate_policy(
         best_f1 = operating_point(samples, suggested_threshold(curve, best_f1))
     return PolicyCalibration(
         policy_id=policy_id,
+        key=key,
         samples=tuple(samples),
         current=operating_point(samples, current_threshold),
         curve=curve,
@@ -280,23 +293,40 @@ class Calibration:
 def calibrate(
     scorer: OfflineScorer, examples: Sequence[Example], target: Target, value: float
 ) -> Calibration:
-    """Score each labelled image once (the service's pipeline), then calibrate each policy."""
+    """Score each labelled image once (the service's pipeline), then calibrate each policy's
+    text threshold and, for a policy with example images, its example_threshold (each on its
+    own: an image either rule flags is flagged, so calibrate the one you trust first)."""
     policy_set = scorer.policy_set
-    samples: dict[str, list[LabelledScore]] = {pid: [] for pid in policy_set.ids}
+    text: dict[str, list[LabelledScore]] = {pid: [] for pid in policy_set.ids}
+    by_example: dict[str, list[LabelledScore]] = {pid: [] for pid in policy_set.ids}
     results = run_examples(scorer, examples)
     for result in results:
         example = result.example
-        if result.score is not None:
-            samples[example.policy_id].append(
-                LabelledScore(example.path, result.score, example.should_violate)
+        for scores, score in ((text, result.score), (by_example, result.example_score)):
+            if score is not None:
+                scores[example.policy_id].append(
+                    LabelledScore(example.path, score, example.should_violate)
+                )
+    unreadable = tuple(dict.fromkeys((r.example.path, r.error) for r in results if r.error))
+    policies = []
+    for policy in policy_set.policies:
+        if text[policy.id]:
+            policies.append(
+                calibrate_policy(policy.id, text[policy.id], policy.threshold, target, value)
             )
-    unreadable = tuple(dict.fromkeys((r.example.path, r.error) for r in results if r.score is None))
-    policies = tuple(
-        calibrate_policy(policy.id, samples[policy.id], policy.threshold, target, value)
-        for policy in policy_set.policies
-        if samples[policy.id]
-    )
-    return Calibration(policies, unreadable, target, value, policy_set.version)
+        if by_example[policy.id]:
+            current = policy.known.example_threshold
+            policies.append(
+                calibrate_policy(
+                    policy.id,
+                    by_example[policy.id],
+                    current,
+                    target,
+                    value,
+                    key="example_threshold",
+                )
+            )
+    return Calibration(tuple(policies), unreadable, target, value, policy_set.version)
 
 
 def format_calibration(calibration: Calibration) -> str:
@@ -320,7 +350,7 @@ def format_calibration(calibration: Calibration) -> str:
         suggested = c.suggested
         rows.append(
             (
-                c.policy_id,
+                c.name,
                 str(c.violating),
                 str(c.benign),
                 _rate(c.average_precision),
@@ -334,15 +364,15 @@ def format_calibration(calibration: Calibration) -> str:
             )
         )
         if not c.usable:
-            notes.append(f"{c.policy_id}: needs both violating and benign images to calibrate")
+            notes.append(f"{c.name}: needs both violating and benign images to calibrate")
         elif suggested is None:
             notes.append(
-                f"{c.policy_id}: no threshold reaches {calibration.target.value} "
+                f"{c.name}: no threshold reaches {calibration.target.value} "
                 f"{calibration.value:g} on this set"
             )
         elif c.few_examples:
             notes.append(
-                f"{c.policy_id}: fewer than {FEW_EXAMPLES} violating or benign images; "
+                f"{c.name}: fewer than {FEW_EXAMPLES} violating or benign images; "
                 "treat the suggestion as rough"
             )
     lines = aligned_rows(rows)

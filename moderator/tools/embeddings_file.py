@@ -7,10 +7,12 @@ response's `model`, `precision` and `policy_version`):
     {"id": "a.jpg", "model": "ViT-B-32/laion2b_s34b_b79k", "precision": "bf16",
      "policy_version": "3f2a...", "decision": "DECISION_BLOCK", "embedding": [0.0123, ...],
      "views": [{"values": [...]}, ...],            # only for multi-view images
+     "sha256": "9f86...", "pdq": "e3b0...",        # matched against the hash lists
      "policies": [{"policy_id": "weapons", "score": 0.061, "violated": true, ...}, ...]}
 
 Only `id` and `embedding` are required; `decision` and `policies` are the stored results a
-rescore is compared with. The file is read in chunks, so its size is not bounded by memory.
+rescore is compared with; without `sha256` and `pdq` the hash lists cannot match. The file
+is read in chunks, so its size is not bounded by memory.
 """
 
 from __future__ import annotations
@@ -87,8 +89,11 @@ def _stored_image(record: Any) -> StoredImage | None:
             return None
         raise ValueError(f"image {image_id!r} has no 'embedding'")
     views = [_floats(view["values"]) for view in record.get("views", [])]
+    sha256, pdq = record.get("sha256", ""), record.get("pdq", "")
+    if not isinstance(sha256, str) or not isinstance(pdq, str):
+        raise ValueError("'sha256' and 'pdq' must be strings of hex digits")
     return StoredImage(
-        image=embedded_image(image_id, _floats(embedding), views),
+        image=embedded_image(image_id, _floats(embedding), views, sha256=sha256, pdq=pdq),
         model=str(record.get("model", "")),
         precision=str(record.get("precision", "")),
         policy_version=str(record.get("policy_version", "")),

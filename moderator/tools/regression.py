@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moderator.core.policies import PolicySet
+from moderator.core.scoring import ScoredImage
 from moderator.errors import PolicyError
 from moderator.tools.offline import OfflineScorer
 from moderator.tools.tables import aligned_rows
@@ -30,14 +31,15 @@ class Example:
 
 @dataclass(frozen=True)
 class ExampleResult:
-    example: Example
-    score: float | None
-    threshold: float
-    error: str = ""
+    """An image against one policy, decided as the service decides (text, examples, hashes)."""
 
-    @property
-    def violated(self) -> bool:
-        return self.score is not None and self.score >= self.threshold
+    example: Example
+    score: float | None  # the text score (None: not scored, or no descriptions)
+    threshold: float
+    violated: bool = False
+    decided_by: str = ""  # 'example NAME', 'hash ENTRY' or 'allowed by NAME' ('': the text)
+    example_score: float | None = None  # best similarity to the policy's example images
+    error: str = ""
 
     @property
     def passed(self) -> bool:
@@ -81,30 +83,51 @@ def run_examples(scorer: OfflineScorer, examples: Sequence[Example]) -> list[Exa
     scored_paths = dict(zip(paths, scorer.score_files(paths), strict=True))
     results = []
     for example in examples:
-        scored = scored_paths[example.path]
         column = policy_set.index_of(example.policy_id)
-        threshold = policy_set.policies[column].threshold
-        if scored.scores is None:
-            error = scored.error.message if scored.error else "unreadable"
-            results.append(ExampleResult(example, None, threshold, error=error))
-        else:
-            results.append(ExampleResult(example, float(scored.scores[column]), threshold))
+        policy = policy_set.policies[column]
+        scored = scored_paths[example.path].scored
+        if scored is None:
+            error = scored_paths[example.path].error
+            message = error.message if error else "unreadable"
+            results.append(ExampleResult(example, None, policy.threshold, error=message))
+            continue
+        results.append(
+            ExampleResult(
+                example,
+                score=scored.scores[column] if policy.descriptions else None,
+                threshold=policy.threshold,
+                violated=column in scored.violated,
+                decided_by=_decided_by(scored, column),
+                example_score=scored.example_scores[column] if policy.known.examples else None,
+            )
+        )
     return results
 
 
+def _decided_by(scored: ScoredImage, column: int) -> str:
+    if column in scored.hash_matches:
+        return f"hash {scored.hash_matches[column]}"
+    if column in scored.allowed_by:
+        return f"allowed by {scored.allowed_by[column]}"
+    if column in scored.matched_examples and column in scored.violated:
+        return f"example {scored.matched_examples[column]}"
+    return ""
+
+
 def format_table(results: list[ExampleResult], root: Path) -> str:
-    header = ("example", "expected", "score", "threshold", "result")
+    header = ("example", "expected", "score", "threshold", "example score", "decided by", "result")
     rows = [header]
     for r in results:
-        score = "-" if r.score is None else f"{r.score:.3f}"
         outcome = "pass" if r.passed else f"FAIL{': ' + r.error if r.error else ''}"
         expected = "violates" if r.example.should_violate else "benign"
         rows.append(
             (
                 str(r.example.path.relative_to(root)),
                 expected,
-                score,
-                f"{r.threshold:.3f}",
+                _number(r.score),
+                "-" if r.score is None else f"{r.threshold:.3f}",
+                _number(r.example_score),
+                r.decided_by or "-",
                 outcome,
             )
         )
@@ -112,3 +135,7 @@ def format_table(results: list[ExampleResult], root: Path) -> str:
     failed = sum(not r.passed for r in results)
     lines.append(f"{len(results) - failed} passed, {failed} failed")
     return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -77,7 +77,7 @@ def render_report(calibration: Calibration, report_path: Path) -> str:
 
 def _policy_section(c: PolicyCalibration, base: Path) -> str:
     parts = [
-        f"<section id='{html.escape(c.policy_id)}'><h2>{html.escape(c.policy_id)}</h2>",
+        f"<section id='{html.escape(c.anchor)}'><h2>{html.escape(c.name)}</h2>",
         f"<p>{c.violating} violating and {c.benign} benign images; average precision "
         f"{_number(c.average_precision)}.</p>",
     ]

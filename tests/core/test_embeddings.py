@@ -128,11 +128,11 @@ def test_policy_index_layout() -> None:
     assert policy_set.ids == ("guns", "knives")
     encoder = CountingEncoder()
     index = build_policy_index(policy_set, encoder, EmbeddingCache(None, "m"), torch.device("cpu"))
-    assert index.text_matrix.shape == (5, DIM)  # 4 descriptions + 1 benign text
+    assert index.matrix.shape == (5, DIM)  # 4 descriptions + 1 benign text
     assert index.violating_rows.tolist() == [[0, 5, 5], [1, 2, 3]]  # 5 is the padding row
     assert index.benign_rows.tolist() == [[5], [4]]
     assert index.has_benign.tolist() == [False, True]
-    assert index.thresholds.tolist() == pytest.approx([0.2, 0.2])
+    assert index.thresholds[0].tolist() == pytest.approx([0.2, 0.2])  # text; then examples
     assert len(encoder.encoded) == 10  # 5 texts x 2 templates
 
 
@@ -140,20 +140,20 @@ def test_an_index_on_another_device_keeps_a_cpu_copy_for_rescoring() -> None:
     policy_set = load_policy_dir(DEMO_POLICIES_DIR)
     cache = EmbeddingCache(None, "test")
     index = build_policy_index(policy_set, CountingEncoder(), cache, torch.device("meta"))
-    assert index.text_matrix.device.type == "meta"
+    assert index.matrix.device.type == "meta"
     assert index.cpu_copy is not None
     on_cpu = index.on_cpu
     for tensor in (
-        on_cpu.text_matrix,
+        on_cpu.matrix,
         on_cpu.violating_rows,
         on_cpu.benign_rows,
         on_cpu.has_benign,
     ):
         assert tensor.device.type == "cpu"
-    assert on_cpu.text_matrix.shape == index.text_matrix.shape
+    assert on_cpu.matrix.shape == index.matrix.shape
     cpu_index = build_policy_index(policy_set, CountingEncoder(), cache, torch.device("cpu"))
     assert cpu_index.on_cpu is cpu_index
-    assert torch.equal(on_cpu.text_matrix, cpu_index.text_matrix)
+    assert torch.equal(on_cpu.matrix, cpu_index.matrix)
 
 
 def test_a_forged_entry_of_another_width_is_not_trusted(tmp_path: Path) -> None:

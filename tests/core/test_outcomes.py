@@ -6,7 +6,7 @@ import torch
 from moderator.core.outcomes import Report, build_outcomes, selected_policies
 from moderator.core.scoring import Decision, ScoredImage, scored_images
 from moderator.errors import ImageErrorCode, InvalidImage, InvalidRequest
-from tests.helpers import make_index, policy_doc
+from tests.helpers import make_index, policy_doc, text_only
 
 INDEX = make_index(
     ("block", policy_doc("block", ["x"], threshold=0.5)),
@@ -20,10 +20,11 @@ def scored(*rows: list[float]) -> list[ScoredImage | InvalidImage]:
     return list(
         scored_images(
             torch.zeros(len(rows), 4),
-            torch.tensor(rows),
-            torch.zeros(len(rows), 3, dtype=torch.long),
+            text_only(list(rows)),
+            torch.zeros(len(rows), 9, dtype=torch.long),
             [1] * len(rows),
-            INDEX.thresholds,
+            INDEX,
+            hashes=[None] * len(rows),
         )
     )
 

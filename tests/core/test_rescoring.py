@@ -44,7 +44,7 @@ def test_score_embedded_equals_score_views_and_fails_bad_embeddings_alone() -> N
     assert isinstance(good, ScoredImage)
     assert isinstance(views, ScoredImage)
     expected, _ = score_views(torch.tensor([unit(1, 0, 0)]), index)
-    assert good.scores == expected[0].tolist()
+    assert good.scores == expected[0, :1].tolist()  # the text scores: one policy
     assert good.scores == [pytest.approx(1.0)]  # best description 1, no benign match
     assert views.embeddings.shape == (2, 3)
     # the best of the views' scores: -1 (z is the benign text) and 1

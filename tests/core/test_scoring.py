@@ -11,7 +11,7 @@ from moderator.core.scoring import (
     score_views,
     scored_images,
 )
-from tests.helpers import make_index, policy_doc, vector
+from tests.helpers import make_index, policy_doc, text_only, vector
 
 
 def reference_scores(
@@ -43,15 +43,16 @@ def test_scores_equal_the_per_policy_reference() -> None:
     )
     scores, matched = score_views(images, index)
     expected_scores, expected_matched = reference_scores(images, index)
-    assert torch.allclose(scores, torch.tensor(expected_scores), atol=1e-5)
-    assert matched.tolist() == expected_matched
+    assert torch.allclose(scores[:, :3], torch.tensor(expected_scores), atol=1e-5)
+    assert matched[:, :3].tolist() == expected_matched
+    assert bool((scores[:, 3:] == float("-inf")).all())  # no examples: nothing matched
 
 
 def test_an_image_equal_to_a_description_matches_it() -> None:
     index = make_index(("a", policy_doc("block", ["knife", "gun"])))
     scores, matched = score_views(vector("gun").unsqueeze(0), index)
     assert abs(float(scores[0, 0]) - 1.0) < 1e-5
-    assert matched.tolist() == [[1]]
+    assert matched.tolist() == [[1, 0, 0]]  # description 1; no example, no allow example
 
 
 def test_benign_match_lowers_the_score() -> None:
@@ -104,10 +105,14 @@ def test_one_view_images_are_their_own_reduction() -> None:
 
 def test_scored_images_carry_each_images_views_scores_and_violations() -> None:
     embeddings = torch.arange(12.0).reshape(4, 3)
-    scores = torch.tensor([[0.1, 0.6], [0.7, 0.2], [0.5, 0.5], [0.1, 0.1]])
-    matched = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]])
+    scores = text_only([[0.1, 0.6], [0.7, 0.2], [0.5, 0.5], [0.1, 0.1]])
+    matched = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]]).repeat(1, 3)
+    index = make_index(
+        ("a", policy_doc("block", ["x"], threshold=0.5)),
+        ("b", policy_doc("block", ["y"], threshold=0.6)),
+    )
     first, second, third = scored_images(
-        embeddings, scores, matched, [2, 1, 1], thresholds=torch.tensor([0.5, 0.6])
+        embeddings, scores, matched, [2, 1, 1], index, hashes=[None] * 3
     )
     assert first.embeddings.tolist() == embeddings[:2].tolist()
     assert first.scores == [pytest.approx(0.7), pytest.approx(0.6)]

@@ -6,6 +6,7 @@ expression evaluates."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 import subprocess
@@ -90,6 +91,8 @@ EXPECTED_ON_PANELS = {
     "Decode workers, restarts, and where images are decoded": {"reason": {"timeout"}},
     "Policy reloads by result": {"result": {"success", "error"}},
     "Rescoring and text encoding": {"result": {"scored"}},
+    "Repeated uploads: cache lookups by result": {"result": {"hit", "miss"}},
+    "Decisions by known content, by policy and rule": {"policy": {"known_red"}, "rule": {"hash"}},
 }
 # Decoding takes Pillow about a second: past the live server's 400 ms budget, so its worker is
 # killed and replaced (tests/end_to_end/test_hostile_images.py).
@@ -330,6 +333,7 @@ def live(require_tool: Tool, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     binary = require_tool("prometheus")
     base = tmp_path_factory.mktemp("prometheus")
     policies = copy_demo_policies(base / "policies")
+    add_known_red(policies)
     [metrics_port] = free_ports(1)
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     target, labels = f"127.0.0.1:{metrics_port}", {"namespace": NAMESPACE, "pod": POD}
@@ -356,6 +360,16 @@ def live(require_tool: Tool, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             yield Live(prometheus, metrics, reloads)
         finally:
             stop(server)
+
+
+def add_known_red(policies: Path) -> None:
+    """A policy whose only signal is a SHA-256 list holding the traffic's red circle."""
+    (policies / "lists").mkdir()
+    digest = hashlib.sha256(shape_png("red", "circle")).hexdigest()
+    (policies / "lists" / "known.csv").write_text(f"{digest},red-circle\n")
+    (policies / "known_red.yaml").write_text(
+        "title: Known red circle\naction: block\nsha256_lists: [lists/known.csv]\n"
+    )
 
 
 def test_live_metrics_pass_promtool_lint(live: Live, require_tool: Tool) -> None:

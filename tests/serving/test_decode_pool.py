@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from moderator.config import DecodeConfig, ImageConfig
 from moderator.core.cpus import cgroup_cpu_quota, usable_cpus
-from moderator.core.views import Preprocessing, decode_views
+from moderator.core.views import DecodedImage, Preprocessing, decode_views
 from moderator.demo.hostile import gif_of_tiny_frames, png_pixel_bomb
 from moderator.errors import DeadlineExceeded, ImageErrorCode, InvalidImage, NotReady
 from moderator.serving.decode_pool import DecodePool
@@ -58,7 +58,7 @@ def test_a_worker_returns_the_views_decoding_in_process_gives(
 ) -> None:
     decoder, _ = pool
     for data in (shape_png("red", "star"), encode(Image.new("RGBA", (90, 30), (0, 9, 0, 0)))):
-        assert np.array_equal(decoder.decode_now(data), decode_views(data, SLOW_LIMITS, PREP))
+        assert np.array_equal(decoder.decode_now(data).views, decode_views(data, SLOW_LIMITS, PREP))
 
 
 def test_a_bad_image_gets_its_code_from_the_worker(pool: tuple[DecodePool, Metrics]) -> None:
@@ -81,7 +81,7 @@ def test_a_decode_over_its_time_budget_is_too_complex_and_its_worker_replaced(
     assert time.monotonic() - started < 2  # killed, not waited for
     assert sample(metrics, "moderator_decode_worker_restarts_total", reason="timeout") == 1
     assert not _alive(before)
-    assert decoder.decode_now(shape_png("blue", "circle")).shape[0] == 1  # the new one works
+    assert decoder.decode_now(shape_png("blue", "circle")).views.shape[0] == 1  # the new one works
     (after,) = decoder.worker_pids()
     assert after != before
 
@@ -105,7 +105,7 @@ def test_a_malformed_answer_is_a_lost_worker_not_a_failed_request(
             decoder.decode_now(shape_png("red", "star"))
         assert info.value.code is ImageErrorCode.CORRUPT
     assert sample(metrics, "moderator_decode_worker_restarts_total", reason="crash") == 4
-    assert decoder.decode_now(shape_png("blue", "circle")).shape[0] == 1
+    assert decoder.decode_now(shape_png("blue", "circle")).views.shape[0] == 1
 
 
 def test_a_decode_over_its_memory_budget_is_too_complex() -> None:
@@ -114,7 +114,7 @@ def test_a_decode_over_its_memory_budget_is_too_complex() -> None:
         with pytest.raises(InvalidImage, match="memory") as info:
             decoder.decode_now(png_pixel_bomb(20_000, 20_000))  # 400 MB of grey, then RGB
         assert info.value.code is ImageErrorCode.TOO_COMPLEX
-        assert decoder.decode_now(shape_png("blue", "circle")).shape[0] == 1
+        assert decoder.decode_now(shape_png("blue", "circle")).views.shape[0] == 1
     finally:
         decoder.stop()
 
@@ -126,7 +126,7 @@ def test_a_worker_that_died_idle_is_replaced_before_the_next_image(
     (pid,) = decoder.worker_pids()
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.1)
-    assert decoder.decode_now(shape_png("green", "square")).shape[0] == 1
+    assert decoder.decode_now(shape_png("green", "square")).views.shape[0] == 1
 
 
 def test_a_cancelled_request_never_starts_its_pending_decodes(
@@ -163,10 +163,10 @@ def test_workers_decode_in_parallel_and_stop_cleanly() -> None:
     assert len(pids) == 2
     assert sample(metrics, "moderator_decode_workers") == 2
 
-    async def both() -> list[np.ndarray]:
+    async def both() -> list[DecodedImage]:
         return list(await asyncio.gather(*(decoder.decode(shape_png("red", "star")) for _ in "ab")))
 
-    assert all(views.shape[0] == 1 for views in asyncio.run(both()))
+    assert all(decoded.views.shape[0] == 1 for decoded in asyncio.run(both()))
     decoder.stop()
     assert not any(_alive(pid) for pid in pids)
 

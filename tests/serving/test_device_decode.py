@@ -19,6 +19,7 @@ from moderator.core.views import Preprocessing, apply_orientation, decode_views,
 from moderator.errors import ConfigError
 from moderator.serving import device_decode
 from moderator.serving.device_decode import (
+    DecodedPixels,
     DeviceDecoder,
     decode_on_device,
     device_eligible,
@@ -207,7 +208,8 @@ def test_the_device_path_shows_what_the_cpu_path_shows(
     data = oriented(scene(width, height, mode), orientation)
     expected = decode_views(data, LIMITS, PREP)
     assert expected.shape[0] == 1
-    actual = as_array(decoder().decode_batch([data])[0])
+    decoded = decoder().decode_batch([data])[0]
+    actual = as_array(None if decoded is None else decoded.pixels)
     assert actual.shape == expected[0].shape
     assert np.abs(actual.astype(int) - expected[0]).mean() <= MEAN_TOLERANCE
     shown_width, shown_height = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
@@ -231,7 +233,7 @@ def test_a_batch_decodes_the_good_files_and_returns_none_for_the_rest() -> None:
         alone = decoder().decode_batch([data])[0]
         assert alone is not None
         assert result is not None
-        assert torch.equal(result, alone)  # neighbours did not change the result
+        assert torch.equal(result.pixels, alone.pixels)  # neighbours did not change the result
 
 
 def test_a_failed_batched_call_is_retried_one_file_at_a_time(
@@ -270,7 +272,7 @@ class Gate:
         self._decode_read = decoder.decode_read
         decoder.decode_read = self  # type: ignore[method-assign]
 
-    def __call__(self, items: list[tuple[bytes, JpegHeader | None]]) -> list[torch.Tensor | None]:
+    def __call__(self, items: list[tuple[bytes, JpegHeader | None]]) -> list[DecodedPixels | None]:
         self.sizes.append(len(items))
         assert self.open.wait(30), "the test never opened the gate"
         return self._decode_read(items)
@@ -283,7 +285,7 @@ def test_concurrent_decodes_from_an_event_loop_are_batched() -> None:
     gate = Gate(subject)
     subject.start()
 
-    async def run() -> list[torch.Tensor | None]:
+    async def run() -> list[DecodedPixels | None]:
         tasks = [asyncio.create_task(subject.decode(data)) for data in files]
         await asyncio.sleep(0.05)  # every task has queued its file; the thread holds the first
         gate.open.set()
@@ -299,7 +301,7 @@ def test_concurrent_decodes_from_an_event_loop_are_batched() -> None:
     for result, alone in zip(results, expected, strict=True):
         assert (result is None) == (alone is None)
         if result is not None and alone is not None:
-            assert torch.equal(result, alone)
+            assert torch.equal(result.pixels, alone.pixels)
 
 
 def test_the_pixel_bound_splits_batches() -> None:
@@ -309,7 +311,7 @@ def test_the_pixel_bound_splits_batches() -> None:
     gate.open.set()
     subject.start()
 
-    async def run() -> list[torch.Tensor | None]:
+    async def run() -> list[DecodedPixels | None]:
         return await asyncio.gather(*(subject.decode(data) for data in files))
 
     try:
@@ -324,7 +326,7 @@ def test_stop_with_work_pending_resolves_it_with_none_and_does_not_hang() -> Non
     gate = Gate(subject)  # never opened before stop(): the thread is stuck mid-batch
     subject.start()
 
-    async def run() -> tuple[list[torch.Tensor | None], float]:
+    async def run() -> tuple[list[DecodedPixels | None], float]:
         tasks = [asyncio.create_task(subject.decode(jpeg(scene(64, 64)))) for _ in range(4)]
         await asyncio.sleep(0.05)
         started = time.monotonic()
@@ -345,7 +347,7 @@ def test_decode_before_start_or_after_stop_is_none_and_a_cancelled_caller_is_har
     gate = Gate(subject)
     subject.start()
 
-    async def run() -> torch.Tensor | None:
+    async def run() -> DecodedPixels | None:
         cancelled = asyncio.create_task(subject.decode(data))
         kept = asyncio.create_task(subject.decode(data))
         await asyncio.sleep(0.05)

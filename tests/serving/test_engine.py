@@ -116,7 +116,7 @@ def test_warm_cache_restart_encodes_no_text(demo_clip: ClipModel, tmp_path: Path
     warm = started_engine(config, demo_clip)
     warm.stop()
     assert warm.metrics.text_embeddings_encoded._value.get() == 0
-    assert torch.equal(cold.index.text_matrix, warm.index.text_matrix)
+    assert torch.equal(cold.index.matrix, warm.index.matrix)
 
 
 def test_requests_before_start_are_not_ready(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from moderator.core.outcomes import Report, build_outcomes
 from moderator.core.scoring import Decision, ScoredImage, scored_images
 from moderator.errors import ImageErrorCode, InvalidImage
 from moderator.serving.metrics import REJECTION_REASONS, Metrics
-from tests.helpers import make_index, policy_doc
+from tests.helpers import make_index, policy_doc, text_only
 
 
 def exported(metrics: Metrics) -> str:
@@ -47,10 +47,11 @@ def test_a_requests_images_are_counted_by_decision_error_and_violated_policy() -
     views: list[ScoredImage | InvalidImage] = list(
         scored_images(
             torch.zeros(3, 4),
-            torch.tensor(scores),
-            torch.zeros(3, 2, dtype=torch.long),
+            text_only(scores),
+            torch.zeros(3, 6, dtype=torch.long),
             [1, 1, 1],
-            index.thresholds,
+            index,
+            hashes=[None] * 3,
         )
     )
     views.append(InvalidImage(ImageErrorCode.CORRUPT, "broken"))

@@ -21,9 +21,10 @@ def test_write_thresholds_changes_only_the_threshold_values(tmp_path: Path) -> N
     stars_target.write_bytes(stars_target.read_bytes().replace(b"\n", b"\r\n"))
     before = {path: path.read_bytes() for path in (red, stars_target)}
 
-    written = write_thresholds(policies, {"red": 0.6523, "stars": 0.00005})
+    changes = {("red", "threshold"): 0.6523, ("stars", "threshold"): 0.00005}
+    written = write_thresholds(policies, changes)
 
-    assert written == {"red": red.resolve(), "stars": stars_target}
+    assert written == {("red", "threshold"): red.resolve(), ("stars", "threshold"): stars_target}
     assert (policies / "stars.yaml").is_symlink()  # the link's target was rewritten
     assert red.read_bytes() == before[red].replace(
         b"threshold: 0.71  # tuned", b"threshold: 0.6523  # tuned"
@@ -39,7 +40,7 @@ def test_write_thresholds_changes_nothing_when_one_file_would_be_invalid(tmp_pat
     policies = copy_demo_policies(tmp_path / "policies")
     before = {path.name: path.read_bytes() for path in policies.glob("*.yaml")}
     with pytest.raises(PolicyError, match=r"stars\.yaml"):
-        write_thresholds(policies, {"red": 0.5, "stars": math.inf})
+        write_thresholds(policies, {("red", "threshold"): 0.5, ("stars", "threshold"): math.inf})
     assert {path.name: path.read_bytes() for path in policies.glob("*.yaml")} == before
     assert sorted(p.name for p in policies.iterdir() if p.is_file()) == sorted(before)
 

@@ -43,6 +43,11 @@ class PolicyResult:
     mode: str  # "enforce" or "shadow"
     matched_description: str
     policy_version: str
+    example_score: float  # best similarity to one of the policy's example images (0: none)
+    example_threshold: float
+    matched_example: str  # the example image that reached example_threshold
+    allowed_by: str  # the allow example that kept the policy from being violated
+    matched_hash: str  # "<list>:<id or hash>": the hash list entry that matched
 
     @classmethod
     def from_proto(cls, result: pb.PolicyResult) -> PolicyResult:
@@ -55,6 +60,11 @@ class PolicyResult:
             mode=_name(pb.PolicyMode, result.mode, "POLICY_MODE_"),
             matched_description=result.matched_description,
             policy_version=result.policy_version,
+            example_score=result.example_score,
+            example_threshold=result.example_threshold,
+            matched_example=result.matched_example,
+            allowed_by=result.allowed_by,
+            matched_hash=result.matched_hash,
         )
 
 
@@ -72,6 +82,9 @@ class ImageResult:
     error: ImageError | None
     embedding: tuple[float, ...]  # with include_embeddings
     views: tuple[tuple[float, ...], ...]  # with include_embeddings, for multi-view images
+    sha256: str  # of the bytes sent ('' for an image that did not decode)
+    pdq: str  # PDQ perceptual hash, 64 hex digits ('' for an image that did not decode)
+    pdq_quality: int  # 0-100
     proto: pb.ImageResult  # the message itself (format_json writes it)
 
     @property
@@ -92,6 +105,9 @@ class ImageResult:
             error=error,
             embedding=tuple(result.embedding),
             views=tuple(tuple(v.values) for v in result.views),
+            sha256=result.sha256,
+            pdq=result.pdq,
+            pdq_quality=result.pdq_quality,
             proto=result,
         )
 

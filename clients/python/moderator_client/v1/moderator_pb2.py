@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmoderator/v1/moderator.proto\x12\x0cmoderator.v1\"!\n\x05Image\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xa0\x01\n\x0fModerateRequest\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.moderator.v1.Image\x12\x12\n\npolicy_ids\x18\x02 \x03(\t\x12\x1a\n\x12include_embeddings\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12$\n\x06\x64\x65tail\x18\x05 \x01(\x0e\x32\x14.moderator.v1.Detail\"\xb7\x01\n\x10ModerateResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.moderator.v1.ImageResult\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12)\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x1a.moderator.v1.RequestError\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xd5\x01\n\x0bImageResult\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32\x16.moderator.v1.Decision\x12,\n\x08policies\x18\x03 \x03(\x0b\x32\x1a.moderator.v1.PolicyResult\x12\'\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x18.moderator.v1.ImageError\x12\x11\n\tembedding\x18\x05 \x03(\x02\x12&\n\x05views\x18\x06 \x03(\x0b\x32\x17.moderator.v1.Embedding\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xd8\x01\n\x0cPolicyResult\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\tthreshold\x18\x03 \x01(\x02\x12\x10\n\x08violated\x18\x04 \x01(\x08\x12$\n\x06\x61\x63tion\x18\x05 \x01(\x0e\x32\x14.moderator.v1.Action\x12&\n\x04mode\x18\x06 \x01(\x0e\x32\x18.moderator.v1.PolicyMode\x12\x1b\n\x13matched_description\x18\x07 \x01(\t\x12\x16\n\x0epolicy_version\x18\x08 \x01(\t\"I\n\nImageError\x12*\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1c.moderator.v1.ImageErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x15\n\x13ListPoliciesRequest\"\x8b\x01\n\x14ListPoliciesResponse\x12*\n\x08policies\x18\x01 \x03(\x0b\x32\x18.moderator.v1.PolicyInfo\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12/\n\x0blast_reload\x18\x03 \x01(\x0b\x32\x1a.moderator.v1.ReloadStatus\"\xca\x01\n\nPolicyInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12$\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x14.moderator.v1.Action\x12&\n\x04mode\x18\x04 \x01(\x0e\x32\x18.moderator.v1.PolicyMode\x12\x11\n\tthreshold\x18\x05 \x01(\x02\x12\x19\n\x11\x64\x65scription_count\x18\x06 \x01(\x05\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x14\n\x0c\x62\x65nign_count\x18\x08 \x01(\x05\"\x17\n\x15ReloadPoliciesRequest\"\\\n\x16ReloadPoliciesResponse\x12*\n\x06status\x18\x01 \x01(\x0b\x32\x1a.moderator.v1.ReloadStatus\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\">\n\x0cReloadStatus\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tunix_time\x18\x03 \x01(\x03\"V\n\rEmbeddedImage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tembedding\x18\x02 \x03(\x02\x12&\n\x05views\x18\x03 \x03(\x0b\x32\x17.moderator.v1.Embedding\"\x8e\x01\n\x16ScoreEmbeddingsRequest\x12+\n\x06images\x18\x01 \x03(\x0b\x32\x1b.moderator.v1.EmbeddedImage\x12\x12\n\npolicy_ids\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12$\n\x06\x64\x65tail\x18\x04 \x01(\x0e\x32\x14.moderator.v1.Detail*e\n\x06\x44\x65tail\x12\x16\n\x12\x44\x45TAIL_UNSPECIFIED\x10\x00\x12\x17\n\x13\x44\x45TAIL_ALL_POLICIES\x10\x01\x12\x15\n\x11\x44\x45TAIL_VIOLATIONS\x10\x02\x12\x13\n\x0f\x44\x45TAIL_DECISION\x10\x03*u\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x13\n\x0f\x44\x45\x43ISION_REVIEW\x10\x02\x12\x12\n\x0e\x44\x45\x43ISION_BLOCK\x10\x03\x12\x12\n\x0e\x44\x45\x43ISION_ERROR\x10\x04*E\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x11\n\rACTION_REVIEW\x10\x01\x12\x10\n\x0c\x41\x43TION_BLOCK\x10\x02*Z\n\nPolicyMode\x12\x1b\n\x17POLICY_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13POLICY_MODE_ENFORCE\x10\x01\x12\x16\n\x12POLICY_MODE_SHADOW\x10\x02*\xaa\x02\n\x0eImageErrorCode\x12 \n\x1cIMAGE_ERROR_CODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16IMAGE_ERROR_CODE_EMPTY\x10\x01\x12#\n\x1fIMAGE_ERROR_CODE_TOO_MANY_BYTES\x10\x02\x12$\n IMAGE_ERROR_CODE_TOO_MANY_PIXELS\x10\x03\x12\'\n#IMAGE_ERROR_CODE_UNSUPPORTED_FORMAT\x10\x04\x12\x1c\n\x18IMAGE_ERROR_CODE_CORRUPT\x10\x05\x12&\n\"IMAGE_ERROR_CODE_INVALID_EMBEDDING\x10\x06\x12 \n\x1cIMAGE_ERROR_CODE_TOO_COMPLEX\x10\x07\x32\xb8\x03\n\tModerator\x12I\n\x08Moderate\x12\x1d.moderator.v1.ModerateRequest\x1a\x1e.moderator.v1.ModerateResponse\x12S\n\x0eModerateStream\x12\x1d.moderator.v1.ModerateRequest\x1a\x1e.moderator.v1.ModerateResponse(\x01\x30\x01\x12U\n\x0cListPolicies\x12!.moderator.v1.ListPoliciesRequest\x1a\".moderator.v1.ListPoliciesResponse\x12[\n\x0eReloadPolicies\x12#.moderator.v1.ReloadPoliciesRequest\x1a$.moderator.v1.ReloadPoliciesResponse\x12W\n\x0fScoreEmbeddings\x12$.moderator.v1.ScoreEmbeddingsRequest\x1a\x1e.moderator.v1.ModerateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmoderator/v1/moderator.proto\x12\x0cmoderator.v1\"!\n\x05Image\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xa0\x01\n\x0fModerateRequest\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.moderator.v1.Image\x12\x12\n\npolicy_ids\x18\x02 \x03(\t\x12\x1a\n\x12include_embeddings\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12$\n\x06\x64\x65tail\x18\x05 \x01(\x0e\x32\x14.moderator.v1.Detail\"\xb7\x01\n\x10ModerateResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.moderator.v1.ImageResult\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12)\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x1a.moderator.v1.RequestError\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x87\x02\n\x0bImageResult\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32\x16.moderator.v1.Decision\x12,\n\x08policies\x18\x03 \x03(\x0b\x32\x1a.moderator.v1.PolicyResult\x12\'\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x18.moderator.v1.ImageError\x12\x11\n\tembedding\x18\x05 \x03(\x02\x12&\n\x05views\x18\x06 \x03(\x0b\x32\x17.moderator.v1.Embedding\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12\x0b\n\x03pdq\x18\x08 \x01(\t\x12\x13\n\x0bpdq_quality\x18\t \x01(\x05\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xcd\x02\n\x0cPolicyResult\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\tthreshold\x18\x03 \x01(\x02\x12\x10\n\x08violated\x18\x04 \x01(\x08\x12$\n\x06\x61\x63tion\x18\x05 \x01(\x0e\x32\x14.moderator.v1.Action\x12&\n\x04mode\x18\x06 \x01(\x0e\x32\x18.moderator.v1.PolicyMode\x12\x1b\n\x13matched_description\x18\x07 \x01(\t\x12\x16\n\x0epolicy_version\x18\x08 \x01(\t\x12\x15\n\rexample_score\x18\t \x01(\x02\x12\x19\n\x11\x65xample_threshold\x18\n \x01(\x02\x12\x17\n\x0fmatched_example\x18\x0b \x01(\t\x12\x12\n\nallowed_by\x18\x0c \x01(\t\x12\x14\n\x0cmatched_hash\x18\r \x01(\t\"I\n\nImageError\x12*\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1c.moderator.v1.ImageErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x15\n\x13ListPoliciesRequest\"\x8b\x01\n\x14ListPoliciesResponse\x12*\n\x08policies\x18\x01 \x03(\x0b\x32\x18.moderator.v1.PolicyInfo\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12/\n\x0blast_reload\x18\x03 \x01(\x0b\x32\x1a.moderator.v1.ReloadStatus\"\x92\x02\n\nPolicyInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12$\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x14.moderator.v1.Action\x12&\n\x04mode\x18\x04 \x01(\x0e\x32\x18.moderator.v1.PolicyMode\x12\x11\n\tthreshold\x18\x05 \x01(\x02\x12\x19\n\x11\x64\x65scription_count\x18\x06 \x01(\x05\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x14\n\x0c\x62\x65nign_count\x18\x08 \x01(\x05\x12\x15\n\rexample_count\x18\t \x01(\x05\x12\x1b\n\x13\x61llow_example_count\x18\n \x01(\x05\x12\x12\n\nhash_count\x18\x0b \x01(\x05\"\x17\n\x15ReloadPoliciesRequest\"\\\n\x16ReloadPoliciesResponse\x12*\n\x06status\x18\x01 \x01(\x0b\x32\x1a.moderator.v1.ReloadStatus\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\">\n\x0cReloadStatus\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tunix_time\x18\x03 \x01(\x03\"s\n\rEmbeddedImage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tembedding\x18\x02 \x03(\x02\x12&\n\x05views\x18\x03 \x03(\x0b\x32\x17.moderator.v1.Embedding\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0b\n\x03pdq\x18\x05 \x01(\t\"\x8e\x01\n\x16ScoreEmbeddingsRequest\x12+\n\x06images\x18\x01 \x03(\x0b\x32\x1b.moderator.v1.EmbeddedImage\x12\x12\n\npolicy_ids\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12$\n\x06\x64\x65tail\x18\x04 \x01(\x0e\x32\x14.moderator.v1.Detail*e\n\x06\x44\x65tail\x12\x16\n\x12\x44\x45TAIL_UNSPECIFIED\x10\x00\x12\x17\n\x13\x44\x45TAIL_ALL_POLICIES\x10\x01\x12\x15\n\x11\x44\x45TAIL_VIOLATIONS\x10\x02\x12\x13\n\x0f\x44\x45TAIL_DECISION\x10\x03*u\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x13\n\x0f\x44\x45\x43ISION_REVIEW\x10\x02\x12\x12\n\x0e\x44\x45\x43ISION_BLOCK\x10\x03\x12\x12\n\x0e\x44\x45\x43ISION_ERROR\x10\x04*E\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x11\n\rACTION_REVIEW\x10\x01\x12\x10\n\x0c\x41\x43TION_BLOCK\x10\x02*Z\n\nPolicyMode\x12\x1b\n\x17POLICY_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13POLICY_MODE_ENFORCE\x10\x01\x12\x16\n\x12POLICY_MODE_SHADOW\x10\x02*\xaa\x02\n\x0eImageErrorCode\x12 \n\x1cIMAGE_ERROR_CODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16IMAGE_ERROR_CODE_EMPTY\x10\x01\x12#\n\x1fIMAGE_ERROR_CODE_TOO_MANY_BYTES\x10\x02\x12$\n IMAGE_ERROR_CODE_TOO_MANY_PIXELS\x10\x03\x12\'\n#IMAGE_ERROR_CODE_UNSUPPORTED_FORMAT\x10\x04\x12\x1c\n\x18IMAGE_ERROR_CODE_CORRUPT\x10\x05\x12&\n\"IMAGE_ERROR_CODE_INVALID_EMBEDDING\x10\x06\x12 \n\x1cIMAGE_ERROR_CODE_TOO_COMPLEX\x10\x07\x32\xb8\x03\n\tModerator\x12I\n\x08Moderate\x12\x1d.moderator.v1.ModerateRequest\x1a\x1e.moderator.v1.ModerateResponse\x12S\n\x0eModerateStream\x12\x1d.moderator.v1.ModerateRequest\x1a\x1e.moderator.v1.ModerateResponse(\x01\x30\x01\x12U\n\x0cListPolicies\x12!.moderator.v1.ListPoliciesRequest\x1a\".moderator.v1.ListPoliciesResponse\x12[\n\x0eReloadPolicies\x12#.moderator.v1.ReloadPoliciesRequest\x1a$.moderator.v1.ReloadPoliciesResponse\x12W\n\x0fScoreEmbeddings\x12$.moderator.v1.ScoreEmbeddingsRequest\x1a\x1e.moderator.v1.ModerateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moderator_client.v1.moderator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DETAIL']._serialized_start=1802
-  _globals['_DETAIL']._serialized_end=1903
-  _globals['_DECISION']._serialized_start=1905
-  _globals['_DECISION']._serialized_end=2022
-  _globals['_ACTION']._serialized_start=2024
-  _globals['_ACTION']._serialized_end=2093
-  _globals['_POLICYMODE']._serialized_start=2095
-  _globals['_POLICYMODE']._serialized_end=2185
-  _globals['_IMAGEERRORCODE']._serialized_start=2188
-  _globals['_IMAGEERRORCODE']._serialized_end=2486
+  _globals['_DETAIL']._serialized_start=2070
+  _globals['_DETAIL']._serialized_end=2171
+  _globals['_DECISION']._serialized_start=2173
+  _globals['_DECISION']._serialized_end=2290
+  _globals['_ACTION']._serialized_start=2292
+  _globals['_ACTION']._serialized_end=2361
+  _globals['_POLICYMODE']._serialized_start=2363
+  _globals['_POLICYMODE']._serialized_end=2453
+  _globals['_IMAGEERRORCODE']._serialized_start=2456
+  _globals['_IMAGEERRORCODE']._serialized_end=2754
   _globals['_IMAGE']._serialized_start=46
   _globals['_IMAGE']._serialized_end=79
   _globals['_MODERATEREQUEST']._serialized_start=82
@@ -50,29 +50,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REQUESTERROR']._serialized_start=430
   _globals['_REQUESTERROR']._serialized_end=475
   _globals['_IMAGERESULT']._serialized_start=478
-  _globals['_IMAGERESULT']._serialized_end=691
-  _globals['_EMBEDDING']._serialized_start=693
-  _globals['_EMBEDDING']._serialized_end=720
-  _globals['_POLICYRESULT']._serialized_start=723
-  _globals['_POLICYRESULT']._serialized_end=939
-  _globals['_IMAGEERROR']._serialized_start=941
-  _globals['_IMAGEERROR']._serialized_end=1014
-  _globals['_LISTPOLICIESREQUEST']._serialized_start=1016
-  _globals['_LISTPOLICIESREQUEST']._serialized_end=1037
-  _globals['_LISTPOLICIESRESPONSE']._serialized_start=1040
-  _globals['_LISTPOLICIESRESPONSE']._serialized_end=1179
-  _globals['_POLICYINFO']._serialized_start=1182
-  _globals['_POLICYINFO']._serialized_end=1384
-  _globals['_RELOADPOLICIESREQUEST']._serialized_start=1386
-  _globals['_RELOADPOLICIESREQUEST']._serialized_end=1409
-  _globals['_RELOADPOLICIESRESPONSE']._serialized_start=1411
-  _globals['_RELOADPOLICIESRESPONSE']._serialized_end=1503
-  _globals['_RELOADSTATUS']._serialized_start=1505
-  _globals['_RELOADSTATUS']._serialized_end=1567
-  _globals['_EMBEDDEDIMAGE']._serialized_start=1569
-  _globals['_EMBEDDEDIMAGE']._serialized_end=1655
-  _globals['_SCOREEMBEDDINGSREQUEST']._serialized_start=1658
-  _globals['_SCOREEMBEDDINGSREQUEST']._serialized_end=1800
-  _globals['_MODERATOR']._serialized_start=2489
-  _globals['_MODERATOR']._serialized_end=2929
+  _globals['_IMAGERESULT']._serialized_end=741
+  _globals['_EMBEDDING']._serialized_start=743
+  _globals['_EMBEDDING']._serialized_end=770
+  _globals['_POLICYRESULT']._serialized_start=773
+  _globals['_POLICYRESULT']._serialized_end=1106
+  _globals['_IMAGEERROR']._serialized_start=1108
+  _globals['_IMAGEERROR']._serialized_end=1181
+  _globals['_LISTPOLICIESREQUEST']._serialized_start=1183
+  _globals['_LISTPOLICIESREQUEST']._serialized_end=1204
+  _globals['_LISTPOLICIESRESPONSE']._serialized_start=1207
+  _globals['_LISTPOLICIESRESPONSE']._serialized_end=1346
+  _globals['_POLICYINFO']._serialized_start=1349
+  _globals['_POLICYINFO']._serialized_end=1623
+  _globals['_RELOADPOLICIESREQUEST']._serialized_start=1625
+  _globals['_RELOADPOLICIESREQUEST']._serialized_end=1648
+  _globals['_RELOADPOLICIESRESPONSE']._serialized_start=1650
+  _globals['_RELOADPOLICIESRESPONSE']._serialized_end=1742
+  _globals['_RELOADSTATUS']._serialized_start=1744
+  _globals['_RELOADSTATUS']._serialized_end=1806
+  _globals['_EMBEDDEDIMAGE']._serialized_start=1808
+  _globals['_EMBEDDEDIMAGE']._serialized_end=1923
+  _globals['_SCOREEMBEDDINGSREQUEST']._serialized_start=1926
+  _globals['_SCOREEMBEDDINGSREQUEST']._serialized_end=2068
+  _globals['_MODERATOR']._serialized_start=2757
+  _globals['_MODERATOR']._serialized_end=3197
 # @@protoc_insertion_point(module_scope)

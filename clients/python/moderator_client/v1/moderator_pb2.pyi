@@ -115,20 +115,26 @@ class RequestError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ImageResult(_message.Message):
-    __slots__ = ("id", "decision", "policies", "error", "embedding", "views")
+    __slots__ = ("id", "decision", "policies", "error", "embedding", "views", "sha256", "pdq", "pdq_quality")
     ID_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
     POLICIES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     VIEWS_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    PDQ_FIELD_NUMBER: _ClassVar[int]
+    PDQ_QUALITY_FIELD_NUMBER: _ClassVar[int]
     id: str
     decision: Decision
     policies: _containers.RepeatedCompositeFieldContainer[PolicyResult]
     error: ImageError
     embedding: _containers.RepeatedScalarFieldContainer[float]
     views: _containers.RepeatedCompositeFieldContainer[Embedding]
-    def __init__(self, id: _Optional[str] = ..., decision: _Optional[_Union[Decision, str]] = ..., policies: _Optional[_Iterable[_Union[PolicyResult, _Mapping]]] = ..., error: _Optional[_Union[ImageError, _Mapping]] = ..., embedding: _Optional[_Iterable[float]] = ..., views: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ...) -> None: ...
+    sha256: str
+    pdq: str
+    pdq_quality: int
+    def __init__(self, id: _Optional[str] = ..., decision: _Optional[_Union[Decision, str]] = ..., policies: _Optional[_Iterable[_Union[PolicyResult, _Mapping]]] = ..., error: _Optional[_Union[ImageError, _Mapping]] = ..., embedding: _Optional[_Iterable[float]] = ..., views: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., sha256: _Optional[str] = ..., pdq: _Optional[str] = ..., pdq_quality: _Optional[int] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values",)
@@ -137,7 +143,7 @@ class Embedding(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class PolicyResult(_message.Message):
-    __slots__ = ("policy_id", "score", "threshold", "violated", "action", "mode", "matched_description", "policy_version")
+    __slots__ = ("policy_id", "score", "threshold", "violated", "action", "mode", "matched_description", "policy_version", "example_score", "example_threshold", "matched_example", "allowed_by", "matched_hash")
     POLICY_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +152,11 @@ class PolicyResult(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     MATCHED_DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLE_SCORE_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_EXAMPLE_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_BY_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_HASH_FIELD_NUMBER: _ClassVar[int]
     policy_id: str
     score: float
     threshold: float
@@ -154,7 +165,12 @@ class PolicyResult(_message.Message):
     mode: PolicyMode
     matched_description: str
     policy_version: str
-    def __init__(self, policy_id: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., violated: _Optional[bool] = ..., action: _Optional[_Union[Action, str]] = ..., mode: _Optional[_Union[PolicyMode, str]] = ..., matched_description: _Optional[str] = ..., policy_version: _Optional[str] = ...) -> None: ...
+    example_score: float
+    example_threshold: float
+    matched_example: str
+    allowed_by: str
+    matched_hash: str
+    def __init__(self, policy_id: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., violated: _Optional[bool] = ..., action: _Optional[_Union[Action, str]] = ..., mode: _Optional[_Union[PolicyMode, str]] = ..., matched_description: _Optional[str] = ..., policy_version: _Optional[str] = ..., example_score: _Optional[float] = ..., example_threshold: _Optional[float] = ..., matched_example: _Optional[str] = ..., allowed_by: _Optional[str] = ..., matched_hash: _Optional[str] = ...) -> None: ...
 
 class ImageError(_message.Message):
     __slots__ = ("code", "message")
@@ -179,7 +195,7 @@ class ListPoliciesResponse(_message.Message):
     def __init__(self, policies: _Optional[_Iterable[_Union[PolicyInfo, _Mapping]]] = ..., policy_version: _Optional[str] = ..., last_reload: _Optional[_Union[ReloadStatus, _Mapping]] = ...) -> None: ...
 
 class PolicyInfo(_message.Message):
-    __slots__ = ("id", "title", "action", "mode", "threshold", "description_count", "version", "benign_count")
+    __slots__ = ("id", "title", "action", "mode", "threshold", "description_count", "version", "benign_count", "example_count", "allow_example_count", "hash_count")
     ID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +204,9 @@ class PolicyInfo(_message.Message):
     DESCRIPTION_COUNT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BENIGN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_EXAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    HASH_COUNT_FIELD_NUMBER: _ClassVar[int]
     id: str
     title: str
     action: Action
@@ -196,7 +215,10 @@ class PolicyInfo(_message.Message):
     description_count: int
     version: str
     benign_count: int
-    def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., mode: _Optional[_Union[PolicyMode, str]] = ..., threshold: _Optional[float] = ..., description_count: _Optional[int] = ..., version: _Optional[str] = ..., benign_count: _Optional[int] = ...) -> None: ...
+    example_count: int
+    allow_example_count: int
+    hash_count: int
+    def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., mode: _Optional[_Union[PolicyMode, str]] = ..., threshold: _Optional[float] = ..., description_count: _Optional[int] = ..., version: _Optional[str] = ..., benign_count: _Optional[int] = ..., example_count: _Optional[int] = ..., allow_example_count: _Optional[int] = ..., hash_count: _Optional[int] = ...) -> None: ...
 
 class ReloadPoliciesRequest(_message.Message):
     __slots__ = ()
@@ -221,14 +243,18 @@ class ReloadStatus(_message.Message):
     def __init__(self, ok: _Optional[bool] = ..., message: _Optional[str] = ..., unix_time: _Optional[int] = ...) -> None: ...
 
 class EmbeddedImage(_message.Message):
-    __slots__ = ("id", "embedding", "views")
+    __slots__ = ("id", "embedding", "views", "sha256", "pdq")
     ID_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     VIEWS_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    PDQ_FIELD_NUMBER: _ClassVar[int]
     id: str
     embedding: _containers.RepeatedScalarFieldContainer[float]
     views: _containers.RepeatedCompositeFieldContainer[Embedding]
-    def __init__(self, id: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., views: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ...) -> None: ...
+    sha256: str
+    pdq: str
+    def __init__(self, id: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., views: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., sha256: _Optional[str] = ..., pdq: _Optional[str] = ...) -> None: ...
 
 class ScoreEmbeddingsRequest(_message.Message):
     __slots__ = ("images", "policy_ids", "model", "detail")

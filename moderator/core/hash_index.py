@@ -1,0 +1,93 @@
+"""Matching an image's hashes against every hash list of a policy set at once.
+
+PDQ: the Hamming distance to every listed hash of every policy in one pass (core.pdq.distances,
+30 ms a million entries), a match being within the owning policy's `pdq_max_distance`; the
+closest entry names the match. SHA-256: one dict lookup. A match violates its policy whatever
+the scores (core/scoring.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+
+import numpy as np
+
+from moderator.core.pdq import Pdq, distances, pdq_bytes
+from moderator.core.policies import Policy
+
+
+@dataclass(frozen=True)
+class ImageHashes:
+    """What is known of an image's bytes and picture, whatever the model makes of it."""
+
+    sha256: str  # of the bytes as received; '' when not known (a stored embedding without it)
+    pdq: Pdq | None = None
+
+    @classmethod
+    def of_bytes(cls, data: bytes, pdq: Pdq | None) -> ImageHashes:
+        return cls(hashlib.sha256(data).hexdigest(), pdq)
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity: holds arrays
+class HashIndex:
+    """Every policy's hash lists. `pdq_rows` uint64 [N, 4] with, per row, its policy position
+    (`pdq_owner`) and entry name; `pdq_limit` [N]: the owner's pdq_max_distance."""
+
+    pdq_rows: np.ndarray
+    pdq_owner: np.ndarray  # int32 [N]
+    pdq_limit: np.ndarray  # int32 [N]
+    pdq_entries: tuple[str, ...]
+    sha256: dict[str, tuple[tuple[int, str], ...]]  # hex -> (policy position, entry name)
+
+    @property
+    def empty(self) -> bool:
+        return not self.pdq_entries and not self.sha256
+
+    def match(self, hashes: ImageHashes | None) -> dict[int, str]:
+        """Policy position -> the entry the image matches (the closest, for PDQ)."""
+        if hashes is None or self.empty:
+            return {}
+        found: dict[int, str] = {}
+        for position, entry in self.sha256.get(hashes.sha256, ()):
+            found.setdefault(position, entry)
+        if hashes.pdq is not None and self.pdq_entries:
+            found.update(self._pdq_matches(hashes.pdq, exclude=found.keys()))
+        return found
+
+    def _pdq_matches(self, pdq: Pdq, exclude: AbstractSet[int]) -> dict[int, str]:
+        distance = distances(self.pdq_rows, pdq_bytes(pdq.hex))
+        hits = np.flatnonzero(distance <= self.pdq_limit)
+        best: dict[int, tuple[int, str]] = {}
+        for row in hits[np.argsort(distance[hits], kind="stable")].tolist():
+            owner = int(self.pdq_owner[row])
+            if owner not in best and owner not in exclude:
+                best[owner] = (int(distance[row]), self.pdq_entries[row])
+        return {owner: entry for owner, (_, entry) in best.items()}
+
+
+def build_hash_index(policies: Sequence[Policy]) -> HashIndex:
+    rows: list[np.ndarray] = []
+    owners: list[int] = []
+    limits: list[int] = []
+    entries: list[str] = []
+    sha256: dict[str, list[tuple[int, str]]] = {}
+    for position, policy in enumerate(policies):
+        known = policy.known
+        for pdq_list in known.hash_lists:
+            rows.append(pdq_list.rows)
+            owners += [position] * len(pdq_list.entries)
+            limits += [known.pdq_max_distance] * len(pdq_list.entries)
+            entries += pdq_list.entries
+        for sha_list in known.sha256_lists:
+            for hex_digits, name in zip(sha_list.hexes, sha_list.entries, strict=True):
+                sha256.setdefault(hex_digits, []).append((position, name))
+    return HashIndex(
+        pdq_rows=np.concatenate(rows) if rows else np.zeros((0, 4), np.uint64),
+        pdq_owner=np.asarray(owners, dtype=np.int32),
+        pdq_limit=np.asarray(limits, dtype=np.int32),
+        pdq_entries=tuple(entries),
+        sha256={hex_digits: tuple(found) for hex_digits, found in sha256.items()},
+    )
