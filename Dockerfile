@@ -44,6 +44,11 @@ RUN python -m venv /opt/venv \
 
 # -- the package -----------------------------------------------------------------------------
 FROM torch-${VARIANT} AS build
+# pdqhash (the PDQ hash of every image) has no wheels: it is compiled here, and the runtime
+# stage gets the built package without the compiler (libstdc++ is in every Debian image).
+RUN apt-get update -q \
+ && apt-get install -y -q --no-install-recommends g++ \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY clients/python ./clients/python
 COPY pyproject.toml README.md ./

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
-from moderator_client import ImageResult, ModeratorClient
+from moderator_client import ImageResult, ModeratorClient, PolicyResult
 
 from moderator.cli.flags import Subparsers, env_name
 from moderator.errors import ConfigError
@@ -98,8 +98,21 @@ def format_line(result: ImageResult) -> str:
     if result.error is not None:
         return f"{result.id}\t{decision}\t{result.error.code.upper()}: {result.error.message}"
     violations = [
-        f"{p.policy_id}{'(shadow)' if p.mode == 'shadow' else ''}="
-        f"{p.score:.3f}>={p.threshold:.3f} ({p.matched_description})"
+        f"{p.policy_id}{'(shadow)' if p.mode == 'shadow' else ''}={why(p)}"
         for p in result.violations
     ]
-    return f"{result.id}\t{decision}\t{', '.join(violations) or '-'}"
+    allowed = [f"{p.policy_id}: allowed by {p.allowed_by}" for p in result.policies if p.allowed_by]
+    return f"{result.id}\t{decision}\t{', '.join(violations + allowed) or '-'}"
+
+
+def why(policy: PolicyResult) -> str:
+    """What made a violated policy violated: a hash, an example or its descriptions."""
+    if policy.matched_hash:
+        return f"hash {policy.matched_hash}"
+    if policy.matched_example and (
+        not policy.matched_description or policy.score < policy.threshold
+    ):
+        return (
+            f"{policy.example_score:.3f}>={policy.example_threshold:.3f} ({policy.matched_example})"
+        )
+    return f"{policy.score:.3f}>={policy.threshold:.3f} ({policy.matched_description})"

@@ -28,6 +28,7 @@ from moderator.errors import PolicyError
 POLICY_SUFFIXES = (".yaml", ".yml")
 MAX_POLICY_FILE_BYTES = 1 << 20  # 1 MiB: 256 descriptions of 500 characters fit in any script
 MAX_NESTING_DEPTH = 16  # levels of lists and mappings; a policy needs 2
+MAX_WATCHED_FILES = 100_000  # in the subfolders, where examples and hash lists are
 MAX_NUMBER_CHARS = 64  # a threshold needs a dozen; int() of thousands of digits fails or crawls
 _NUMBER_TAGS = frozenset({"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"})
 _OPEN_FLAGS = (
@@ -206,9 +207,11 @@ def directory_fingerprint(directory: Path) -> str:
     """A hash of every policy file's name and bytes; '' when the directory cannot be listed.
 
     It follows content, not mtimes, so it works the same on a local directory, a network mount
-    and a Kubernetes ConfigMap (where an update swaps the `..data` link). An entry that is not
-    a readable policy file counts by its problem and its status, so fixing it changes the hash.
-    It never raises for an entry, never blocks on one, and reads no file past the size limit.
+    and a Kubernetes ConfigMap (where an update swaps the `..data` link). The files in the
+    subfolders (example images, hash lists: large, and many) count by their status instead. An
+    entry that is not a readable policy file counts by its problem and its status, so fixing it
+    changes the hash. It never raises for an entry, never blocks on one, and reads no file past
+    the size limit.
     """
     try:
         entries = scan_policy_dir(directory)
@@ -218,7 +221,34 @@ def directory_fingerprint(directory: Path) -> str:
     for entry in entries:
         digest.update(os.fsencode(entry.path.name) + b"\0")
         digest.update(hashlib.sha256(_fingerprinted(entry, directory)).digest())
+    digest.update(_subfolder_status(directory))
     return digest.hexdigest()
+
+
+def _subfolder_status(directory: Path) -> bytes:
+    """Name, size, mtime and inode of the files in the subfolders, where policies keep their
+    example images and hash lists: found without opening them, at most MAX_WATCHED_FILES."""
+    root = os.path.realpath(directory)
+    parts: list[object] = []
+    try:
+        tops = sorted(os.scandir(directory), key=lambda item: item.name)
+    except OSError:
+        return b""
+    for top in tops:
+        if top.name.startswith(".") or not _is_subdirectory(top, root):
+            continue
+        for folder, folders, files in os.walk(top.path):
+            folders[:] = sorted(name for name in folders if not name.startswith("."))
+            for name in sorted(files):
+                path = os.path.join(folder, name)
+                try:
+                    status = os.stat(path)  # stat, not open: a FIFO never blocks here
+                    parts.append((path, status.st_size, status.st_mtime_ns, status.st_ino))
+                except OSError as exc:
+                    parts.append((path, exc.errno))
+                if len(parts) >= MAX_WATCHED_FILES:
+                    return repr(parts).encode("utf-8", "backslashreplace")
+    return repr(parts).encode("utf-8", "backslashreplace")
 
 
 def _fingerprinted(entry: PolicyEntry, directory: Path) -> bytes:

@@ -20,9 +20,13 @@ def test_fingerprint_follows_what_a_load_reads(tmp_path: Path) -> None:
     first = fingerprint(policies)
     assert fingerprint(policies) == first
     (policies / ".notes.txt").write_text("hidden: not read")
-    (policies / "drafts").mkdir()
-    (policies / "drafts" / "next.yaml").write_text("a subdirectory: not read")
+    (policies / ".git").mkdir()
+    (policies / ".git" / "HEAD").write_text("a hidden folder: not watched")
     assert fingerprint(policies) == first
+    (policies / "known").mkdir()
+    (policies / "known" / "example.png").write_bytes(b"an example image policies may name")
+    assert fingerprint(policies) != first  # watched by name, size, mtime and inode
+    first = fingerprint(policies)
     stars = policies / "stars.yaml"
     stars.write_text(stars.read_text().replace("threshold: 0.74", "threshold: 0.75"))
     second = fingerprint(policies)
