@@ -183,7 +183,8 @@ class Service:
         )
         try:
             await run_in_daemon_thread(self.engine.start)
-        except BaseException:
+        except BaseException:  # what had started (decode workers, threads) stops too
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.stop, 0.0)
             await self._stop_servers()
             raise
         if self.config.policy_poll_seconds > 0:

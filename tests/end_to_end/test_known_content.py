@@ -21,6 +21,7 @@ from PIL import Image
 
 from moderator.cli.main import main
 from moderator.demo.shapes import render_shape
+from moderator.errors import PolicyError
 from tests.helpers import (
     copy_demo_policies,
     demo_config,
@@ -77,6 +78,7 @@ class Served:
     stub: pb_grpc.ModeratorStub
     policies: Path
     metrics_url: str
+    stub_address: str
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +93,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     for running in start_service(config):
         with grpc.insecure_channel(running.address) as channel:
             metrics = f"http://127.0.0.1:{running.service.metrics_port}/metrics"
-            yield Served(pb_grpc.ModeratorStub(channel), policies, metrics)
+            yield Served(pb_grpc.ModeratorStub(channel), policies, metrics, running.address)
 
 
 def moderate(stub: pb_grpc.ModeratorStub, **images: bytes) -> dict[str, pb.ImageResult]:
@@ -294,3 +296,67 @@ def test_policies_test_agrees_with_live(
     assert f"example {EXAMPLE}" in table
     assert f"allowed by {ALLOWED}" in table
     assert f"hash {PDQ_LIST}:scene-1" in table
+
+
+def test_a_changed_example_is_embedded_again_and_a_broken_one_keeps_the_running_set(
+    served: Served,
+) -> None:
+    stub = served.stub
+    example = served.policies / EXAMPLE
+    original = example.read_bytes()
+    before = {p.id: p.version for p in stub.ListPolicies(pb.ListPoliciesRequest()).policies}
+    circle = encode(render_shape("blue", "circle"))
+    try:
+        example.write_bytes(circle)  # the example is now a circle
+        status = stub.ReloadPolicies(pb.ReloadPoliciesRequest(), timeout=60).status
+        assert status.ok, status.message
+        assert "encoded 0 new prompts and 1 new example images" in status.message
+        after = {p.id: p.version for p in stub.ListPolicies(pb.ListPoliciesRequest()).policies}
+        assert after["blue_triangles"] != before["blue_triangles"]
+        assert {k: v for k, v in after.items() if k != "blue_triangles"} == {
+            k: v for k, v in before.items() if k != "blue_triangles"
+        }
+        result = moderate(stub, circle=encode(render_shape("blue", "circle", 140, 120)))["circle"]
+        assert policy(result, "blue_triangles").violated
+        example.write_bytes(original[:200])  # cut short: cannot be decoded
+        status = stub.ReloadPolicies(pb.ReloadPoliciesRequest(), timeout=60).status
+        assert not status.ok
+        assert EXAMPLE in status.message
+        assert "still serving" in status.message
+        result = moderate(stub, circle=encode(render_shape("blue", "circle", 140, 120)))["circle"]
+        assert policy(result, "blue_triangles").violated  # the running set: the circle example
+    finally:
+        example.write_bytes(original)
+        assert stub.ReloadPolicies(pb.ReloadPoliciesRequest(), timeout=60).status.ok
+    listed = stub.ListPolicies(pb.ListPoliciesRequest()).policies
+    assert {p.id: p.version for p in listed} == before
+
+
+def test_a_server_whose_example_is_broken_does_not_start(tmp_path: Path) -> None:
+    policies = copy_demo_policies(tmp_path / "policies")
+    (policies / "known").mkdir()
+    (policies / "known" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (policies / "broken.yaml").write_text("title: Broken\naction: block\nexamples: [known/]\n")
+    config = replace(demo_config(tmp_path), policies_dir=policies)
+    with pytest.raises(PolicyError, match=r"known/bad\.png"):
+        for _ in start_service(config):
+            pass
+
+
+def test_check_says_what_decided(
+    served: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = {
+        "allowed.png": (served.policies / ALLOWED).read_bytes(),
+        "triangle.png": encode(render_shape("blue", "triangle", 150, 150)),
+        "exact.png": EXACT_BYTES,
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    address = served.stub_address
+    assert main(["check", "--server", address, *(str(tmp_path / name) for name in files)]) == 0
+    lines = dict(line.split("\t", 1) for line in capsys.readouterr().out.splitlines())
+    assert lines[str(tmp_path / "allowed.png")] == f"ALLOW\tred: allowed by {ALLOWED}"
+    assert lines[str(tmp_path / "triangle.png")].startswith("REVIEW\tblue_triangles=")
+    assert f"({EXAMPLE})" in lines[str(tmp_path / "triangle.png")]
+    assert lines[str(tmp_path / "exact.png")] == f"BLOCK\tknown_scenes=hash {SHA_LIST}:exact-1"
