@@ -156,6 +156,8 @@ def embeddings_request(
             id=image.id,
             embedding=image.embedding,
             views=[pb.Embedding(values=v) for v in image.views],
+            sha256=image.sha256,
+            pdq=image.pdq,
         )
         for image in images
     ]
