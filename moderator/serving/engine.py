@@ -39,7 +39,7 @@ from moderator.serving.admission import Budgets, Ticket
 from moderator.serving.batching import Batcher
 from moderator.serving.decoding import ImageDecoder
 from moderator.serving.health import WorkerState
-from moderator.serving.image_cache import CachedImage, ImageCache, sha256_of
+from moderator.serving.image_cache import ImageCache, sha256_of
 from moderator.serving.metrics import Metrics
 from moderator.serving.reload import PolicyReloader
 from moderator.serving.rescorer import Rescorer, check_count
@@ -349,8 +349,8 @@ class ModerationEngine:
             hashes = ImageHashes(sha256, cached.pdq)
             return await asyncio.to_thread(score_stored, cached.embeddings, index, hashes)
         scored = await self._embed_new(image, sha256, index, deadline, ticket)
-        if isinstance(scored, ScoredImage) and scored.hashes is not None and scored.hashes.pdq:
-            self.image_cache.put(sha256, CachedImage(scored.embeddings, scored.hashes.pdq))
+        if isinstance(scored, ScoredImage):
+            self.image_cache.keep(sha256, scored)
         return scored
 
     async def _embed_new(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from moderator.core.pdq import Pdq
+from moderator.core.scoring import ScoredImage
 from moderator.serving.metrics import Metrics
 
 # Below this many bytes hashing on the event loop costs less than handing it to a thread.
@@ -64,6 +65,12 @@ class ImageCache:
                 self._entries.move_to_end(sha256)
         self._metrics.image_cache_requests.labels(result="miss" if entry is None else "hit").inc()
         return entry
+
+    def keep(self, sha256: str, scored: ScoredImage) -> None:
+        """Keep what the model made of a freshly scored image: its rows copied out of its
+        batch's tensor (a slice would keep the whole batch alive)."""
+        if self.enabled and scored.hashes is not None and scored.hashes.pdq is not None:
+            self.put(sha256, CachedImage(scored.embeddings.clone(), scored.hashes.pdq))
 
     def put(self, sha256: str, entry: CachedImage) -> None:
         if entry.size > self.max_bytes:
