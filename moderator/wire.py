@@ -92,7 +92,14 @@ def policy_result(outcome: PolicyOutcome) -> pb.PolicyResult:
 def embedded(image: pb.EmbeddedImage) -> EmbeddedImage:
     """A ScoreEmbeddings image as the domain's stored image (values converted later)."""
     views = [view.values for view in image.views]
-    return embedded_image(image.id, image.embedding, views, sha256=image.sha256, pdq=image.pdq)
+    return embedded_image(
+        image.id,
+        image.embedding,
+        views,
+        sha256=image.sha256,
+        pdq=image.pdq,
+        pdq_quality=image.pdq_quality,
+    )
 
 
 def policy_info(policy: Policy) -> pb.PolicyInfo:

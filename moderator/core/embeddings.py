@@ -99,6 +99,15 @@ class EmbeddingCache:
             self._encode(unique, encode)
         return torch.stack([self._embeddings[p] for p in prompts])
 
+    def forget(self, prompt: str) -> None:
+        """Drop an entry (in memory and on disk) its user found unusable: the next lookup
+        encodes and writes it again."""
+        self._embeddings.pop(prompt, None)
+        self.rejected_total += 1
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                self._entry(prompt).unlink()
+
     def _encode(self, prompts: list[str], encode: Encoder) -> None:
         """Encode `prompts` (distinct), keep and save them."""
         encoded = encode(prompts).float().cpu()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from moderator.core.known_content import MAX_EXAMPLE_BYTES, ExampleImage
 from moderator.core.policy_files import read_referenced_bytes
 from moderator.core.views import Preprocessing
 from moderator.errors import InvalidImage, PolicyError
+
+log = logging.getLogger(__name__)
+NORM_TOLERANCE = 1e-3  # image embeddings are L2-normalised; a forged entry may not be
 
 Decode = Callable[[bytes], torch.Tensor]  # image bytes -> views, uint8 [V, 3, S, S]
 
@@ -54,12 +58,26 @@ class ExampleEmbedder:
         return cls(clip, decode, cache)
 
     def __call__(self, example: ExampleImage) -> torch.Tensor:
-        packed = self._cache.lookup([example.sha256], lambda _: self._encode(example))[0]
-        views = unpacked(packed)
-        if views is None:  # a verified entry of a shape no encoder made: encode it again
-            views = unpacked(self._encode(example)[0])
-            assert views is not None
+        def encode(_keys: list[str]) -> torch.Tensor:
+            return self._encode(example)
+
+        views = self._valid(self._cache.lookup([example.sha256], encode)[0])
+        if views is None:  # verified, but no encoder of this model made it: a forged entry
+            log.warning(
+                "example embedding of %s in the cache is unusable: encoded again", example.name
+            )
+            self._cache.forget(example.sha256)
+            views = self._valid(self._cache.lookup([example.sha256], encode)[0])
+            assert views is not None  # just made by this model's encoder
         return views
+
+    def _valid(self, vector: torch.Tensor) -> torch.Tensor | None:
+        """The views in a cached vector, when they are what this model's encoder makes."""
+        views = unpacked(vector)
+        if views is None or views.shape[1] != self._clip.embed_dim:
+            return None
+        norms = views.norm(dim=1)
+        return views if bool(((norms - 1).abs() < NORM_TOLERANCE).all()) else None
 
     def _encode(self, example: ExampleImage) -> torch.Tensor:
         path = Path(example.path)
@@ -82,7 +100,7 @@ def packed(views: torch.Tensor) -> torch.Tensor:
 
 def unpacked(vector: torch.Tensor) -> torch.Tensor | None:
     """`packed` undone; None for a vector no `packed` made."""
-    if vector.numel() < 2:
+    if vector.numel() < 2 or not bool(torch.isfinite(vector).all()):
         return None
     count = float(vector[0])
     values = vector[1:]

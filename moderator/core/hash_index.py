@@ -2,7 +2,8 @@
 
 PDQ: the Hamming distance to every listed hash of every policy in one pass (core.pdq.distances,
 30 ms a million entries), a match being within the owning policy's `pdq_max_distance`; the
-closest entry names the match. SHA-256: one dict lookup. A match violates its policy whatever
+closest entry names the match, for images whose PDQ quality is at least MIN_PDQ_QUALITY.
+SHA-256: one dict lookup. A match violates its policy whatever
 the scores (core/scoring.py).
 """
 
@@ -17,6 +18,10 @@ import numpy as np
 
 from moderator.core.pdq import Pdq, distances, pdq_bytes
 from moderator.core.policies import Policy
+
+# Below this quality (a flat or tiny picture) a PDQ hash is mostly noise: ThreatExchange
+# discards such hashes, and they are not matched here either (SHA-256 still is).
+MIN_PDQ_QUALITY = 50
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ class HashIndex:
         found: dict[int, str] = {}
         for position, entry in self.sha256.get(hashes.sha256, ()):
             found.setdefault(position, entry)
-        if hashes.pdq is not None and self.pdq_entries:
+        if hashes.pdq is not None and hashes.pdq.quality >= MIN_PDQ_QUALITY and self.pdq_entries:
             found.update(self._pdq_matches(hashes.pdq, exclude=found.keys()))
         return found
 

@@ -58,6 +58,13 @@ MAX_LIST_PROBLEMS = 10
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 _HEX_DIGITS = frozenset("0123456789abcdef")
 _FILE_KEYS = frozenset({"examples", "allow_examples", "hash_lists", "sha256_lists"})
+# A setting, and the keys it needs one of: alone it would be silently without effect.
+_NEEDS = {
+    "example_threshold": frozenset({"examples"}),
+    "allow_threshold": frozenset({"allow_examples"}),
+    "allow_examples": frozenset({"descriptions", "examples"}),
+    "pdq_max_distance": frozenset({"hash_lists"}),
+}
 
 Problem = Callable[[str, str], None]  # (key, message)
 
@@ -126,6 +133,9 @@ def read_known_content(
     if location is None:
         for key in sorted(_FILE_KEYS & data.keys()):
             problem(key, "names files: only a policy read from a file can have it")
+    for setting, needs in _NEEDS.items():
+        if setting in data and not needs & data.keys():
+            problem(setting, f"applies to {' or '.join(sorted(needs))}, and this policy has none")
     budget = [MAX_EXAMPLE_BYTES_PER_POLICY]
     examples = _examples(data, "examples", location, problem, budget)
     allow = _examples(data, "allow_examples", location, problem, budget)
@@ -200,12 +210,12 @@ def _examples(
             problem(key, "; ".join(exc.problems))
             continue
         for path in paths:
+            name = _shown_as(path, location)
+            if name in found:
+                continue
             if len(found) >= MAX_EXAMPLES_PER_KEY:
                 problem(key, f"names more than {MAX_EXAMPLES_PER_KEY} images")
                 return tuple(found.values())
-            name = _relative(path, location)
-            if name in found:
-                continue
             try:
                 data_bytes = read_referenced_bytes(
                     path, location.root, name, MAX_EXAMPLE_BYTES, "an example image"
@@ -232,22 +242,27 @@ def _expand(location: Location, entry: str) -> list[Path]:
         if not os.path.lexists(path):
             raise PolicyError([f"{clipped(entry, 200)}: no such file or folder"])
         return [path]
-    with os.scandir(real) as listing:
-        files = [
-            Path(item.path)
-            for item in listing
-            if not item.name.startswith(".")
-            and Path(item.name).suffix.lower() in IMAGE_SUFFIXES
-            and not item.is_dir()
-        ]
+    try:
+        with os.scandir(real) as listing:
+            files = [
+                path / item.name
+                for item in listing
+                if not item.name.startswith(".")
+                and Path(item.name).suffix.lower() in IMAGE_SUFFIXES
+                and not item.is_dir()
+            ]
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise PolicyError([f"{clipped(entry, 200)}: cannot list the folder: {reason}"]) from exc
     if not files:
         raise PolicyError([f"{clipped(entry, 200)}: folder holds no image files"])
     return sorted(files, key=lambda p: p.name)
 
 
-def _relative(path: Path, location: Location) -> str:
-    real = os.path.realpath(path)
-    return clipped(os.path.relpath(real, location.root), 300)
+def _shown_as(path: Path, location: Location) -> str:
+    """A file's name in results: its path from the policy file's folder as written, not as
+    resolved (a ConfigMap update moves every file to a new `..<timestamp>` folder)."""
+    return clipped(os.path.normpath(os.path.relpath(path, location.base)), 300)
 
 
 def _lists(
@@ -262,7 +277,7 @@ def _lists(
     lists = []
     for entry in _names(data, key, MAX_LISTS_PER_KEY, problem):
         path = location.base / entry
-        name = _relative(path, location)
+        name = _shown_as(path, location)
         try:
             text = read_referenced_bytes(
                 path, location.root, name, MAX_HASH_LIST_BYTES, "a hash list"
@@ -286,7 +301,7 @@ def parse_hash_list(name: str, data: bytes, *, pdq: bool) -> HashList:
     hexes: list[str] = []
     entries: list[str] = []
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark (Excel, Notepad) is no hash
     except UnicodeDecodeError as exc:
         raise PolicyError([f"{name}: not UTF-8 text (offset {exc.start})"]) from exc
     for number, raw in enumerate(text.splitlines(), start=1):
@@ -303,8 +318,8 @@ def parse_hash_list(name: str, data: bytes, *, pdq: bool) -> HashList:
         else:
             hexes.append(digits)
             entries.append(f"{name}:{entry_id or digits}")
-        if len(problems) >= MAX_LIST_PROBLEMS:
-            problems.append(f"{name}: more problems not shown")
+        if len(problems) > MAX_LIST_PROBLEMS:
+            problems[MAX_LIST_PROBLEMS:] = [f"{name}: more problems not shown"]
             break
         if len(hexes) > MAX_HASH_ENTRIES_PER_POLICY:
             problems.append(f"{name}: over {MAX_HASH_ENTRIES_PER_POLICY} entries")

@@ -36,7 +36,8 @@ class Pdq:
     quality: int  # 0-100: below 50 the hash says little (a flat or tiny image)
 
     def __post_init__(self) -> None:
-        if not PDQ_HEX.fullmatch(self.hex) or not 0 <= self.quality <= 100:
+        quality = self.quality
+        if type(quality) is not int or not PDQ_HEX.fullmatch(self.hex) or not 0 <= quality <= 100:
             raise ValueError("a PDQ hash is 64 lowercase hex digits and a quality of 0-100")
 
 

@@ -50,6 +50,7 @@ def embedded_image(
     *,
     sha256: str = "",
     pdq: str = "",
+    pdq_quality: int = 0,
 ) -> EmbeddedImage:
     """The image as Moderate returned it: `views` when it had several, else `embedding`, and
     its hashes when they were stored ('' when not)."""
@@ -58,9 +59,11 @@ def embedded_image(
         return EmbeddedImage(image_id, all_views, invalid="sha256 must be 64 lowercase hex digits")
     if pdq and not PDQ_HEX.fullmatch(pdq):
         return EmbeddedImage(image_id, all_views, invalid="pdq must be 64 lowercase hex digits")
+    if type(pdq_quality) is not int or not 0 <= pdq_quality <= 100:
+        return EmbeddedImage(image_id, all_views, invalid="pdq_quality must be 0 to 100")
     if not sha256 and not pdq:
         return EmbeddedImage(image_id, all_views)
-    hashes = ImageHashes(sha256, Pdq(pdq, 0) if pdq else None)
+    hashes = ImageHashes(sha256, Pdq(pdq, pdq_quality) if pdq else None)
     return EmbeddedImage(image_id, all_views, hashes)
 
 

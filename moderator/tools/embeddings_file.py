@@ -90,10 +90,14 @@ def _stored_image(record: Any) -> StoredImage | None:
         raise ValueError(f"image {image_id!r} has no 'embedding'")
     views = [_floats(view["values"]) for view in record.get("views", [])]
     sha256, pdq = record.get("sha256", ""), record.get("pdq", "")
-    if not isinstance(sha256, str) or not isinstance(pdq, str):
-        raise ValueError("'sha256' and 'pdq' must be strings of hex digits")
+    quality = record.get("pdq_quality", 0)
+    if not isinstance(sha256, str) or not isinstance(pdq, str) or type(quality) is not int:
+        raise ValueError("'sha256' and 'pdq' must be hex digits, 'pdq_quality' a whole number")
+    image = embedded_image(
+        image_id, _floats(embedding), views, sha256=sha256, pdq=pdq, pdq_quality=quality
+    )
     return StoredImage(
-        image=embedded_image(image_id, _floats(embedding), views, sha256=sha256, pdq=pdq),
+        image=image,
         model=str(record.get("model", "")),
         precision=str(record.get("precision", "")),
         policy_version=str(record.get("policy_version", "")),

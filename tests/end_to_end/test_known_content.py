@@ -251,7 +251,14 @@ def test_score_embeddings_and_rescore_agree_with_live(served: Served, tmp_path: 
         timeout=60,
     )
     stored = [
-        pb.EmbeddedImage(id=r.id, embedding=r.embedding, views=r.views, sha256=r.sha256, pdq=r.pdq)
+        pb.EmbeddedImage(
+            id=r.id,
+            embedding=r.embedding,
+            views=r.views,
+            sha256=r.sha256,
+            pdq=r.pdq,
+            pdq_quality=r.pdq_quality,
+        )
         for r in live.results
     ]
     request = pb.ScoreEmbeddingsRequest(images=stored, model=live.model)

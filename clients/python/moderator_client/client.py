@@ -158,6 +158,7 @@ def embeddings_request(
             views=[pb.Embedding(values=v) for v in image.views],
             sha256=image.sha256,
             pdq=image.pdq,
+            pdq_quality=image.pdq_quality,
         )
         for image in images
     ]

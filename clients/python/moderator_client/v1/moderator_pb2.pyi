@@ -243,18 +243,20 @@ class ReloadStatus(_message.Message):
     def __init__(self, ok: _Optional[bool] = ..., message: _Optional[str] = ..., unix_time: _Optional[int] = ...) -> None: ...
 
 class EmbeddedImage(_message.Message):
-    __slots__ = ("id", "embedding", "views", "sha256", "pdq")
+    __slots__ = ("id", "embedding", "views", "sha256", "pdq", "pdq_quality")
     ID_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     VIEWS_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     PDQ_FIELD_NUMBER: _ClassVar[int]
+    PDQ_QUALITY_FIELD_NUMBER: _ClassVar[int]
     id: str
     embedding: _containers.RepeatedScalarFieldContainer[float]
     views: _containers.RepeatedCompositeFieldContainer[Embedding]
     sha256: str
     pdq: str
-    def __init__(self, id: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., views: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., sha256: _Optional[str] = ..., pdq: _Optional[str] = ...) -> None: ...
+    pdq_quality: int
+    def __init__(self, id: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., views: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., sha256: _Optional[str] = ..., pdq: _Optional[str] = ..., pdq_quality: _Optional[int] = ...) -> None: ...
 
 class ScoreEmbeddingsRequest(_message.Message):
     __slots__ = ("images", "policy_ids", "model", "detail")
