@@ -9,7 +9,8 @@ import pytest
 from moderator.cli.main import main
 from moderator.config import DEMO_POLICIES_DIR
 from moderator.core.policies import parse_policy_file
-from tests.helpers import copy_demo_policies
+from moderator.demo.shapes import render_shape
+from tests.helpers import copy_demo_policies, encode
 
 SHIPPED_EXAMPLES = DEMO_POLICIES_DIR / "examples"
 
@@ -87,3 +88,38 @@ def test_calibrate_rejects_a_target_outside_zero_to_one(
         == 2
     )
     assert "--target-precision must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_calibrate_calibrates_and_writes_an_example_threshold(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An examples-only policy: its example_threshold is calibrated on the labelled images'
+    best example similarity, and --write adds the key (left at its default in the file)."""
+    policies = copy_demo_policies(tmp_path / "policies")
+    (policies / "known").mkdir()
+    (policies / "known" / "triangle.png").write_bytes(encode(render_shape("blue", "triangle")))
+    policy = policies / "blue_triangles.yaml"
+    policy.write_text("title: Blue triangles\naction: review\nexamples: [known/]")  # no newline
+    labels = tmp_path / "labels"
+    for kind, images in {
+        "violating": [render_shape("blue", "triangle", 120 + 20 * i, 140) for i in range(4)],
+        "benign": [render_shape("blue", shape) for shape in ("circle", "square", "star")]
+        + [render_shape("orange", "triangle")],
+    }.items():
+        folder = labels / "blue_triangles" / kind
+        folder.mkdir(parents=True)
+        for i, image in enumerate(images):
+            (folder / f"{i}.png").write_bytes(encode(image))
+    args = ("--target-precision", "1", "--write", "--force")
+    assert calibrate_cli(policies, labels, tmp_path / "cache", *args) == 0
+    output = capsys.readouterr().out
+    row = table_row(output, "blue_triangles")
+    assert row[:5] == ["blue_triangles", "(example_threshold)", "4", "4", "1.000"]
+    [(path, old, new)] = re.findall(r"(\S+\.yaml): example_threshold (\S+) -> (\S+)", output)
+    assert (Path(path).name, old) == ("blue_triangles.yaml", "0.9")
+    written = policy.read_text()
+    assert (
+        written
+        == f"title: Blue triangles\naction: review\nexamples: [known/]\nexample_threshold: {new}\n"
+    )
+    assert parse_policy_file(policy, policies).known.example_threshold == float(new)
