@@ -7,12 +7,12 @@ match when their hashes differ in at most a given number of bits (Hamming distan
 PDQ authors' recommended threshold).
 
 The hash is computed on what the model sees first (the first frame scored, oriented, the first
-visible layer), downscaled so its long side is at most PDQ_MAX_SIDE (JPEGs are not decoded at a
-reduced scale below it). pdqhash's own result moves with the input size: on detailed synthetic
-scenes a copy of 512 px differed from the full-size hash by 26-44 bits, one of 640 px by 16-24,
-at 3.7 ms instead of 23 ms for 1024 px (2400 x 1800 originals, this project's CPU; BENCHMARKS.md
-has the cost per image). Cost is bounded whatever the image's size. No torch here: it runs in
-the decode worker processes.
+visible layer), on a copy at most PDQ_MAX_SIDE on its long side, made with a box filter (PDQ's
+own downsampling is one); JPEGs are not decoded at a reduced scale below PDQ_MIN_SIDE. pdqhash's
+result moves with the input size: on detailed synthetic scenes (2400 x 1800), copies of 640 px
+kept a mean of 18 and at most 26 bits of the full-size hash, of 540 px 21 and 32, of 480 px 22
+and 36; the full-size hash itself costs 159 ms for a 2048 x 2048 image, the copy a few ms
+(BENCHMARKS.md has the cost per image). No torch here: it runs in the decode worker processes.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from PIL import Image
 
 PDQ_BITS = 256
 PDQ_MAX_SIDE = 640
+PDQ_MIN_SIDE = 512  # JPEGs decode at a reduced scale only down to this long side
 PDQ_HEX = re.compile(r"[0-9a-f]{64}")
 _BIT_WEIGHTS = 1 << np.arange(7, -1, -1, dtype=np.uint8)
 
@@ -47,7 +48,7 @@ def pdq_of(image: Image.Image) -> Pdq:
     scale = PDQ_MAX_SIDE / max(width, height)
     if scale < 1:
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        image = image.resize(size, Image.Resampling.BOX)
     return pdq_of_array(np.asarray(image.convert("RGB"), dtype=np.uint8))
 
 

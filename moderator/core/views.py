@@ -37,7 +37,7 @@ from moderator.core.images import (
     open_image,
     too_complex,
 )
-from moderator.core.pdq import PDQ_MAX_SIDE, Pdq, pdq_of
+from moderator.core.pdq import PDQ_MIN_SIDE, Pdq, pdq_of
 from moderator.core.structure import read_timeline
 from moderator.errors import ImageErrorCode, InvalidImage
 
@@ -180,11 +180,11 @@ def _oriented_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
 
 def request_draft(image: Image.Image, limits: ImageConfig, size: int) -> None:
     """Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the views still get enough pixels, and
-    the PDQ hash its PDQ_MAX_SIDE."""
+    the PDQ hash its PDQ_MIN_SIDE."""
     width, height = image.size
     long_side, short_side = max(width, height), min(width, height)
     needs_tiles = long_side / short_side > limits.tile_aspect_ratio
-    scale = max(size / (short_side if needs_tiles else long_side), PDQ_MAX_SIDE / long_side)
+    scale = max(size / (short_side if needs_tiles else long_side), PDQ_MIN_SIDE / long_side)
     if scale < 1:
         image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
 

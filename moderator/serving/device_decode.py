@@ -159,12 +159,12 @@ class DecodedPixels:
 
 def pdq_on_host(image: torch.Tensor) -> Pdq:
     """PDQ of uint8 [3, H, W] on any device as core.pdq.pdq_of computes it: a copy at most
-    PDQ_MAX_SIDE on its long side (made where the image is), hashed on the host."""
+    PDQ_MAX_SIDE on its long side (a box filter, where the image is), hashed on the host."""
     _, height, width = image.shape
     scale = PDQ_MAX_SIDE / max(width, height)
     if scale < 1:
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        small = F.interpolate(image.unsqueeze(0).float(), size, mode="bicubic", antialias=True)
+        small = F.interpolate(image.unsqueeze(0).float(), size, mode="area")  # a box filter
         image = small[0].round_().clamp_(0, 255).to(torch.uint8)
     return pdq_of_array(image.permute(1, 2, 0).cpu().numpy())
 

@@ -124,10 +124,10 @@ def test_large_jpeg_is_decoded_at_reduced_scale() -> None:
     big = encode(Image.new("RGB", (4000, 3000), RED), "JPEG")
     image = Image.open(io.BytesIO(big))
     request_draft(image, LIMITS, size=224)
-    assert image.size == (1000, 750)  # 1/8 would cover 224, not the PDQ hash's 640
+    assert image.size == (1000, 750)  # 1/8 would cover 224, not the PDQ hash's 512
     image = Image.open(io.BytesIO(encode(Image.new("RGB", (8000, 6000), RED), "JPEG")))
     request_draft(image, LIMITS, size=224)
-    assert image.size == (1000, 750)  # 1/8 scale: still 640 on the long side
+    assert image.size == (1000, 750)  # 1/8 scale: still 512 on the long side
     image = Image.open(io.BytesIO(big))
     request_draft(image, LIMITS, size=1100)
     assert image.size == (2000, 1500)

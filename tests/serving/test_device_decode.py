@@ -15,7 +15,14 @@ from torchvision.io import decode_jpeg
 
 from moderator.config import ImageConfig
 from moderator.core.jpeg_header import JpegHeader, read_jpeg_header
-from moderator.core.views import Preprocessing, apply_orientation, decode_views, fit_to_square
+from moderator.core.pdq import distances, hash_rows, pdq_bytes
+from moderator.core.views import (
+    Preprocessing,
+    apply_orientation,
+    decode_image,
+    decode_views,
+    fit_to_square,
+)
 from moderator.errors import ConfigError
 from moderator.serving import device_decode
 from moderator.serving.device_decode import (
@@ -27,7 +34,7 @@ from moderator.serving.device_decode import (
     nvjpeg_works,
     orient,
 )
-from tests.helpers import encode
+from tests.helpers import encode, textured_scene
 
 # torchvision 0.29 deprecates its image codecs; the module under test silences it, pytest not.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
@@ -360,3 +367,14 @@ def test_decode_before_start_or_after_stop_is_none_and_a_cancelled_caller_is_har
     finally:
         subject.stop()
     assert asyncio.run(subject.decode(data)) is None  # stopped
+
+
+@pytest.mark.parametrize(("width", "height"), [(640, 480), (1400, 1000), (500, 900)])
+def test_the_device_path_hashes_what_the_cpu_path_hashes(width: int, height: int) -> None:
+    data = jpeg(textured_scene(3, width, height))
+    decoded = decoder().decode_batch([data])[0]
+    assert decoded is not None
+    on_cpu = decode_image(data, LIMITS, PREP).pdq
+    distance = distances(hash_rows([pdq_bytes(on_cpu.hex)]), pdq_bytes(decoded.pdq.hex))[0]
+    assert distance <= 16  # two decoders, two box filters: a few bits, far under 31
+    assert decoded.pdq.quality == on_cpu.quality
