@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from moderator.core.hash_index import HashIndex, build_hash_index
 from moderator.core.known_content import ExampleImage
 from moderator.core.policies import Policy, PolicySet
+from moderator.errors import PolicyError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ CHECKSUM_BYTES = 32
 # The widest entry: an example image of 64 views of 4096 values (and its view count)
 MAX_ENTRY_BYTES = CHECKSUM_BYTES + 4 * (1 + 64 * 4096)
 STALE_WRITE_SECONDS = 3600.0
+# Views of one policy's examples (or allow examples): each image scored gathers this many
+# similarities per policy, padded to the largest.
+MAX_EXAMPLE_VIEWS = 1024
 
 
 class EmbeddingCache:
@@ -301,6 +305,13 @@ class _ExampleLayout:
                 self._rows[example.sha256] = self._embedded(example)
             rows += self._rows[example.sha256]
             names += [example.name] * len(self._rows[example.sha256])
+            if len(rows) > MAX_EXAMPLE_VIEWS:
+                raise PolicyError(
+                    [
+                        f"{example.name}: its policy's examples make over {MAX_EXAMPLE_VIEWS} "
+                        "views (an animation or a long image makes several): use fewer"
+                    ]
+                )
         return rows, tuple(names)
 
     def _embedded(self, example: ExampleImage) -> list[int]:

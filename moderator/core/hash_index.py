@@ -1,7 +1,7 @@
 """Matching an image's hashes against every hash list of a policy set at once.
 
 PDQ: the Hamming distance to every listed hash of every policy in one pass (core.pdq.distances,
-30 ms a million entries), a match being within the owning policy's `pdq_max_distance`; the
+3 ms a million entries), a match being within the owning policy's `pdq_max_distance`; the
 closest entry names the match, for images whose PDQ quality is at least MIN_PDQ_QUALITY.
 SHA-256: one dict lookup. A match violates its policy whatever
 the scores (core/scoring.py).
@@ -38,8 +38,9 @@ class ImageHashes:
 
 @dataclass(frozen=True, eq=False)  # compared by identity: holds arrays
 class HashIndex:
-    """Every policy's hash lists. `pdq_rows` uint64 [N, 4] with, per row, its policy position
-    (`pdq_owner`) and entry name; `pdq_limit` [N]: the owner's pdq_max_distance."""
+    """Every policy's hash lists. `pdq_rows` (core.pdq.hash_rows, uint64 [4, N]) with, per
+    hash, its policy position (`pdq_owner`) and entry name; `pdq_limit` [N]: the owner's
+    pdq_max_distance."""
 
     pdq_rows: np.ndarray
     pdq_owner: np.ndarray  # int32 [N]
@@ -63,14 +64,20 @@ class HashIndex:
         return found
 
     def _pdq_matches(self, pdq: Pdq, exclude: AbstractSet[int]) -> dict[int, str]:
+        """Each owner's closest entry within its limit: vectorised, however many match."""
         distance = distances(self.pdq_rows, pdq_bytes(pdq.hex))
         hits = np.flatnonzero(distance <= self.pdq_limit)
-        best: dict[int, tuple[int, str]] = {}
-        for row in hits[np.argsort(distance[hits], kind="stable")].tolist():
-            owner = int(self.pdq_owner[row])
-            if owner not in best and owner not in exclude:
-                best[owner] = (int(distance[row]), self.pdq_entries[row])
-        return {owner: entry for owner, (_, entry) in best.items()}
+        if not len(hits):
+            return {}
+        owners = self.pdq_owner[hits]
+        ordered = hits[np.lexsort((distance[hits], owners))]  # by owner, then distance
+        _, firsts = np.unique(self.pdq_owner[ordered], return_index=True)
+        closest = ordered[firsts].tolist()
+        return {
+            owner: self.pdq_entries[row]
+            for row in closest
+            if (owner := int(self.pdq_owner[row])) not in exclude
+        }
 
 
 def build_hash_index(policies: Sequence[Policy]) -> HashIndex:
@@ -90,7 +97,7 @@ def build_hash_index(policies: Sequence[Policy]) -> HashIndex:
             for hex_digits, name in zip(sha_list.hexes, sha_list.entries, strict=True):
                 sha256.setdefault(hex_digits, []).append((position, name))
     return HashIndex(
-        pdq_rows=np.concatenate(rows) if rows else np.zeros((0, 4), np.uint64),
+        pdq_rows=np.concatenate(rows, axis=1) if rows else np.zeros((4, 0), np.uint64),
         pdq_owner=np.asarray(owners, dtype=np.int32),
         pdq_limit=np.asarray(limits, dtype=np.int32),
         pdq_entries=tuple(entries),

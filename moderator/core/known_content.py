@@ -20,8 +20,10 @@ embedding cached) and refuses it if its digest changed in between.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +57,9 @@ MAX_HASH_LIST_BYTES = 64 * 1024 * 1024
 MAX_HASH_ENTRIES_PER_POLICY = 1_000_000
 MAX_ENTRY_ID_CHARS = 128
 MAX_LIST_PROBLEMS = 10
+MAX_LIST_LINES = 2_000_000  # comments and blank lines included
+# Control, format and separator characters: an id from an outside party reaches terminals
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 _HEX_DIGITS = frozenset("0123456789abcdef")
 _FILE_KEYS = frozenset({"examples", "allow_examples", "hash_lists", "sha256_lists"})
@@ -83,7 +88,7 @@ class HashList:
 
     name: str
     digest: str  # SHA-256 of the file's bytes
-    rows: np.ndarray  # PDQ: uint64 [N, 4]; SHA-256: unused (empty)
+    rows: np.ndarray  # PDQ: core.pdq.hash_rows, uint64 [4, N]; SHA-256: empty
     hexes: tuple[str, ...]
     entries: tuple[str, ...]
 
@@ -234,6 +239,7 @@ def _examples(
 
 def _expand(location: Location, entry: str) -> list[Path]:
     """The files an entry names: itself, or a folder's image files in name order."""
+    _refuse_hidden(entry)
     path = location.base / entry
     real = os.path.realpath(path)
     if os.path.commonpath([location.root, real]) != location.root:
@@ -259,6 +265,12 @@ def _expand(location: Location, entry: str) -> list[Path]:
     return sorted(files, key=lambda p: p.name)
 
 
+def _refuse_hidden(entry: str) -> None:
+    """Hidden files and folders are not watched for changes (a ConfigMap's `..data` is one)."""
+    if any(part.startswith(".") and part not in (".", "..") for part in Path(entry).parts):
+        raise PolicyError([f"{clipped(entry, 200)}: a hidden file or folder; rename it"])
+
+
 def _shown_as(path: Path, location: Location) -> str:
     """A file's name in results: its path from the policy file's folder as written, not as
     resolved (a ConfigMap update moves every file to a new `..<timestamp>` folder)."""
@@ -279,6 +291,7 @@ def _lists(
         path = location.base / entry
         name = _shown_as(path, location)
         try:
+            _refuse_hidden(entry)
             text = read_referenced_bytes(
                 path, location.root, name, MAX_HASH_LIST_BYTES, "a hash list"
             )
@@ -304,7 +317,10 @@ def parse_hash_list(name: str, data: bytes, *, pdq: bool) -> HashList:
         text = data.decode("utf-8-sig")  # a byte-order mark (Excel, Notepad) is no hash
     except UnicodeDecodeError as exc:
         raise PolicyError([f"{name}: not UTF-8 text (offset {exc.start})"]) from exc
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(io.StringIO(text, newline=None), start=1):  # lazily, \n only
+        if number > MAX_LIST_LINES:
+            problems.append(f"{name}: over {MAX_LIST_LINES} lines")
+            break
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -315,6 +331,8 @@ def parse_hash_list(name: str, data: bytes, *, pdq: bool) -> HashList:
             problems.append(f"{name}:{number}: a hash must be 64 hex digits, got {shown!r}")
         elif len(entry_id) > MAX_ENTRY_ID_CHARS:
             problems.append(f"{name}:{number}: an id is at most {MAX_ENTRY_ID_CHARS} characters")
+        elif _UNPRINTABLE.search(entry_id):
+            problems.append(f"{name}:{number}: an id must not hold control characters")
         else:
             hexes.append(digits)
             entries.append(f"{name}:{entry_id or digits}")
@@ -328,6 +346,6 @@ def parse_hash_list(name: str, data: bytes, *, pdq: bool) -> HashList:
         raise PolicyError(problems)
     if not hexes:
         raise PolicyError([f"{name}: holds no hashes"])
-    rows = hash_rows([bytes.fromhex(h) for h in hexes]) if pdq else np.zeros((0, 4), np.uint64)
+    rows = hash_rows([bytes.fromhex(h) for h in hexes]) if pdq else np.zeros((4, 0), np.uint64)
     digest = hashlib.sha256(data).hexdigest()
     return HashList(name, digest, rows, tuple(hexes), tuple(entries))

@@ -6,8 +6,9 @@ in the order `pdqhash.compute` returns them, the first one the most significant.
 match when their hashes differ in at most a given number of bits (Hamming distance; 31 is the
 PDQ authors' recommended threshold).
 
-The hash is computed on what the model sees first (the first frame scored, oriented, the first
-visible layer), on a copy at most PDQ_MAX_SIDE on its long side, made with a box filter (PDQ's
+The hash is computed on the first frame scored as its pixels are stored (not turned by EXIF
+orientation, transparency dropped), as python-threatexchange and so hasher-matcher-actioner
+compute it, on a copy at most PDQ_MAX_SIDE on its long side, made with a box filter (PDQ's
 own downsampling is one); JPEGs are not decoded at a reduced scale below PDQ_MIN_SIDE. pdqhash's
 result moves with the input size: on detailed synthetic scenes (2400 x 1800), copies of 640 px
 kept a mean of 18 and at most 26 bits of the full-size hash, of 540 px 21 and 32, of 480 px 22
@@ -72,13 +73,16 @@ def pdq_bytes(hex_digits: str) -> bytes:
 
 
 def hash_rows(hashes: list[bytes]) -> np.ndarray:
-    """32-byte hashes as the rows `distances` reads: uint64 [N, 4]."""
+    """32-byte hashes as `distances` reads them: uint64 [4, N], each quarter contiguous."""
     joined = np.frombuffer(b"".join(hashes), dtype=np.uint8)
-    return joined.reshape(len(hashes), 32).view(np.uint64).reshape(len(hashes), 4)
+    return np.ascontiguousarray(joined.view(np.uint64).reshape(len(hashes), 4).T)
 
 
 def distances(rows: np.ndarray, probe: bytes) -> np.ndarray:
-    """Hamming distance of `probe` (32 bytes) to each of `rows` (hash_rows): 30 ms a million."""
-    differing = np.bitwise_xor(rows, np.frombuffer(probe, dtype=np.uint64))
-    counts: np.ndarray = np.bitwise_count(differing).sum(axis=1, dtype=np.int32)
-    return counts
+    """Hamming distance of `probe` (32 bytes) to each hash of `rows` (hash_rows): uint16 [N],
+    3 ms a million (a quarter of the hash at a time, over contiguous memory)."""
+    quarters = np.frombuffer(probe, dtype=np.uint64)
+    total: np.ndarray = np.bitwise_count(rows[0] ^ quarters[0]).astype(np.uint16)
+    for k in (1, 2, 3):
+        total += np.bitwise_count(rows[k] ^ quarters[k])
+    return total

@@ -29,6 +29,7 @@ POLICY_SUFFIXES = (".yaml", ".yml")
 MAX_POLICY_FILE_BYTES = 1 << 20  # 1 MiB: 256 descriptions of 500 characters fit in any script
 MAX_NESTING_DEPTH = 16  # levels of lists and mappings; a policy needs 2
 MAX_WATCHED_FILES = 100_000  # in the subfolders, where examples and hash lists are
+MAX_WATCHED_DEPTH = 16  # folders below a subfolder (os.walk recurses: 1,000 levels crashed it)
 MAX_NUMBER_CHARS = 64  # a threshold needs a dozen; int() of thousands of digits fails or crawls
 _NUMBER_TAGS = frozenset({"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"})
 _OPEN_FLAGS = (
@@ -238,7 +239,8 @@ def _subfolder_status(directory: Path) -> bytes:
         if top.name.startswith(".") or not _is_subdirectory(top, root):
             continue
         for folder, folders, files in os.walk(top.path):
-            folders[:] = sorted(name for name in folders if not name.startswith("."))
+            deep = folder.count(os.sep) - top.path.count(os.sep) >= MAX_WATCHED_DEPTH
+            folders[:] = [] if deep else sorted(n for n in folders if not n.startswith("."))
             for name in sorted(files):
                 path = os.path.join(folder, name)
                 try:

@@ -25,6 +25,7 @@ from moderator.errors import ImageErrorCode, InvalidImage
 
 # A stored embedding is L2-normalised; allow for float32 rounding and JSON round trips.
 NORM_TOLERANCE = 1e-3
+CHUNK = 256  # views scored at once
 
 Vector: TypeAlias = Sequence[float] | npt.NDArray[np.float32]
 
@@ -91,7 +92,10 @@ def score_embedded(
     if not bool(keep.any()):
         return [failed[i] for i in range(len(images))]
     kept = matrix[keep]
-    scores, matched = score_views(kept.to(index.matrix.device), index)
+    # In chunks: scoring gathers [views, policies, most rows of a policy] at once
+    chunks = [kept[at : at + CHUNK] for at in range(0, len(kept), CHUNK)]
+    parts = [score_views(chunk.to(index.matrix.device), index) for chunk in chunks]
+    scores, matched = torch.cat([s for s, _ in parts]), torch.cat([m for _, m in parts])
     kept_images = [image for i, image in enumerate(images) if i not in failed]
     scored = iter(
         scored_images(

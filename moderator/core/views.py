@@ -78,7 +78,7 @@ Box = tuple[int, int, int, int]
 @dataclass(frozen=True)
 class DecodedImage:
     views: np.ndarray  # uint8 [V, 3, size, size], V <= limits.max_views
-    pdq: Pdq  # of the first view's picture at full size (capped: core/pdq.py)
+    pdq: Pdq  # of the first frame's pixels as stored (core/pdq.py)
 
 
 def decode_views(data: bytes, limits: ImageConfig, prep: Preprocessing) -> np.ndarray:
@@ -97,7 +97,7 @@ def decode_image(data: bytes, limits: ImageConfig, prep: Preprocessing) -> Decod
     try:
         pictures = image_views(image, data, limits, prep)
         views = [to_chw_array(view) for view in pictures.views]
-        pdq = pdq_of(pictures.first_layer)
+        pdq = pdq_of(pictures.as_stored)
     except InvalidImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -115,7 +115,9 @@ def decode_image(data: bytes, limits: ImageConfig, prep: Preprocessing) -> Decod
 @dataclass(frozen=True)
 class Pictures:
     views: list[Image.Image]  # every view, at most limits.max_views
-    first_layer: Image.Image  # the first frame's first layer, oriented, before resizing
+    # The first frame's pixels as stored, in RGB: not turned by EXIF, transparency dropped,
+    # which is what python-threatexchange hashes (hash lists are made with it)
+    as_stored: Image.Image
 
 
 def image_views(
@@ -135,16 +137,23 @@ def image_views(
     to_srgb = srgb_transform(image.info.get("icc_profile"))
     picked = frames_by_display_time(durations, min(limits.max_frames, limits.max_views // boxes))
     per_frame = []
-    first_layer: Image.Image | None = None
+    as_stored: Image.Image | None = None
     for index in picked:
         frame = select_frame(image, index, len(durations), limits)
+        if as_stored is None:
+            as_stored = stored_rgb(frame)
         layers = [apply_orientation(layer, orientation) for layer in visible_layers(frame)]
-        if first_layer is None:
-            first_layer = layers[0]
         per_frame.append(frame_views(layers, limits, prep, to_srgb))
-    assert first_layer is not None  # every image has a frame, every frame a layer
+    assert as_stored is not None  # every image has a frame
     views = fit_views(per_frame, [durations[i] for i in picked], limits.max_views)
-    return Pictures(views, first_layer)
+    return Pictures(views, as_stored)
+
+
+def stored_rgb(frame: Image.Image) -> Image.Image:
+    """A frame's pixels in RGB as numpy would read them from the file: alpha dropped."""
+    if frame.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return _high_depth_to_rgb(frame)
+    return frame if frame.mode == "RGB" else frame.convert("RGB")
 
 
 def frame_views(

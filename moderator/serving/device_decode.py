@@ -297,8 +297,8 @@ class DeviceDecoder:
         if header is None or tuple(image.shape) != (3, header.height, header.width):
             return None  # the decoder read another frame than the header walk did
         try:
-            oriented = orient(image, header.orientation)
-            return DecodedPixels(fit_square(oriented, self.prep), pdq_on_host(oriented))
+            view = fit_square(orient(image, header.orientation), self.prep)
+            return DecodedPixels(view, pdq_on_host(image))  # hashed as stored, not turned
         except Exception:  # out of device memory, most likely: the CPU path has its own budget
             log.warning("device resize failed; image sent to the CPU path", exc_info=True)
             return None

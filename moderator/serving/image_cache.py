@@ -23,7 +23,7 @@ from moderator.serving.metrics import Metrics
 
 # Below this many bytes hashing on the event loop costs less than handing it to a thread.
 HASH_INLINE_BYTES = 256 * 1024
-ENTRY_OVERHEAD_BYTES = 400  # the key, the entry, the tensor's header
+ENTRY_OVERHEAD_BYTES = 1024  # the key, the entry, the tensor and its allocation, measured
 
 
 @dataclass(frozen=True)

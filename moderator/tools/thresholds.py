@@ -64,6 +64,15 @@ def _with_value(text: str, key: str, threshold: float, source: str) -> str:
     node = yaml.compose(text, Loader=yaml.SafeLoader)
     values = [v for k, v in node.value if k.value == key] if node else []
     if not values and key != "threshold":
+        indented = node is None or bool(node.start_mark.column)
+        block = isinstance(node, yaml.MappingNode) and not node.flow_style
+        if not block or indented or "\n..." in text:  # appended, the key would not parse
+            raise PolicyError(
+                [
+                    f"{source}: cannot add '{key}' to a file laid out like this one; add "
+                    f"'{key}: {format_threshold(threshold)}' to it by hand"
+                ]
+            )
         newline = "\r\n" if "\r\n" in text else "\n"
         ending = "" if not text or text.endswith(("\n", "\r")) else newline
         return f"{text}{ending}{key}: {format_threshold(threshold)}{newline}"

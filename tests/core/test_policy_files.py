@@ -353,3 +353,16 @@ def test_a_file_named_on_its_own_may_link_outside_but_must_be_a_small_regular_fi
         within_seconds(lambda: read_policy_bytes(policies / "zero.yaml", None))
     with pytest.raises(PolicyError, match=r"pipe\.yaml: is a FIFO"):
         within_seconds(lambda: read_policy_bytes(fifo, None))
+
+
+def test_a_very_deep_subfolder_does_not_break_the_fingerprint(policies: Path) -> None:
+    before = directory_fingerprint(policies)
+    deep = policies / "deep"
+    deep.mkdir()
+    for _ in range(1100):  # os.walk recurses: deeper than Python's stack went before
+        deep = deep / "d"
+        deep.mkdir()
+    (deep / "x.png").write_bytes(b"never seen: below the watched depth")
+    assert directory_fingerprint(policies) == before  # computed (no RecursionError), unchanged
+    (policies / "deep" / "near.png").write_bytes(b"seen")
+    assert directory_fingerprint(policies) not in ("", before)

@@ -367,3 +367,19 @@ def test_check_says_what_decided(
     assert lines[str(tmp_path / "triangle.png")].startswith("REVIEW\tblue_triangles=")
     assert f"({EXAMPLE})" in lines[str(tmp_path / "triangle.png")]
     assert lines[str(tmp_path / "exact.png")] == f"BLOCK\tknown_scenes=hash {SHA_LIST}:exact-1"
+
+
+def test_pdq_is_of_the_pixels_as_stored_as_python_threatexchange_hashes_them(
+    served: Served,
+) -> None:
+    """A portrait phone photo is stored sideways with EXIF orientation 6; lists made with
+    python-threatexchange hash the stored pixels, so must the service (the model sees it
+    turned)."""
+    stored = textured_scene(1)  # the list's entry was made from these pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, "JPEG", quality=90, exif=exif)
+    turned = moderate(served.stub, phone=buffer.getvalue())["phone"]
+    assert policy(turned, "known_scenes").matched_hash == f"{PDQ_LIST}:scene-1"
+    assert turned.pdq == moderate(served.stub, plain=jpeg(stored, 90))["plain"].pdq

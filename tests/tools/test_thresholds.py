@@ -4,11 +4,12 @@ import math
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from moderator.core.policies import parse_policy_file
 from moderator.errors import PolicyError
 from moderator.tools.thresholds import format_threshold, write_thresholds
-from tests.helpers import copy_demo_policies
+from tests.helpers import copy_demo_policies, encode
 
 
 def test_write_thresholds_changes_only_the_threshold_values(tmp_path: Path) -> None:
@@ -53,3 +54,22 @@ def test_format_threshold_is_fixed_point() -> None:
         "-0.05",
         "0.123456789",
     ]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{title: T, action: block, examples: [known/]}\n",  # flow style
+        "title: T\naction: block\nexamples: [known/]\n...\n",  # an explicit document end
+    ],
+)
+def test_an_example_threshold_that_cannot_be_appended_is_asked_for_by_hand(
+    tmp_path: Path, text: str
+) -> None:
+    policies = tmp_path / "policies"
+    (policies / "known").mkdir(parents=True)
+    (policies / "known" / "a.png").write_bytes(encode(Image.new("RGB", (8, 8))))
+    (policies / "t.yaml").write_text(text)
+    with pytest.raises(PolicyError, match=r"add 'example_threshold: 0\.8' to it by hand"):
+        write_thresholds(policies, {("t", "example_threshold"): 0.8})
+    assert (policies / "t.yaml").read_text() == text
