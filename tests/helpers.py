@@ -394,3 +394,19 @@ class Flaky:
         return pb.ModerateResponse(
             results=[pb.ImageResult(id=i.id, decision=pb.DECISION_ALLOW) for i in request.images]
         )
+
+
+def flip_bits(hex_digits: str, *positions: int) -> str:
+    """A PDQ hash (64 hex digits) with the bits at `positions` flipped, position 0 the most
+    significant (the first bit of pdqhash's vector): its Hamming distance to the original is
+    the number of distinct positions."""
+    value = int(hex_digits, 16)
+    for position in set(positions):
+        value ^= 1 << (255 - position)
+    return f"{value:064x}"
+
+
+def hashes_in(rows: np.ndarray) -> list[bytes]:
+    """The 32-byte hashes of a core.pdq.hash_rows table (uint64 [4, N]: a quarter of every
+    hash a row), in order."""
+    return [rows[:, column].tobytes() for column in range(rows.shape[1])]

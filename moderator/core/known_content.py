@@ -19,6 +19,7 @@ embedding cached) and refuses it if its digest changed in between.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import math
@@ -316,7 +317,8 @@ def parse_hash_list(name: str, data: bytes, *, pdq: bool) -> HashList:
     try:
         text = data.decode("utf-8-sig")  # a byte-order mark (Excel, Notepad) is no hash
     except UnicodeDecodeError as exc:
-        raise PolicyError([f"{name}: not UTF-8 text (offset {exc.start})"]) from exc
+        offset = exc.start + (3 if data.startswith(codecs.BOM_UTF8) else 0)  # in the file
+        raise PolicyError([f"{name}: not UTF-8 text (offset {offset})"]) from exc
     for number, raw in enumerate(io.StringIO(text, newline=None), start=1):  # lazily, \n only
         if number > MAX_LIST_LINES:
             problems.append(f"{name}: over {MAX_LIST_LINES} lines")

@@ -115,9 +115,7 @@ def decode_image(data: bytes, limits: ImageConfig, prep: Preprocessing) -> Decod
 @dataclass(frozen=True)
 class Pictures:
     views: list[Image.Image]  # every view, at most limits.max_views
-    # The first frame's pixels as stored, in RGB: not turned by EXIF, transparency dropped,
-    # which is what python-threatexchange hashes (hash lists are made with it)
-    as_stored: Image.Image
+    as_stored: Image.Image  # the first frame as stored (no EXIF turn, no alpha): PDQ's input
 
 
 def image_views(
@@ -150,7 +148,8 @@ def image_views(
 
 
 def stored_rgb(frame: Image.Image) -> Image.Image:
-    """A frame's pixels in RGB as numpy would read them from the file: alpha dropped."""
+    """A frame's pixels in RGB as numpy reads them from the file, alpha dropped: what
+    python-threatexchange hashes (hash lists are made with it)."""
     if frame.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         return _high_depth_to_rgb(frame)
     return frame if frame.mode == "RGB" else frame.convert("RGB")

@@ -17,6 +17,7 @@ from moderator.config import DEMO_POLICIES_DIR
 from moderator.core.policies import load_policy_dir
 from moderator.core.policy_files import (
     MAX_POLICY_FILE_BYTES,
+    MAX_WATCHED_DEPTH,
     directory_fingerprint,
     read_policy_bytes,
 )
@@ -355,14 +356,14 @@ def test_a_file_named_on_its_own_may_link_outside_but_must_be_a_small_regular_fi
         within_seconds(lambda: read_policy_bytes(fifo, None))
 
 
-def test_a_very_deep_subfolder_does_not_break_the_fingerprint(policies: Path) -> None:
+def test_the_fingerprint_walks_subfolders_only_so_deep(policies: Path) -> None:
     before = directory_fingerprint(policies)
     deep = policies / "deep"
     deep.mkdir()
-    for _ in range(1100):  # os.walk recurses: deeper than Python's stack went before
+    for _ in range(MAX_WATCHED_DEPTH + 8):  # os.walk recurses: 1,100 levels crashed it
         deep = deep / "d"
         deep.mkdir()
     (deep / "x.png").write_bytes(b"never seen: below the watched depth")
-    assert directory_fingerprint(policies) == before  # computed (no RecursionError), unchanged
+    assert directory_fingerprint(policies) == before  # not walked that deep
     (policies / "deep" / "near.png").write_bytes(b"seen")
     assert directory_fingerprint(policies) not in ("", before)
