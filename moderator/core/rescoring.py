@@ -111,14 +111,14 @@ def score_embedded(
 
 
 def score_stored(
-    views: torch.Tensor, index: PolicyIndex, hashes: ImageHashes | None = None
-) -> ScoredImage:
-    """One image's view embeddings ([V, E], float32, CPU), as the live path made them, scored
-    as the live path scores them (on the index's device)."""
-    scores, matched = score_views(views.to(index.matrix.device), index)
-    return scored_images(views, scores.cpu(), matched.cpu(), [len(views)], index, hashes=[hashes])[
-        0
-    ]
+    views: Sequence[torch.Tensor], index: PolicyIndex, hashes: Sequence[ImageHashes | None]
+) -> list[ScoredImage]:
+    """Images' view embeddings ([V, E] each, float32, CPU) as the live path made them, scored
+    together as the live path scores a batch (on the index's device)."""
+    matrix = torch.cat(list(views))
+    scores, matched = score_views(matrix.to(index.matrix.device), index)
+    counts = [len(image) for image in views]
+    return scored_images(matrix, scores.cpu(), matched.cpu(), counts, index, hashes=hashes)
 
 
 def rescore_images(

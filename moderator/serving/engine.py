@@ -32,14 +32,14 @@ from moderator.core.outcomes import (
     selected_policies,
 )
 from moderator.core.policies import PolicySet, ReloadStatus, load_policy_dir
-from moderator.core.rescoring import EmbeddedImage, score_stored
+from moderator.core.rescoring import EmbeddedImage
 from moderator.core.scoring import ScoredImage
 from moderator.errors import InvalidImage, NotReady
 from moderator.serving.admission import Budgets, Ticket
 from moderator.serving.batching import Batcher
 from moderator.serving.decoding import ImageDecoder
 from moderator.serving.health import WorkerState
-from moderator.serving.image_cache import ImageCache, sha256_of
+from moderator.serving.image_cache import ImageCache, score_cached, sha256_of
 from moderator.serving.metrics import Metrics
 from moderator.serving.reload import PolicyReloader
 from moderator.serving.rescorer import Rescorer, check_count
@@ -325,33 +325,29 @@ class ModerationEngine:
         deadline: float | None,
         ticket: Ticket,
     ) -> list[ScoredImage | InvalidImage]:
-        tasks = [
-            asyncio.ensure_future(self._embed_one(image, index, deadline, ticket))
-            for image in images
-        ]
+        """Each image scored against `index`: those whose bytes the cache for repeated uploads
+        holds all together, in one thread call (no decode, no model); the others decoded and
+        through the model, then kept in the cache."""
+        digests = list(await asyncio.gather(*(sha256_of(image.data) for image in images)))
+        hits = self.image_cache.hits(digests)
+        tasks = {
+            i: asyncio.ensure_future(self._embed_new(image, digests[i], index, deadline, ticket))
+            for i, image in enumerate(images)
+            if i not in hits
+        }
         try:
-            return await asyncio.gather(*tasks)
+            cached = await asyncio.to_thread(score_cached, hits, index) if hits else {}
+            fresh = dict(zip(tasks, await asyncio.gather(*tasks.values()), strict=True))
         except BaseException:
-            for task in tasks:
+            for task in tasks.values():
                 task.cancel()
             # Their views are released before the request's images and bytes are.
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
             raise
-
-    async def _embed_one(
-        self, image: ImageInput, index: PolicyIndex, deadline: float | None, ticket: Ticket
-    ) -> ScoredImage | InvalidImage:
-        """The image scored against `index`: from the cache of repeated uploads when its bytes
-        were seen (no decode, no model), else decoded and through the model (and cached)."""
-        sha256 = await sha256_of(image.data)
-        cached = self.image_cache.get(sha256)
-        if cached is not None:
-            hashes = ImageHashes(sha256, cached.pdq)
-            return await asyncio.to_thread(score_stored, cached.embeddings, index, hashes)
-        scored = await self._embed_new(image, sha256, index, deadline, ticket)
-        if isinstance(scored, ScoredImage):
-            self.image_cache.keep(sha256, scored)
-        return scored
+        for i, scored in fresh.items():
+            if isinstance(scored, ScoredImage):
+                self.image_cache.keep(digests[i], scored)
+        return [cached[i] if i in cached else fresh[i] for i in range(len(images))]
 
     async def _embed_new(
         self,

@@ -13,11 +13,15 @@ import asyncio
 import collections
 import hashlib
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from moderator.core.embeddings import PolicyIndex
+from moderator.core.hash_index import ImageHashes
 from moderator.core.pdq import Pdq
+from moderator.core.rescoring import score_stored
 from moderator.core.scoring import ScoredImage
 from moderator.serving.metrics import Metrics
 
@@ -56,6 +60,15 @@ class ImageCache:
     def enabled(self) -> bool:
         return self.max_bytes > 0
 
+    def hits(self, digests: Sequence[str]) -> dict[int, tuple[str, CachedImage]]:
+        """The positions of `digests` the cache holds, with what it holds for each."""
+        found = {}
+        for i, digest in enumerate(digests):
+            entry = self.get(digest)
+            if entry is not None:
+                found[i] = (digest, entry)
+        return found
+
     def get(self, sha256: str) -> CachedImage | None:
         if not self.enabled:
             return None
@@ -89,3 +102,14 @@ class ImageCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def score_cached(
+    hits: Mapping[int, tuple[str, CachedImage]], index: PolicyIndex
+) -> dict[int, ScoredImage]:
+    """Cache hits (position -> digest and entry) scored against `index`, all in one pass, as
+    a fresh image is scored."""
+    positions = list(hits)
+    views = [hits[i][1].embeddings for i in positions]
+    hashes = [ImageHashes(digest, entry.pdq) for digest, entry in (hits[i] for i in positions)]
+    return dict(zip(positions, score_stored(views, index, hashes), strict=True))

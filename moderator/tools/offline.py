@@ -66,7 +66,8 @@ class OfflineScorer:
             return ImageScores(path=path, scored=None, error=exc)
         embeddings = self.clip.encode_images(torch.from_numpy(decoded.views)).float().cpu()
         hashes = ImageHashes.of_bytes(data, decoded.pdq)
-        return ImageScores(path=path, scored=score_stored(embeddings, self.index, hashes))
+        [scored] = score_stored([embeddings], self.index, [hashes])
+        return ImageScores(path=path, scored=scored)
 
     def score_embeddings(self, images: list[EmbeddedImage]) -> tuple[ImageOutcome, ...]:
         """Stored embeddings -> the outcomes the service would return for their images."""

@@ -383,3 +383,30 @@ def test_pdq_is_of_the_pixels_as_stored_as_python_threatexchange_hashes_them(
     turned = moderate(served.stub, phone=buffer.getvalue())["phone"]
     assert policy(turned, "known_scenes").matched_hash == f"{PDQ_LIST}:scene-1"
     assert turned.pdq == moderate(served.stub, plain=jpeg(stored, 90))["plain"].pdq
+
+
+def test_a_request_mixing_hits_and_misses_answers_in_order_as_if_fresh(served: Served) -> None:
+    first, second, new = (
+        encode(render_shape(colour, "circle", 130, 150)) for colour in ("red", "blue", "green")
+    )
+    before = moderate(served.stub, first=first, second=second)
+    hits = cache_hits(served)
+    request = pb.ModerateRequest(
+        images=[
+            pb.Image(id="second", data=second),
+            pb.Image(id="new", data=new),
+            pb.Image(id="first", data=first),
+            pb.Image(id="first-again", data=first),
+        ]
+    )
+    results = served.stub.Moderate(request, timeout=60).results
+    assert cache_hits(served) == hits + 3  # scored together, in one pass
+    assert [r.id for r in results] == ["second", "new", "first", "first-again"]
+    for result in (results[0], results[2], results[3]):
+        earlier = before[result.id.removesuffix("-again")]
+        assert result.decision == earlier.decision
+        assert result.pdq == earlier.pdq
+        for now, then in zip(result.policies, earlier.policies, strict=True):
+            assert (now.policy_id, now.violated) == (then.policy_id, then.violated)
+            assert now.score == pytest.approx(then.score, abs=1e-6)  # float32 rounding at most
+    assert results[1].decision == pb.DECISION_ALLOW
