@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -39,9 +39,10 @@ from moderator.serving.admission import Budgets, Ticket
 from moderator.serving.batching import Batcher
 from moderator.serving.decoding import ImageDecoder
 from moderator.serving.health import WorkerState
-from moderator.serving.image_cache import ImageCache, score_cached, sha256_of
+from moderator.serving.image_cache import ImageCache
 from moderator.serving.metrics import Metrics
 from moderator.serving.reload import PolicyReloader
+from moderator.serving.repeats import RepeatedUploads
 from moderator.serving.rescorer import Rescorer, check_count
 from moderator.serving.tracing import Tracing
 
@@ -83,6 +84,7 @@ class ModerationEngine:
         self.cache: EmbeddingCache | None = None
         self._examples: ExampleEmbedder | None = None
         self.image_cache = ImageCache(config.image_cache_mb * MIB, metrics)
+        self.repeats = RepeatedUploads(self.image_cache)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -325,29 +327,14 @@ class ModerationEngine:
         deadline: float | None,
         ticket: Ticket,
     ) -> list[ScoredImage | InvalidImage]:
-        """Each image scored against `index`: those whose bytes the cache for repeated uploads
-        holds all together, in one thread call (no decode, no model); the others decoded and
-        through the model, then kept in the cache."""
-        digests = list(await asyncio.gather(*(sha256_of(image.data) for image in images)))
-        hits = self.image_cache.hits(digests)
-        tasks = {
-            i: asyncio.ensure_future(self._embed_new(image, digests[i], index, deadline, ticket))
-            for i, image in enumerate(images)
-            if i not in hits
-        }
-        try:
-            cached = await asyncio.to_thread(score_cached, hits, index) if hits else {}
-            fresh = dict(zip(tasks, await asyncio.gather(*tasks.values()), strict=True))
-        except BaseException:
-            for task in tasks.values():
-                task.cancel()
-            # Their views are released before the request's images and bytes are.
-            await asyncio.gather(*tasks.values(), return_exceptions=True)
-            raise
-        for i, scored in fresh.items():
-            if isinstance(scored, ScoredImage):
-                self.image_cache.keep(digests[i], scored)
-        return [cached[i] if i in cached else fresh[i] for i in range(len(images))]
+        """Each image scored against `index`: repeated uploads from the cache or from the
+        computation already running for their bytes (serving/repeats.py), the others decoded
+        and through the model."""
+
+        def compute(i: int, sha256: str) -> Awaitable[ScoredImage | InvalidImage]:
+            return self._embed_new(images[i], sha256, index, deadline, ticket)
+
+        return await self.repeats.scored([image.data for image in images], index, compute)
 
     async def _embed_new(
         self,

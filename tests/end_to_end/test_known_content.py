@@ -410,3 +410,21 @@ def test_a_request_mixing_hits_and_misses_answers_in_order_as_if_fresh(served: S
             assert (now.policy_id, now.violated) == (then.policy_id, then.violated)
             assert now.score == pytest.approx(then.score, abs=1e-6)  # float32 rounding at most
     assert results[1].decision == pb.DECISION_ALLOW
+
+
+def metric(served: Served, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(served.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    return float(next(row for row in text.splitlines() if row.startswith(name + " ")).split()[-1])
+
+
+def test_the_same_new_bytes_twice_in_a_request_are_decoded_once(served: Served) -> None:
+    data = encode(render_shape("yellow", "triangle", 170, 140))
+    decodes = metric(served, "moderator_decode_duration_seconds_count")
+    results = moderate(served.stub, first=data, second=data)
+    assert metric(served, "moderator_decode_duration_seconds_count") == decodes + 1
+    first, second = results["first"], results["second"]
+    assert (first.decision, first.pdq, first.sha256) == (second.decision, second.pdq, second.sha256)
+    assert [p.score for p in first.policies] == pytest.approx([p.score for p in second.policies])

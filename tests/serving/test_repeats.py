@@ -1,0 +1,103 @@
+"""Repeated uploads within and across requests: computed once, shared, and computed again by
+a waiting request when the first computation is given up."""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import CollectorRegistry
+
+from moderator.errors import ImageErrorCode, InvalidImage
+from moderator.serving.image_cache import ImageCache
+from moderator.serving.metrics import Metrics
+from moderator.serving.repeats import RepeatedUploads, Scored
+from tests.helpers import make_index, policy_doc
+
+INDEX = make_index(("a", policy_doc("block", ["x"])))
+BROKEN = InvalidImage(ImageErrorCode.CORRUPT, "the same bytes fail the same way")
+
+
+def repeats(cache_mb: int = 1) -> RepeatedUploads:
+    return RepeatedUploads(ImageCache(cache_mb * 1024 * 1024, Metrics(CollectorRegistry())))
+
+
+class Computing:
+    """A compute function that counts its calls and, while `held`, waits to be let go."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.held = asyncio.Event()
+        self.held.set()
+
+    async def __call__(self, i: int, digest: str) -> Scored:
+        self.calls.append(i)
+        await self.held.wait()
+        return BROKEN
+
+
+def test_the_same_bytes_twice_in_a_request_are_computed_once() -> None:
+    async def run() -> tuple[list[Scored], list[int]]:
+        compute = Computing()
+        results = await repeats().scored([b"same", b"other", b"same"], INDEX, compute)
+        return results, compute.calls
+
+    results, calls = asyncio.run(run())
+    assert results == [BROKEN, BROKEN, BROKEN]
+    assert calls == [0, 1]  # the third image waited for the first
+
+
+def test_concurrent_requests_share_one_computation() -> None:
+    async def run() -> list[int]:
+        shared, compute = repeats(), Computing()
+        compute.held.clear()
+        requests = [asyncio.create_task(shared.scored([b"new"], INDEX, compute)) for _ in "abc"]
+        await asyncio.sleep(0.01)
+        compute.held.set()
+        assert [await r for r in requests] == [[BROKEN]] * 3
+        return compute.calls
+
+    assert asyncio.run(run()) == [0]
+
+
+def test_a_waiting_request_computes_itself_when_the_first_is_cancelled() -> None:
+    async def run() -> tuple[list[Scored], list[int]]:
+        shared, compute = repeats(), Computing()
+        compute.held.clear()
+        first = asyncio.create_task(shared.scored([b"new"], INDEX, compute))
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(shared.scored([b"new"], INDEX, compute))
+        await asyncio.sleep(0.01)
+        first.cancel()  # its caller gave up
+        await asyncio.sleep(0.01)
+        compute.held.set()
+        return await second, compute.calls
+
+    result, calls = asyncio.run(run())
+    assert result == [BROKEN]
+    assert calls == [0, 0]  # once for the first request, again for the second
+
+
+def test_a_cancelled_waiter_stays_cancelled() -> None:
+    async def run() -> bool:
+        shared, compute = repeats(), Computing()
+        compute.held.clear()
+        first = asyncio.create_task(shared.scored([b"new"], INDEX, compute))
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(shared.scored([b"new"], INDEX, compute))
+        await asyncio.sleep(0.01)
+        second.cancel()
+        await asyncio.gather(second, return_exceptions=True)
+        compute.held.set()
+        assert await first == [BROKEN]
+        return second.cancelled()
+
+    assert asyncio.run(run())
+
+
+def test_with_the_cache_off_every_image_is_computed() -> None:
+    async def run() -> list[int]:
+        compute = Computing()
+        await repeats(cache_mb=0).scored([b"same", b"same"], INDEX, compute)
+        return compute.calls
+
+    assert asyncio.run(run()) == [0, 1]
