@@ -92,16 +92,13 @@ def score_embedded(
     if not bool(keep.any()):
         return [failed[i] for i in range(len(images))]
     kept = matrix[keep]
-    # In chunks: scoring gathers [views, policies, most rows of a policy] at once
-    chunks = [kept[at : at + CHUNK] for at in range(0, len(kept), CHUNK)]
-    parts = [score_views(chunk.to(index.matrix.device), index) for chunk in chunks]
-    scores, matched = torch.cat([s for s, _ in parts]), torch.cat([m for _, m in parts])
+    scores, matched = _score_in_chunks(kept, index)
     kept_images = [image for i, image in enumerate(images) if i not in failed]
     scored = iter(
         scored_images(
             kept,
-            scores.cpu(),
-            matched.cpu(),
+            scores,
+            matched,
             [len(image.views) for image in kept_images],
             index,
             hashes=[image.hashes for image in kept_images],
@@ -116,9 +113,20 @@ def score_stored(
     """Images' view embeddings ([V, E] each, float32, CPU) as the live path made them, scored
     together as the live path scores a batch (on the index's device)."""
     matrix = torch.cat(list(views))
-    scores, matched = score_views(matrix.to(index.matrix.device), index)
+    scores, matched = _score_in_chunks(matrix, index)
     counts = [len(image) for image in views]
-    return scored_images(matrix, scores.cpu(), matched.cpu(), counts, index, hashes=hashes)
+    return scored_images(matrix, scores, matched, counts, index, hashes=hashes)
+
+
+def _score_in_chunks(matrix: torch.Tensor, index: PolicyIndex) -> tuple[torch.Tensor, torch.Tensor]:
+    """`score_views` over `matrix` ([V, E], CPU) CHUNK views at a time, on the index's device:
+    scoring gathers [views, policies, most rows of a policy] at once, which grows to GBs for
+    thousands of views against policies with many examples."""
+    parts = [
+        score_views(matrix[at : at + CHUNK].to(index.matrix.device), index)
+        for at in range(0, len(matrix), CHUNK)
+    ]
+    return torch.cat([s for s, _ in parts]).cpu(), torch.cat([m for _, m in parts]).cpu()
 
 
 def rescore_images(

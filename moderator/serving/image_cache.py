@@ -33,7 +33,7 @@ ENTRY_OVERHEAD_BYTES = 1024  # the key, the entry, the tensor and its allocation
 @dataclass(frozen=True)
 class CachedImage:
     embeddings: torch.Tensor  # [V, E] float32, CPU, L2-normalised: every view
-    pdq: Pdq
+    pdq: Pdq | None  # None where the decode made none
 
     @property
     def size(self) -> int:
@@ -82,8 +82,9 @@ class ImageCache:
     def keep(self, sha256: str, scored: ScoredImage) -> None:
         """Keep what the model made of a freshly scored image: its rows copied out of its
         batch's tensor (a slice would keep the whole batch alive)."""
-        if self.enabled and scored.hashes is not None and scored.hashes.pdq is not None:
-            self.put(sha256, CachedImage(scored.embeddings.clone(), scored.hashes.pdq))
+        if self.enabled:
+            pdq = scored.hashes.pdq if scored.hashes is not None else None
+            self.put(sha256, CachedImage(scored.embeddings.clone(), pdq))
 
     def put(self, sha256: str, entry: CachedImage) -> None:
         if entry.size > self.max_bytes:

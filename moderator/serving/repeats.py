@@ -6,8 +6,8 @@ A request's images are hashed, its cache hits scored together in one thread call
 other image either computed (decoded and through the model) or, when the same bytes are being
 computed already, taken from that computation and scored against this request's own policies,
 as a hit is. If the first computation is given up (its caller cancelled, its deadline passed)
-or fails, a waiting request computes the image itself. Only with the cache on: off, every image
-is computed (and no caller can time another's uploads).
+or fails, one waiting request computes the image in its place and the others wait for that.
+Only with the cache on: off, every image is computed (and no caller can time another's uploads).
 """
 
 from __future__ import annotations
@@ -78,18 +78,26 @@ class RepeatedUploads:
         index: PolicyIndex,
         compute: Compute,
     ) -> Scored:
-        """The result of the computation already running for these bytes, scored against
-        `index`; computed here when that one was given up or failed."""
-        try:
-            result = await asyncio.shield(twin)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if not twin.cancelled() or (task is not None and task.cancelling()):
-                raise  # this request was cancelled (too)
-            return await compute(i, digest)
-        except Exception:  # its deadline passed, its batch failed: this request tries
-            return await compute(i, digest)
-        if isinstance(result, InvalidImage) or result.hashes is None or result.hashes.pdq is None:
+        """The result of the computation running for these bytes, scored against `index`.
+        When that one is given up or fails, the first waiter to notice computes the image in
+        its place (shared and cached like the first), and the others wait for that."""
+        while True:
+            try:
+                result = await asyncio.shield(twin)
+                break
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not twin.cancelled() or (task is not None and task.cancelling()):
+                    raise  # this request was cancelled (too)
+            except Exception:  # its deadline passed, its batch failed: this request tries
+                pass
+            # `_finished` (the first done callback) has removed the given-up computation.
+            retry = self._computing.get(digest)
+            if retry is None:
+                return await self._start(i, digest, compute)
+            twin = retry
+        if isinstance(result, InvalidImage):
             return result
-        shared = CachedImage(result.embeddings, result.hashes.pdq)
+        pdq = result.hashes.pdq if result.hashes is not None else None
+        shared = CachedImage(result.embeddings, pdq)
         return (await asyncio.to_thread(score_cached, {i: (digest, shared)}, index))[i]

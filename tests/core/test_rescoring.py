@@ -3,9 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moderator.core import rescoring
 from moderator.core.embeddings import EmbeddingCache, PolicyIndex, build_policy_index
 from moderator.core.policies import PolicySet, parse_policy
-from moderator.core.rescoring import embedded_image, score_embedded
+from moderator.core.rescoring import CHUNK, embedded_image, score_embedded, score_stored
 from moderator.core.scoring import ScoredImage, score_views
 from moderator.errors import ImageErrorCode, InvalidImage
 from tests.helpers import unit
@@ -58,3 +59,30 @@ def test_score_embedded_equals_score_views_and_fails_bad_embeddings_alone() -> N
         assert isinstance(failed, InvalidImage)
         assert failed.code is ImageErrorCode.INVALID_EMBEDDING
         assert words in failed.message
+
+
+def test_stored_views_are_scored_in_chunks_as_one_pass_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request of many cached images: the scoring gather stays CHUNK views wide."""
+    index = toy_index()
+    generator = torch.Generator().manual_seed(0)
+    images = [
+        torch.nn.functional.normalize(torch.randn(views, 3, generator=generator))
+        for views in [7] * 90  # 630 views: two full chunks and a part
+    ]
+    whole, _ = score_views(torch.cat(images), index)
+    widths: list[int] = []
+
+    def recorded(matrix: torch.Tensor, index: PolicyIndex) -> tuple[torch.Tensor, torch.Tensor]:
+        widths.append(len(matrix))
+        return score_views(matrix, index)
+
+    monkeypatch.setattr(rescoring, "score_views", recorded)
+    scored = score_stored(images, index, [None] * len(images))
+    assert widths == [CHUNK, CHUNK, 630 - 2 * CHUNK]
+    at = 0
+    for image, result in zip(images, scored, strict=True):
+        best = whole[at : at + len(image), 0].max()
+        assert result.scores == [pytest.approx(float(best))]
+        at += len(image)

@@ -195,15 +195,18 @@ def test_keep_copies_an_image_s_rows_out_of_its_batch(metrics: Metrics) -> None:
     assert held(metrics) == (ONE_VIEW, 1)
 
 
-def test_keep_needs_a_pdq_and_a_cache_that_is_on(metrics: Metrics) -> None:
-    rows = torch.randn(1, WIDTH)
-    cache = ImageCache(10 * ONE_VIEW, metrics)
-    cache.keep(key("a"), scored(rows, None))
-    cache.keep(key("b"), scored(rows, ImageHashes(key("b"), None)))
-    assert len(cache) == 0
+def test_keep_needs_a_cache_that_is_on(metrics: Metrics) -> None:
     off = ImageCache(0, metrics)
-    off.keep(key("c"), scored(rows, ImageHashes(key("c"), Pdq("ab" * 32, 90))))
+    off.keep(key("c"), scored(torch.randn(1, WIDTH), ImageHashes(key("c"), Pdq("ab" * 32, 90))))
     assert len(off) == 0
+
+
+def test_keep_keeps_an_image_without_a_pdq_as_it_was_computed(metrics: Metrics) -> None:
+    cache = ImageCache(10 * ONE_VIEW, metrics)
+    cache.keep(key("a"), scored(torch.randn(1, WIDTH), None))
+    cache.keep(key("b"), scored(torch.randn(1, WIDTH), ImageHashes(key("b"), None)))
+    kept = [cache.get(key("a")), cache.get(key("b"))]
+    assert [entry.pdq if entry else "missing" for entry in kept] == [None, None]
 
 
 def test_keep_keeps_a_pdq_of_any_quality(metrics: Metrics) -> None:

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
+import torch
 from prometheus_client import CollectorRegistry
 
+from moderator.core.hash_index import ImageHashes
+from moderator.core.rescoring import score_stored
+from moderator.core.scoring import ScoredImage
 from moderator.errors import ImageErrorCode, InvalidImage
 from moderator.serving.image_cache import ImageCache
 from moderator.serving.metrics import Metrics
@@ -21,18 +25,27 @@ def repeats(cache_mb: int = 1) -> RepeatedUploads:
     return RepeatedUploads(ImageCache(cache_mb * 1024 * 1024, Metrics(CollectorRegistry())))
 
 
-class Computing:
-    """A compute function that counts its calls and, while `held`, waits to be let go."""
+def fresh_image(digest: str) -> ScoredImage:
+    """An image as the model would have scored it against INDEX (cacheable, unlike BROKEN)."""
+    generator = torch.Generator().manual_seed(int(digest[:8], 16))
+    view = torch.nn.functional.normalize(torch.randn(1, INDEX.matrix.shape[1], generator=generator))
+    return score_stored([view], INDEX, [ImageHashes(digest, None)])[0]
 
-    def __init__(self) -> None:
+
+class Computing:
+    """A compute function that counts its calls and, while `held`, waits to be let go.
+    It answers BROKEN, or with `fresh`, an image the cache can keep."""
+
+    def __init__(self, fresh: bool = False) -> None:
         self.calls: list[int] = []
         self.held = asyncio.Event()
         self.held.set()
+        self.fresh = fresh
 
     async def __call__(self, i: int, digest: str) -> Scored:
         self.calls.append(i)
         await self.held.wait()
-        return BROKEN
+        return fresh_image(digest) if self.fresh else BROKEN
 
 
 def test_the_same_bytes_twice_in_a_request_are_computed_once() -> None:
@@ -101,3 +114,51 @@ def test_with_the_cache_off_every_image_is_computed() -> None:
         return compute.calls
 
     assert asyncio.run(run()) == [0, 1]
+
+
+def test_when_the_first_is_given_up_one_waiter_computes_for_all_and_it_is_cached() -> None:
+    """A viral image whose first uploader hangs up: one more computation, not one a copy."""
+
+    async def run() -> tuple[int, list[list[Scored]], list[Scored], RepeatedUploads, int]:
+        shared, compute = repeats(), Computing(fresh=True)
+        compute.held.clear()
+        first = asyncio.create_task(shared.scored([b"viral"], INDEX, compute))
+        await asyncio.sleep(0.01)
+        waiters = [asyncio.create_task(shared.scored([b"viral"], INDEX, compute)) for _ in "abcde"]
+        await asyncio.sleep(0.01)
+        first.cancel()
+        await asyncio.sleep(0.01)
+        computed = len(compute.calls)
+        compute.held.set()
+        results = await asyncio.gather(*waiters)
+        later = await shared.scored([b"viral"], INDEX, compute)
+        return computed, results, later, shared, len(compute.calls)
+
+    computed, results, later, shared, calls = asyncio.run(run())
+    assert computed == 2  # the cancelled computation and one in its place
+    assert calls == 2  # the later upload was a hit
+    assert len(shared.cache) == 1
+    assert not shared._computing
+    scores = [result.scores for [result] in [*results, later] if isinstance(result, ScoredImage)]
+    assert len(scores) == 6
+    assert all(score == scores[0] for score in scores)
+
+
+def test_a_waiter_cancelled_while_computing_in_place_of_the_first_hands_over_again() -> None:
+    async def run() -> tuple[list[Scored], list[int], int]:
+        shared, compute = repeats(), Computing(fresh=True)
+        compute.held.clear()
+        requests = []
+        for _ in "abc":
+            requests.append(asyncio.create_task(shared.scored([b"new"], INDEX, compute)))
+            await asyncio.sleep(0.01)
+        for request in requests[:2]:  # the first, then the waiter that took over from it
+            request.cancel()
+            await asyncio.sleep(0.01)
+        compute.held.set()
+        return await requests[2], compute.calls, len(shared.cache)
+
+    result, calls, cached = asyncio.run(run())
+    assert isinstance(result[0], ScoredImage)
+    assert calls == [0, 0, 0]
+    assert cached == 1
