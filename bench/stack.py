@@ -156,6 +156,7 @@ async def serve_stand_in(args: argparse.Namespace) -> None:
             policies_dir=args.policies,
             policy_poll_seconds=0,
             embedding_cache_dir=Path(cache),
+            image_cache_mb=0,  # the same images over and over would all be cache hits
             model=demo_model_config("cpu", "fp32"),
             # the stand-in stands for a GPU: its host runs the pipeline (auto is off on a CPU)
             batching=BatchConfig(
