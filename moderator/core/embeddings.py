@@ -40,6 +40,9 @@ STALE_WRITE_SECONDS = 3600.0
 # Views of one policy's examples (or allow examples): each image scored gathers this many
 # similarities per policy, padded to the largest.
 MAX_EXAMPLE_VIEWS = 1024
+# Image embeddings are L2-normalised: the slack allowed for float32 rounding and JSON round trips
+# when one comes back from a cache entry or a caller.
+NORM_TOLERANCE = 1e-3
 
 
 class EmbeddingCache:

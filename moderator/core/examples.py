@@ -20,14 +20,13 @@ import torch
 
 from moderator.config import ImageConfig
 from moderator.core.clip import ClipModel
-from moderator.core.embeddings import EmbeddingCache
+from moderator.core.embeddings import NORM_TOLERANCE, EmbeddingCache
 from moderator.core.known_content import MAX_EXAMPLE_BYTES, ExampleImage
 from moderator.core.policy_files import read_referenced_bytes
 from moderator.core.views import Preprocessing
 from moderator.errors import InvalidImage, PolicyError
 
 log = logging.getLogger(__name__)
-NORM_TOLERANCE = 1e-3  # image embeddings are L2-normalised; a forged entry may not be
 
 Decode = Callable[[bytes], torch.Tensor]  # image bytes -> views, uint8 [V, 3, S, S]
 

@@ -49,12 +49,8 @@ TEXT_RULE_KEYS = ("threshold", "descriptions")
 _SIGNAL_KEYS = frozenset({"descriptions", "examples", "hash_lists", "sha256_lists"})
 POLICY_SUFFIXES = policy_files.POLICY_SUFFIXES  # the tools find policy files by it
 _MAP_TAG = "tag:yaml.org,2002:map"
-KNOWN_KEYS = (
-    frozenset(
-        {"title", "description", "action", "mode", "threshold", "descriptions", "benign"}
-        | {"templates"}
-    )
-    | KNOWN_CONTENT_KEYS
+KNOWN_KEYS = KNOWN_CONTENT_KEYS | frozenset(
+    {"title", "description", "action", "mode", "threshold", "descriptions", "benign", "templates"}
 )
 
 

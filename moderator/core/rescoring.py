@@ -16,15 +16,13 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from moderator.core.embeddings import PolicyIndex
+from moderator.core.embeddings import NORM_TOLERANCE, PolicyIndex
 from moderator.core.hash_index import ImageHashes
 from moderator.core.outcomes import ImageOutcome, Report, Selection, build_outcomes
 from moderator.core.pdq import PDQ_HEX, Pdq
 from moderator.core.scoring import ScoredImage, score_views, scored_images
 from moderator.errors import ImageErrorCode, InvalidImage
 
-# A stored embedding is L2-normalised; allow for float32 rounding and JSON round trips.
-NORM_TOLERANCE = 1e-3
 CHUNK = 256  # views scored at once
 
 Vector: TypeAlias = Sequence[float] | npt.NDArray[np.float32]

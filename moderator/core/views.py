@@ -82,7 +82,7 @@ class DecodedImage:
 
 
 def decode_views(data: bytes, limits: ImageConfig, prep: Preprocessing) -> np.ndarray:
-    """The views of one image (decode_image without the hash)."""
+    """The views of one image: decode_image's, its hash computed and dropped."""
     return decode_image(data, limits, prep).views
 
 

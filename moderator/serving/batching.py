@@ -164,8 +164,10 @@ class Batcher:
         """Queue one image's views (and hashes, matched against the index's lists); `on_done`
         is called from a pipeline thread once the image has left it (scored, failed or
         dropped), `on_timed` with the times of the forward pass that scored it."""
-        item = WorkItem(pixels, index, deadline, self._clock(), on_done=on_done)
-        item.on_timed, item.hashes = on_timed, hashes
+        enqueued = self._clock()
+        item = WorkItem(
+            pixels, index, deadline, enqueued, on_done=on_done, on_timed=on_timed, hashes=hashes
+        )
         with self._lock:
             if not self._running:
                 raise NotReady("the model worker is not running")

@@ -14,9 +14,8 @@ import torch
 
 from moderator.config import ImageConfig
 from moderator.core.clip import ClipModel
-from moderator.core.embeddings import EmbeddingCache
+from moderator.core.embeddings import NORM_TOLERANCE, EmbeddingCache
 from moderator.core.examples import (
-    NORM_TOLERANCE,
     ExampleEmbedder,
     image_pipeline_key,
     packed,
